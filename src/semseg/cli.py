@@ -1,0 +1,63 @@
+"""What every entry point does before Hydra composes its config."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from semseg.errors import UserError
+
+_STAMP_ENV = "SEMSEG_RUN_STAMP"
+
+
+def run_stamp() -> str:
+    """``<date>/<time>_<pid>``: one per process (or per torchrun job), so folders never collide."""
+    if _STAMP_ENV not in os.environ:
+        os.environ[_STAMP_ENV] = time.strftime("%Y-%m-%d/%H-%M-%S") + f"_{os.getpid()}"
+    return os.environ[_STAMP_ENV]
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("run_stamp"):
+        OmegaConf.register_new_resolver("run_stamp", run_stamp)
+
+
+def _share_stamp_across_ranks() -> None:
+    """Under torchrun every rank composes its own config: rank 0 picks the run stamp for all."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _STAMP_ENV in os.environ:
+        return
+    from semseg.engine.distributed import broadcast_object, init_process_group
+
+    init_process_group()
+    os.environ[_STAMP_ENV] = broadcast_object(
+        run_stamp() if os.environ.get("RANK") == "0" else None
+    )
+
+
+def prepare(project_root: str | os.PathLike) -> None:
+    """Set PROJECT_ROOT (paths.root_dir), register resolvers, share one run folder under torchrun."""
+    os.environ.setdefault("PROJECT_ROOT", str(Path(project_root).resolve()))
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    register_resolvers()
+    _share_stamp_across_ranks()
+
+
+def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a :class:`UserError` into one clear line on stderr and exit code 2 (no traceback wall)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapper

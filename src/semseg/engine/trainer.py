@@ -1,0 +1,540 @@
+"""The iteration-based training loop: DDP, mixed precision, exact resume, preemption.
+
+Read :func:`train_step` for what one iteration does and :func:`train` for everything around it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from semseg.data import build_dataset, build_eval_loader, build_train_loader, ensure_toy_dataset
+from semseg.engine.checkpoint import (
+    CHECKPOINT_DIR,
+    CheckpointError,
+    copy_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from semseg.engine.distributed import DistEnv, all_reduce_max, barrier, init_distributed
+from semseg.engine.optim import build_optimizer, build_scheduler
+from semseg.errors import ConfigError, UserError
+from semseg.evaluation.inference import evaluate_model
+from semseg.models import build_model, count_parameters, forward_gflops
+from semseg.runtime import PRECISIONS, autocast, resolve_precision  # noqa: F401 (re-exported)
+from semseg.tracking import NullLogger, RunRecorder
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or inf; the last good checkpoint is left untouched."""
+
+
+# --------------------------------------------------------------------------------------------
+# Small pieces
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": np.random.get_state()[2],
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
+    )
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1 (SLURM, Kubernetes, ``kill``); the loop checks it after each step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. some launchers)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class TrainState:
+    """Everything that a checkpoint restores."""
+
+    iteration: int = 0
+    best_miou: float = -1.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# One iteration
+
+
+def train_step(
+    model: nn.Module,
+    batches: Any,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    precision: str,
+    accumulate: int,
+    channels_last: bool,
+) -> torch.Tensor:
+    """Forward, backward and update over ``accumulate`` micro-batches; returns the loss on the device."""
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for micro in range(accumulate):
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True).float()  # uint8 on the wire, 0..255
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        target = batch["mask"].to(device, non_blocking=True).long()
+        # Under DDP only the last micro-batch all-reduces gradients.
+        sync = micro == accumulate - 1 or not isinstance(model, DistributedDataParallel)
+        with (
+            contextlib.nullcontext() if sync else model.no_sync(),
+            autocast(device, precision),
+        ):
+            loss = loss_fn(model(images), target) / accumulate
+        scaler.scale(loss).backward()
+        total += loss.detach()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+class Trainer:
+    """Builds a run from the composed config and trains it. ``Trainer(cfg).fit()`` returns the summary."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.env: DistEnv = init_distributed(cfg.trainer.device)
+        self.device = self.env.device
+        self.run_dir = Path(cfg.paths.output_dir)
+        self.precision = resolve_precision(cfg.trainer.precision, self.device)
+        self.accumulate = int(cfg.trainer.accumulate)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+
+        data_cfg = cfg.dataset
+        if data_cfg.get("generate") is not None:
+            if self.env.is_main:
+                ensure_toy_dataset(data_cfg)
+            barrier()
+        self.train_set = build_dataset(data_cfg, data_cfg.train_split, train=True)
+        self.val_set = build_dataset(data_cfg, data_cfg.val_split, train=False)
+        self.meta = {
+            "class_names": list(data_cfg.class_names),
+            "palette": [list(c) for c in data_cfg.palette],
+            "num_classes": int(data_cfg.num_classes),
+            "ignore_index": int(data_cfg.ignore_index),
+            "mean": list(data_cfg.mean),
+            "std": list(data_cfg.std),
+        }
+
+        self.model = build_model(cfg).to(self.device)
+        if cfg.trainer.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if self.env.distributed and self.device.type == "cuda" and cfg.trainer.sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.loss_fn = instantiate(cfg.trainer.loss)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.state = TrainState()
+        self._resume()
+        if (
+            self.env.rank != 0
+        ):  # rank 0's RNG was restored; give the others their own dropout streams
+            torch.manual_seed(cfg.seed * 1000 + self.env.rank * 7919 + self.state.iteration)
+
+        self.train_model: nn.Module = self.model
+        if self.env.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        if cfg.trainer.compile:
+            self.train_model = torch.compile(self.train_model)
+
+        self._eval_loader = None
+        self.recorder = RunRecorder(self.run_dir) if self.env.is_main else None
+        self.logger = NullLogger()
+        if self.env.is_main and cfg.get("logger") is not None:
+            # Partial first: instantiate() itself has a parameter named `config`.
+            make_logger = instantiate(cfg.logger, _partial_=True)
+            self.logger = make_logger(
+                run_dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True)
+            )
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _resume(self) -> None:
+        resume = self.cfg.trainer.resume
+        if not resume:
+            return
+        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            log.info(
+                "trainer.resume=auto: no checkpoint in %s yet, starting from scratch", self.run_dir
+            )
+            return
+        ckpt = load_checkpoint(path)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{path} does not fit this model (trainer.resume): {e}") from e
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("rng"):
+            set_rng_state(ckpt["rng"])
+        self.state = TrainState(
+            int(ckpt["iteration"]),
+            float(ckpt.get("best_miou", -1.0)),
+            dict(ckpt.get("metrics", {})),
+        )
+        log.info("resumed from %s at iteration %d", path, self.state.iteration)
+
+    def save(self, name: str) -> Path | None:
+        """Rank 0 writes ``checkpoints/<name>.pt`` atomically."""
+        if not self.env.is_main:
+            return None
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "iteration": self.state.iteration,
+            "best_miou": self.state.best_miou,
+            "rng": rng_state(),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "meta": self.meta,
+            "metrics": self.state.metrics,
+        }
+        return save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
+
+    def checkpoint(self) -> None:
+        """``iter_XXXXXX.pt`` + ``last.pt``, keeping the newest ``trainer.keep_last``."""
+        path = self.save(f"iter_{self.state.iteration:06d}")
+        if path is not None:
+            copy_checkpoint(path, path.parent / "last.pt")
+            prune_checkpoints(self.run_dir, int(self.cfg.trainer.keep_last))
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, final: bool = False) -> dict[str, float]:
+        data_cfg = self.cfg.dataset
+        if self._eval_loader is None:
+            self._eval_loader = build_eval_loader(
+                self.val_set,
+                data_cfg.eval_batch_size,
+                data_cfg.num_workers,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+            )
+        with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG stream
+            result = evaluate_model(
+                self.model,
+                self._eval_loader,
+                self.meta["num_classes"],
+                self.meta["ignore_index"],
+                self.meta["class_names"],
+                self.device,
+                self.cfg.inference,
+                precision=self.precision,
+                num_examples=int(self.cfg.trainer.log_images),
+            )
+        metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
+        self.state.metrics = metrics
+        if self.env.is_main:
+            self.recorder.log(self.state.iteration, metrics)
+            self.logger.log_metrics(metrics, self.state.iteration)
+            self.logger.log_predictions(result.examples, self.meta["palette"], self.state.iteration)
+            log.info(
+                "iter %d: val mIoU %.2f%%  pixel acc %.2f%%",
+                self.state.iteration,
+                100 * metrics["val/mIoU"],
+                100 * metrics["val/pixel_acc"],
+            )
+            if final:
+                self._write_eval_artifacts(result)
+        if metrics["val/mIoU"] > self.state.best_miou:
+            self.state.best_miou = metrics["val/mIoU"]
+            self.save("best")
+        return metrics
+
+    def _write_eval_artifacts(self, result: Any) -> None:
+        """The final confusion matrix and a few predictions, for the analysis notebook."""
+        import cv2
+
+        from semseg.evaluation.export import colorize
+
+        out = self.run_dir / "eval"
+        (out / "examples").mkdir(parents=True, exist_ok=True)
+        np.save(out / "confusion_matrix.npy", np.asarray(result.confmat))
+        for ex in result.examples:
+            cv2.imwrite(str(out / "examples" / f"{ex['name']}_image.png"), ex["image"][..., ::-1])
+            cv2.imwrite(str(out / "examples" / f"{ex['name']}_pred.png"), ex["pred"])
+            cv2.imwrite(
+                str(out / "examples" / f"{ex['name']}_pred_color.png"),
+                colorize(ex["pred"], self.meta["palette"])[..., ::-1],
+            )
+            if ex.get("gt") is not None:
+                cv2.imwrite(str(out / "examples" / f"{ex['name']}_gt.png"), ex["gt"])
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg, sched, env = self.cfg, self.cfg.schedule, self.env
+        max_iters = int(sched.max_iters)
+        crop_h, crop_w = cfg.dataset.train_pipeline.crop_size
+        params = count_parameters(self.model)
+        batch = int(cfg.dataset.batch_size)
+        with torch.random.fork_rng(devices=[]):  # neither may shift the RNG stream (exact resume)
+            gflops = forward_gflops(self.model, crop_h, crop_w) if env.is_main else float("nan")
+            batches = build_train_loader(
+                self.train_set,
+                batch,
+                cfg.dataset.num_workers,
+                seed=cfg.seed,
+                rank=env.rank,
+                world_size=env.world_size,
+                start_batch=self.state.iteration * self.accumulate,
+                pin_memory=self.device.type == "cuda",
+            )
+        global_batch = batch * env.world_size * self.accumulate
+        log.info(
+            "model: %.2fM parameters, %.1f GFLOPs forward at %dx%d; %s, precision %s, "
+            "%d process(es), global batch %d",
+            params / 1e6,
+            gflops,
+            crop_h,
+            crop_w,
+            self.device,
+            self.precision,
+            env.world_size,
+            global_batch,
+        )
+        preempt = PreemptionFlag()
+        preempt.install()
+        self.train_model.train()
+        # The first iteration whose loss was NaN/inf, kept on the device (read at log steps only).
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        n_logged, t_log, t_start, start_iter = (
+            0,
+            time.perf_counter(),
+            time.perf_counter(),
+            self.state.iteration,
+        )
+        last_loss = float("nan")
+        bar = tqdm(
+            total=max_iters,
+            initial=start_iter,
+            disable=not (env.is_main and cfg.trainer.progress_bar),
+            dynamic_ncols=True,
+            desc="train",
+        )
+        try:
+            while self.state.iteration < max_iters:
+                it = self.state.iteration
+                try:
+                    loss = train_step(
+                        self.train_model,
+                        batches,
+                        self.loss_fn,
+                        self.optimizer,
+                        self.scheduler,
+                        self.scaler,
+                        self.device,
+                        self.precision,
+                        self.accumulate,
+                        cfg.trainer.channels_last,
+                    )
+                except torch.cuda.OutOfMemoryError as e:
+                    raise RuntimeError(
+                        f"CUDA out of memory at iteration {it + 1} with dataset.batch_size={batch} and "
+                        f"crop {crop_h}x{crop_w}: lower dataset.batch_size (and raise trainer.accumulate "
+                        f"to keep the global batch) or use trainer.precision=bf16"
+                    ) from e
+                self.state.iteration = it = it + 1
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
+                loss_sum += loss
+                n_logged += 1
+                bar.update(1)
+
+                at_end = it == max_iters
+                at_log = it % sched.log_interval == 0 or at_end
+                at_ckpt = it % sched.checkpoint_interval == 0 or at_end
+                at_eval = it % sched.eval_interval == 0 or (at_end and cfg.trainer.eval_at_end)
+                if at_log or at_ckpt or at_eval:
+                    self._stop_if_non_finite(first_bad)
+                if at_log:
+                    last_loss = self._log_train(
+                        it, loss_sum.item() / n_logged, n_logged, t_log, bar
+                    )
+                    loss_sum.zero_()
+                    n_logged, t_log = 0, time.perf_counter()
+                if at_eval:
+                    self.evaluate(final=at_end)
+                    self.train_model.train()
+                if at_ckpt:
+                    self.checkpoint()
+                if self._preempted(preempt, at_log):
+                    self._stop_if_non_finite(first_bad)
+                    if not at_ckpt:
+                        self.checkpoint()
+                    log.warning(
+                        "signal %s: saved checkpoints/last.pt at iteration %d; continue with "
+                        "trainer.resume=auto hydra.run.dir=%s",
+                        preempt.signum,
+                        it,
+                        self.run_dir,
+                    )
+                    return self._finish(t_start, start_iter, params, gflops, last_loss)
+            return self._finish(t_start, start_iter, params, gflops, last_loss)
+        finally:
+            bar.close()
+            preempt.restore()
+            self.logger.finish()
+
+    def _log_train(self, it: int, loss: float, steps: int, t_log: float, bar: tqdm) -> float:
+        """One ``metrics.jsonl`` row, W&B point, progress-bar update and log line (rank 0)."""
+        global_batch = int(self.cfg.dataset.batch_size) * self.env.world_size * self.accumulate
+        row = {
+            "loss": loss,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": steps * global_batch / (time.perf_counter() - t_log),
+        }
+        if self.env.is_main:
+            self.recorder.log(it, row)
+            self.logger.log_metrics({f"train/{k}": v for k, v in row.items()}, it)
+            bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.1f}"
+            )
+            log.info(
+                "iter %d/%d  loss %.4f  lr %.3e  %.1f img/s",
+                it,
+                self.cfg.schedule.max_iters,
+                loss,
+                row["lr"],
+                row["img_per_s"],
+            )
+        return loss
+
+    def _preempted(self, preempt: PreemptionFlag, at_log: bool) -> bool:
+        if not self.env.distributed:
+            return preempt.signum is not None
+        # Ranks agree (one tiny all-reduce) at log steps, so that all of them stop at the same step.
+        return at_log and all_reduce_max(float(preempt.signum or 0), self.device) > 0
+
+    def _stop_if_non_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"the loss became NaN/inf at iteration {bad}; stopped without writing a checkpoint "
+                f"(the last good one is in {self.run_dir / CHECKPOINT_DIR}). Lower optimizer.lr or use "
+                f"trainer.precision=fp32"
+            )
+
+    def _finish(
+        self,
+        t_start: float,
+        start_iter: int,
+        params: int,
+        gflops: float,
+        last_loss: float,
+    ) -> dict[str, Any]:
+        wall = time.perf_counter() - t_start
+        steps = self.state.iteration - start_iter
+        global_batch = int(self.cfg.dataset.batch_size) * self.env.world_size * self.accumulate
+        summary = {
+            **self.state.metrics,
+            "loss": last_loss,
+            "steps": self.state.iteration,
+            "wall_s": wall,
+            "img_per_s": steps * global_batch / wall if wall > 0 else float("nan"),
+            "params": params,
+            "gflops": gflops,
+        }
+        if self.env.is_main:
+            self.recorder.write_summary(summary)
+            self.logger.log_summary(summary)
+            if "val/mIoU" in summary:
+                log.info(
+                    "final val mIoU: %.2f%% (run folder %s)",
+                    100 * summary["val/mIoU"],
+                    self.run_dir,
+                )
+        return summary
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the composed config; returns the summary (also written to ``summary.json``)."""
+    return Trainer(cfg).fit()
+
+
+def optimized_metric(summary: dict[str, Any], key: str) -> float | None:
+    """The value a sweeper optimises; a clear error when ``optimized_metric`` names no final metric."""
+    value = summary.get(key)
+    if isinstance(value, int | float) and not math.isnan(value):
+        return float(value)
+    available = sorted(
+        k for k, v in summary.items() if isinstance(v, int | float) and k.startswith("val/")
+    )
+    if not available:  # the run did not evaluate (trainer.eval_at_end=false, or preempted)
+        log.warning("optimized_metric=%s: this run has no evaluation result to return", key)
+        return None
+    raise ConfigError(
+        f"optimized_metric={key!r} is not a final metric of this run; available: {available}"
+    )

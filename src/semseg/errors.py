@@ -1,0 +1,15 @@
+"""The one exception family that entry points report as a single clear line (no traceback)."""
+
+
+class UserError(RuntimeError):
+    """A failure the user can act on (a bad path, config key or file; a diverged run).
+
+    Entry points print its message as one line, without a traceback; the message says what to do.
+    """
+
+
+class ConfigError(UserError, KeyError):
+    """A config key is missing or has a value that cannot work."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -1,0 +1,96 @@
+"""Writing predictions (BDD100K-format masks, colour maps, overlays) and exporting to ONNX."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+def _lut(palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """256x3 colour lookup table: class c -> palette[c], everything else (255 ignore) -> black."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    colours = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    lut[: len(colours)] = colours
+    return lut
+
+
+def colorize(mask: np.ndarray, palette: Sequence[Sequence[int]]) -> np.ndarray:
+    """HxW class ids -> HxWx3 uint8 colour map in ``palette`` (ids without a colour are black)."""
+    return _lut(palette)[np.asarray(mask, dtype=np.uint8)]
+
+
+def overlay(
+    image: np.ndarray, mask: np.ndarray, palette: Sequence[Sequence[int]], alpha: float = 0.5
+) -> np.ndarray:
+    """Blend the colour map into an HxWx3 uint8 image; ignored pixels keep the image."""
+    image = np.asarray(image, dtype=np.uint8)
+    mask = np.asarray(mask, dtype=np.uint8)
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image size {image.shape[:2]} != mask size {mask.shape}")
+    blend = (1 - alpha) * image + alpha * colorize(mask, palette)
+    labelled = (mask < len(palette))[..., None]
+    return np.where(labelled, blend.round(), image).astype(np.uint8)
+
+
+def save_prediction(
+    out_dir: str | os.PathLike,
+    name: str,
+    pred: np.ndarray,
+    palette: Sequence[Sequence[int]],
+    image: np.ndarray | None = None,
+    overlays: bool = False,
+) -> dict[str, Path]:
+    """Write ``masks/<name>.png`` (1-channel uint8 class ids, the BDD100K submission format),
+    ``colormaps/<name>.png`` and, with ``overlays`` and an ``image``, ``overlays/<name>.jpg``."""
+    out_dir = Path(out_dir)
+    pred = np.asarray(pred)
+    if pred.ndim != 2:
+        raise ValueError(f"prediction for {name} must be HxW, got shape {pred.shape}")
+    pred = pred.astype(np.uint8)
+    images = {
+        "mask": ("masks", ".png", Image.fromarray(pred, mode="L")),
+        "colormap": ("colormaps", ".png", Image.fromarray(colorize(pred, palette), mode="RGB")),
+    }
+    if overlays:
+        if image is None:
+            raise ValueError(f"overlays=True needs the image of {name}")
+        images["overlay"] = ("overlays", ".jpg", Image.fromarray(overlay(image, pred, palette)))
+    paths = {}
+    for key, (sub, ext, img) in images.items():
+        path = out_dir / sub / f"{name}{ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path, quality=90) if ext == ".jpg" else img.save(path)
+        paths[key] = path
+    return paths
+
+
+def export_onnx(
+    model: nn.Module, path: str | os.PathLike, height: int = 720, width: int = 1280, opset: int = 18
+) -> Path:
+    """Export ``model`` (float RGB 0..255 Nx3xHxW -> logits NxCxHxW) to ONNX with dynamic batch,
+    height and width; ``height``/``width`` only size the example input used for tracing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.rand(1, 3, height, width) * 255
+    dynamic = torch.export.Dim.DYNAMIC  # errors (instead of silently fixing a size) if not dynamic
+    with torch.no_grad():
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+    return path

@@ -1,0 +1,185 @@
+"""Inference modes (whole image, sliding window, flip / multi-scale TTA) and the evaluation loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semseg.errors import ConfigError
+from semseg.evaluation.metrics import SegmentationMetric, summarize
+from semseg.runtime import autocast, resolve_device
+
+_INFERENCE_KEYS = ("mode", "crop_size", "stride", "flip", "scales")
+
+
+def _whole(model: nn.Module, images: torch.Tensor, **_: Any) -> torch.Tensor:
+    return model(images)
+
+
+def _slide(
+    model: nn.Module, images: torch.Tensor, crop_size: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
+    """mmseg's slide_inference: overlapping windows, clamped at the borders, averaged by count."""
+    h_crop, w_crop = crop_size
+    h_stride, w_stride = stride
+    if min(h_crop, w_crop, h_stride, w_stride) <= 0:
+        raise ConfigError(
+            f"inference.crop_size {list(crop_size)} and inference.stride {list(stride)} must be > 0"
+        )
+    n, _, h_img, w_img = images.shape
+    h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+    w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+    logits = None
+    count = images.new_zeros((1, 1, h_img, w_img), dtype=torch.float32)
+    for hi in range(h_grids):
+        for wi in range(w_grids):
+            y2 = min(hi * h_stride + h_crop, h_img)
+            x2 = min(wi * w_stride + w_crop, w_img)
+            y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+            out = model(images[:, :, y1:y2, x1:x2]).float()
+            if logits is None:  # the class count is known once the model has answered
+                logits = images.new_zeros((n, out.shape[1], h_img, w_img), dtype=torch.float32)
+            logits[:, :, y1:y2, x1:x2] += out
+            count[:, :, y1:y2, x1:x2] += 1
+    return logits / count
+
+
+_MODES: dict[str, Callable[..., torch.Tensor]] = {"whole": _whole, "slide": _slide}
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def predict_logits(
+    model: nn.Module,
+    images: torch.Tensor,
+    mode: str = "whole",
+    crop_size: Sequence[int] = (512, 1024),
+    stride: Sequence[int] = (341, 682),
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """Float logits NxCxHxW at the input size for RGB images (NxCxHxW, 0..255, any dtype).
+
+    ``mode`` picks whole-image or sliding-window (``crop_size``/``stride`` as (h, w)) inference.
+    With test-time augmentation (several ``scales`` and/or ``flip``) each view is resized back to
+    the input size and the *softmax probabilities* are averaged, as mmseg does; the result is
+    returned as their log (valid logits: softmax of it gives the averaged probabilities back).
+    A single view returns the model's logits unchanged.
+    """
+    if mode not in _MODES:
+        raise ConfigError(f"inference.mode={mode!r} is not one of {sorted(_MODES)}")
+    if not scales:
+        raise ConfigError("inference.scales is empty: use [1.0] for single-scale inference")
+    infer = _MODES[mode]
+    size = images.shape[-2:]
+    images = images.float()
+    views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
+    probs = None
+    for scale, flipped in views:
+        x = _resize(images, [round(d * scale) for d in size]) if scale != 1 else images
+        x = x.flip(-1) if flipped else x
+        out = infer(model, x, crop_size=crop_size, stride=stride).float()
+        out = _resize(out.flip(-1) if flipped else out, size)
+        if num_classes is not None and out.shape[1] != num_classes:
+            raise ValueError(f"the model predicts {out.shape[1]} classes, expected {num_classes}")
+        if len(views) == 1:
+            return out
+        p = out.softmax(1)
+        probs = p if probs is None else probs.add_(p)
+    return (probs / len(views)).log()
+
+
+def inference_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The :func:`predict_logits` keyword arguments of an ``inference`` config (other keys dropped)."""
+    if cfg is None:
+        return {}
+    out = {k: cfg[k] for k in _INFERENCE_KEYS if k in cfg and cfg[k] is not None}
+    for key in ("crop_size", "stride", "scales"):
+        if key in out:
+            out[key] = tuple(out[key])
+    return out
+
+
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last if the model's conv weights are stored that way (inputs should match)."""
+    for p in model.parameters():
+        if p.dim() == 4:
+            if p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous():
+                return torch.channels_last
+            break
+    return torch.contiguous_format
+
+
+@dataclass
+class EvalResult:
+    """Metrics (unprefixed keys as :func:`summarize`), the confusion matrix, example predictions."""
+
+    metrics: dict[str, float]
+    confmat: np.ndarray
+    examples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate_model(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    num_classes: int,
+    ignore_index: int,
+    class_names: Sequence[str],
+    device: str | torch.device,
+    inference_cfg: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
+    num_examples: int = 0,
+) -> EvalResult:
+    """Run inference over ``loader`` and compute the official metric, reduced across DDP ranks.
+
+    Every rank gets the full result (each must call this). ``examples`` holds up to
+    ``num_examples`` of this rank's predictions as numpy arrays: {name, image HxWx3, pred HxW, gt HxW}.
+    """
+    device = resolve_device(device)
+    # DDP: run the wrapped module itself; DDP's forward may broadcast buffers, a collective that
+    # hangs when ranks hold different numbers of eval batches.
+    net = getattr(model, "module", model)
+    was_training = net.training
+    net.eval()
+    kwargs = inference_kwargs(inference_cfg)
+    memory_format = _memory_format(net)
+    metric = SegmentationMetric(num_classes, ignore_index).to(device)
+    examples: list[dict[str, Any]] = []
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for batch in loader:
+                if "mask" not in batch:
+                    raise ConfigError(
+                        "the evaluation split has no labels (no 'mask' in the batch): evaluate a "
+                        "labelled split (dataset.split=val) or use predict.py for the test split"
+                    )
+                images = batch["image"].to(device, non_blocking=True)
+                images = images.contiguous(memory_format=memory_format)
+                target = batch["mask"].to(device, non_blocking=True)
+                logits = predict_logits(net, images, num_classes=num_classes, **kwargs)
+                pred = _resize(logits, target.shape[-2:]).argmax(1)
+                metric.update(pred, target)
+                for i in range(min(num_examples - len(examples), len(pred))):
+                    examples.append(
+                        {
+                            "name": batch["name"][i],
+                            "image": batch["image"][i].permute(1, 2, 0).cpu().numpy(),
+                            "pred": pred[i].to(torch.uint8).cpu().numpy(),
+                            "gt": batch["mask"][i].cpu().numpy(),
+                        }
+                    )
+            confmat = metric.compute().cpu().numpy()
+    finally:
+        net.train(was_training)
+    return EvalResult(summarize(confmat, class_names), confmat, examples)

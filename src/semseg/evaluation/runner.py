@@ -1,0 +1,181 @@
+"""What ``src/evaluate.py`` and ``src/predict.py`` do: config in, metrics / prediction files out."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from semseg.errors import ConfigError
+from semseg.evaluation.export import save_prediction
+from semseg.evaluation.inference import evaluate_model, inference_kwargs, predict_logits
+from semseg.evaluation.metrics import EvaluationError, evaluate_mask_folders, format_table
+from semseg.runtime import autocast, resolve_device
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    """``output_dir`` if set, else the Hydra run folder (``paths.output_dir``)."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception as e:  # outside a Hydra run the ${hydra:...} resolver has nothing to say
+        raise ConfigError("set output_dir=<folder> (no Hydra run folder to write into)") from e
+
+
+def _load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's model (eval mode, on ``device``) and its meta (class names, palette)."""
+    from semseg.models import model_from_checkpoint
+
+    model, meta, _ = model_from_checkpoint(cfg.checkpoint, map_location="cpu")
+    num_classes = int(meta["num_classes"])
+    if "num_classes" in cfg.dataset and int(cfg.dataset.num_classes) != num_classes:
+        raise ConfigError(
+            f"checkpoint {cfg.checkpoint} predicts {num_classes} classes but "
+            f"dataset.num_classes={cfg.dataset.num_classes}: pick the dataset it was trained on"
+        )
+    return model.to(device).eval(), meta
+
+
+def _build_loader(cfg: DictConfig) -> torch.utils.data.DataLoader:
+    from semseg.data import build_dataset, build_eval_loader, ensure_toy_dataset
+
+    rank, world = _rank_world()
+    ensure_toy_dataset(cfg.dataset)  # generated data (dataset=toy_bdd100k) on first use
+    dataset = build_dataset(cfg.dataset, cfg.dataset.split, train=False)
+    batch_size = cfg.inference.get("batch_size") or cfg.dataset.get("eval_batch_size", 1)
+    return build_eval_loader(dataset, batch_size, cfg.dataset.get("num_workers", 0), rank, world)
+
+
+def _write_json(data: dict[str, Any], *paths: Path) -> None:
+    text = json.dumps(data, indent=2)
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            log.info("wrote %s", path)
+        except OSError as e:  # e.g. a read-only checkpoint folder: the run folder copy remains
+            log.warning("could not write %s: %s", path, e)
+
+
+def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate a checkpoint on ``dataset.split`` (``checkpoint=...``) or score a folder of PNG
+    masks (``gt_dir=... pred_dir=...``); print the table, write ``eval_<split>.json`` (fractions)
+    into the run folder (and next to the checkpoint). Returns the JSON's content."""
+    out_dir = _output_dir(cfg)
+    if cfg.get("checkpoint"):
+        device = resolve_device(cfg.get("device", "auto"))
+        model, meta = _load_model(cfg, device)
+        class_names = list(meta["class_names"])
+        result = evaluate_model(
+            model,
+            _build_loader(cfg),
+            num_classes=int(meta["num_classes"]),
+            ignore_index=int(meta.get("ignore_index", cfg.dataset.ignore_index)),
+            class_names=class_names,
+            device=device,
+            inference_cfg=cfg.inference,
+            precision=cfg.inference.get("precision", "auto"),
+        )
+        metrics, confmat, split = result.metrics, result.confmat, str(cfg.dataset.split)
+        source = {
+            "checkpoint": str(cfg.checkpoint),
+            "dataset_root": str(cfg.dataset.root),
+            "inference": OmegaConf.to_container(cfg.inference, resolve=True),
+        }
+        paths = [out_dir / f"eval_{split}.json", Path(cfg.checkpoint).parent / f"eval_{split}.json"]
+    elif cfg.get("gt_dir") and cfg.get("pred_dir"):
+        class_names = list(cfg.dataset.class_names)
+        metrics, confmat = evaluate_mask_folders(
+            cfg.gt_dir,
+            cfg.pred_dir,
+            num_classes=int(cfg.dataset.num_classes),
+            class_names=class_names,
+            ignore_index=int(cfg.dataset.ignore_index),
+        )
+        split = "folder"
+        source = {"gt_dir": str(cfg.gt_dir), "pred_dir": str(cfg.pred_dir)}
+        paths = [out_dir / "eval_folder.json"]
+    else:
+        raise ConfigError(
+            "nothing to evaluate: set checkpoint=PATH (with dataset.root=... dataset.split=val) "
+            "to evaluate a model, or gt_dir=... pred_dir=... to score a folder of PNG masks"
+        )
+    report = {
+        **source,
+        "split": split,
+        "metrics": metrics,
+        "confusion_matrix": np.asarray(confmat).astype(int).tolist(),
+    }
+    if _rank_world()[0] == 0:
+        log.info("%s evaluation\n%s", split, format_table(metrics, class_names))
+        log.info("mIoU: %.2f", 100 * metrics["mIoU"])
+        _write_json(report, *paths)
+    return report
+
+
+def _image_files(input_dir: Path) -> list[Path]:
+    if not input_dir.is_dir():
+        raise EvaluationError(
+            f"input_dir {input_dir} does not exist (set input_dir=<image folder>)"
+        )
+    files = sorted(p for p in input_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise EvaluationError(
+            f"input_dir {input_dir} contains no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+def _folder_batches(files: list[Path]) -> Iterator[dict[str, Any]]:
+    """One-image batches (image sizes may differ) of ``files``."""
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                image = np.array(img.convert("RGB"))
+        except OSError as e:
+            raise EvaluationError(f"cannot read image {path}: {e}") from e
+        yield {"image": torch.from_numpy(image).permute(2, 0, 1)[None], "name": [path.stem]}
+
+
+def run_predict(cfg: DictConfig) -> Path:
+    """Write masks/colormaps(/overlays) for ``input_dir`` or ``dataset.split``; return the folder."""
+    if not cfg.get("checkpoint"):
+        raise ConfigError("set checkpoint=PATH (a checkpoint of this project) to predict with")
+    out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else _output_dir(cfg) / "predictions"
+    files = _image_files(Path(cfg.input_dir)) if cfg.get("input_dir") else None
+    device = resolve_device(cfg.get("device", "auto"))
+    model, meta = _load_model(cfg, device)
+    batches = _folder_batches(files) if files is not None else _build_loader(cfg)
+    kwargs = inference_kwargs(cfg.inference)
+    count = 0
+    with torch.inference_mode(), autocast(device, cfg.inference.get("precision", "auto")):
+        for batch in batches:
+            logits = predict_logits(model, batch["image"].to(device), **kwargs)
+            preds = logits.argmax(1).to(torch.uint8).cpu().numpy()
+            for name, pred, image in zip(batch["name"], preds, batch["image"]):
+                hwc = image.permute(1, 2, 0).numpy() if cfg.get("overlays") else None
+                save_prediction(
+                    out_dir, name, pred, meta["palette"], image=hwc, overlays=cfg.get("overlays")
+                )
+                count += 1
+    log.info("wrote %d predictions to %s", count, out_dir)
+    return out_dir

@@ -1,0 +1,37 @@
+"""Semantic FPN on timm backbones: building, weights and size accounting.
+
+The factory ``semantic_fpn`` stays in its module (``semseg.models.semantic_fpn.semantic_fpn``, the
+config's ``_target_``): re-exporting it here would shadow the submodule of the same name.
+"""
+
+from semseg.models.backbone import TimmBackbone
+from semseg.models.semantic_fpn import (
+    SemanticFPN,
+    count_parameters,
+    forward_gflops,
+    group_norm,
+)
+from semseg.models.weights import (
+    BackboneStrideError,
+    WeightsError,
+    build_model,
+    convert_mmseg_state_dict,
+    load_model_weights,
+    mmseg_to_checkpoint,
+    model_from_checkpoint,
+)
+
+__all__ = [
+    "BackboneStrideError",
+    "SemanticFPN",
+    "TimmBackbone",
+    "WeightsError",
+    "build_model",
+    "convert_mmseg_state_dict",
+    "count_parameters",
+    "forward_gflops",
+    "group_norm",
+    "load_model_weights",
+    "mmseg_to_checkpoint",
+    "model_from_checkpoint",
+]

@@ -1,0 +1,153 @@
+"""Semantic FPN (Kirillov et al., CVPR 2019) as mmsegmentation's FPN neck + FPNHead build it."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
+
+# ImageNet statistics on the 0..255 scale (the usual dataset config values).
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+NormLayer = Callable[[int], nn.Module]
+
+
+def group_norm(num_channels: int, num_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm taking the channel count first, like BatchNorm2d (for ``norm_layer`` partials)."""
+    return nn.GroupNorm(num_groups, num_channels)
+
+
+class SemanticFPN(nn.Module):
+    """Backbone (C2..C5) -> FPN (P2..P5) -> per-level conv heads summed at stride 4 -> classifier.
+
+    Takes RGB images with values 0..255 (float or uint8) and normalises them inside with the
+    ``pixel_mean``/``pixel_std`` buffers, so a checkpoint predicts from raw images.
+    Returns logits ``N x num_classes x H x W`` at the input size.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        fpn_channels: int = 256,
+        head_channels: int = 128,
+        dropout: float = 0.1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        pixel_mean: Sequence[float] = IMAGENET_MEAN,
+        pixel_std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        strides = [int(s) for s in backbone.out_strides]
+        self.backbone = backbone
+        self.fpn = FeaturePyramidNetwork(list(backbone.out_channels), fpn_channels)
+        # One head per level: log2(stride / stride_0) blocks (at least 1) of conv-norm-ReLU, each
+        # followed by 2x bilinear upsampling except at the finest level (1, 1, 2, 3 for P2..P5).
+        self.heads = nn.ModuleList()
+        for stride in strides:
+            num_blocks = max(1, round(math.log2(stride / strides[0])))
+            layers: list[nn.Module] = []
+            for k in range(num_blocks):
+                layers.append(
+                    Conv2dNormActivation(
+                        fpn_channels if k == 0 else head_channels,
+                        head_channels,
+                        kernel_size=3,
+                        norm_layer=norm_layer,
+                        activation_layer=nn.ReLU,
+                        bias=False,
+                    )
+                )
+                if stride != strides[0]:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+            self.heads.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(head_channels, num_classes, kernel_size=1)
+        # Non-persistent: the statistics come from the config, not from the weights.
+        mean = torch.tensor([float(v) for v in pixel_mean]).view(1, -1, 1, 1)
+        std = torch.tensor([float(v) for v in pixel_std]).view(1, -1, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+        self.num_classes = num_classes
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """mmseg's initialisation: Xavier FPN, Kaiming head convs, N(0, 0.01) classifier."""
+        for m in self.fpn.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.heads.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.classifier.weight, std=0.01)
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits at the input size for RGB images with values 0..255."""
+        x = (images.float() - self.pixel_mean) / self.pixel_std
+        features = self.backbone(x)
+        pyramid = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))).values())
+        out = self.heads[0](pyramid[0])
+        for head, level in zip(self.heads[1:], pyramid[1:]):
+            y = head(level)
+            if y.shape[-2:] != out.shape[-2:]:  # odd input sizes: 2x upsampling overshoots
+                y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
+            out = out + y
+        logits = self.classifier(self.dropout(out))
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def semantic_fpn(
+    backbone: nn.Module, num_classes: int, weights: str | os.PathLike | None = None, **kwargs: Any
+) -> SemanticFPN:
+    """Build a :class:`SemanticFPN` (``kwargs`` as its constructor); ``weights``: a checkpoint of
+    this project to start from (fine-tuning, ``model.weights=PATH``)."""
+    model = SemanticFPN(backbone, int(num_classes), **kwargs)
+    if weights is not None:
+        from semseg.engine.checkpoint import load_checkpoint
+        from semseg.models.weights import load_model_weights
+
+        load_model_weights(
+            model, load_checkpoint(weights)["model"], source=f"model.weights={weights}"
+        )
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_gflops(model: nn.Module, height: int, width: int) -> float:
+    """Forward GFLOPs for one ``height x width`` image (a multiply-add counts as 2 FLOPs).
+
+    Counted on a meta-device copy (shapes only: no compute, no memory) when the model allows,
+    else with a real forward on the model's device.
+    """
+    model = getattr(model, "module", model)  # DDP
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    try:
+        return _count_gflops(copy.deepcopy(model).to("meta"), height, width, torch.device("meta"))
+    except Exception:  # an op without a meta kernel: count a real forward
+        return _count_gflops(model, height, width, next(model.parameters()).device)
+
+
+def _count_gflops(model: nn.Module, height: int, width: int, device: torch.device) -> float:
+    was_training = model.training
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            model.eval()(torch.zeros(1, 3, height, width, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 1e9

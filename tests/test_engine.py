@@ -1,0 +1,338 @@
+"""The training engine: schedule, loss, checkpoints, the run folder, exact resume, preemption, NaN stop, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_entry, smoke_overrides
+from omegaconf import OmegaConf
+
+from semseg.engine.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from semseg.engine.optim import PolyLR, SegCrossEntropy, build_optimizer, build_scheduler
+
+
+def reference_poly(it: int, lr0: float = 0.01, max_iters: int = 40000) -> float:
+    return (lr0 - 1e-4) * (1 - it / max_iters) ** 0.9 + 1e-4
+
+
+def test_poly_schedule_follows_reference_formula():
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(OmegaConf.load(REPO / "conf/optimizer/sgd.yaml"), model)
+    sched = build_scheduler(opt, OmegaConf.load(REPO / "conf/schedule/poly_40k.yaml"))
+    seen = {}
+    for it in range(40001):
+        if it in (0, 1, 1000, 20000, 39999, 40000):
+            seen[it] = opt.param_groups[0]["lr"]
+        if it < 40000:
+            opt.step()
+            sched.step()
+    for it, lr in seen.items():
+        assert lr == pytest.approx(reference_poly(it), rel=1e-9, abs=1e-12), it
+    assert seen[40000] == pytest.approx(1e-4)
+    assert opt.param_groups[0]["momentum"] == 0.9 and opt.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_warmup_ramps_from_ratio():
+    poly = PolyLR(0.01, 1000, warmup_iters=100, warmup_ratio=0.001)
+    assert poly(0) == pytest.approx(0.001 * reference_poly(0, max_iters=1000) / 0.01)
+    assert poly(50) == pytest.approx(
+        (0.001 + 0.999 * 0.5) * reference_poly(50, max_iters=1000) / 0.01
+    )
+    assert poly(100) == pytest.approx(reference_poly(100, max_iters=1000) / 0.01)
+
+
+def test_no_decay_groups_for_norm_and_bias():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    cfg = OmegaConf.create(
+        {
+            "_target_": "torch.optim.SGD",
+            "_partial_": True,
+            "lr": 0.1,
+            "weight_decay": 0.5,
+            "no_decay_norm_and_bias": True,
+        }
+    )
+    opt = build_optimizer(cfg, model)
+    decay, no_decay = opt.param_groups
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 3, 3, 3])]
+    assert (
+        len(no_decay["params"]) == 3
+        and no_decay["weight_decay"] == 0.0
+        and decay["weight_decay"] == 0.5
+    )
+
+
+def test_loss_normalisation_all_vs_valid():
+    logits = torch.zeros(1, 19, 2, 2)  # uniform: every valid pixel costs log(19)
+    target = torch.tensor([[[0, 1], [255, 255]]])
+    per_pixel = torch.log(torch.tensor(19.0))
+    assert SegCrossEntropy(normalize="all")(logits, target) == pytest.approx(per_pixel * 2 / 4)
+    assert SegCrossEntropy(normalize="valid")(logits, target) == pytest.approx(per_pixel)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "iteration": 1}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(2)}, "iteration": 2}, path)
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+def test_checkpoint_helpers(tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+    for it in (2, 4, 6, 8):
+        save_checkpoint({"model": {}, "iteration": it}, ckpt_dir / f"iter_{it:06d}.pt")
+    assert latest_checkpoint(tmp_path).name == "iter_000008.pt"
+    prune_checkpoints(tmp_path, keep_last=2)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter_000006.pt", "iter_000008.pt"]
+    with pytest.raises(Exception, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "evil.pt").write_bytes(b"not a torch file")
+    with pytest.raises(Exception, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "evil.pt")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_tiny_training_run_writes_the_run_folder(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_entry(
+        "train.py",
+        *smoke_overrides(
+            toy_root,
+            run_dir,
+            "schedule.max_iters=30",
+            "schedule.log_interval=5",
+            "schedule.checkpoint_interval=10",
+        ),
+    )
+    for name in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "checkpoints/iter_000030.pt",
+    ):
+        assert (run_dir / name).is_file(), name
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+    assert set(train_rows[0]) == {"step", "loss", "lr", "img_per_s"}
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # it learns
+    eval_rows = [r for r in rows if "val/mIoU" in r]
+    assert len(eval_rows) == 1 and eval_rows[0]["step"] == 30
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in (
+        "val/mIoU",
+        "val/pixel_acc",
+        "val/fIoU",
+        "val/IoU/road",
+        "val/IoU/traffic light",
+        "steps",
+        "wall_s",
+        "img_per_s",
+        "params",
+        "gflops",
+    ):
+        assert key in summary, key
+    assert 0.0 <= summary["val/mIoU"] <= 1.0 and summary["steps"] == 30
+    assert summary["val/mIoU"] == eval_rows[0]["val/mIoU"]
+    ckpt = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert ckpt["iteration"] == 30 and ckpt["meta"]["class_names"][6] == "traffic light"
+    assert (
+        ckpt["meta"]["palette"][0] == [128, 64, 128]
+        and ckpt["config"]["backbone"]["name"] == "resnet18"
+    )
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("iter_*.pt")) == [
+        "iter_000010.pt",
+        "iter_000020.pt",
+        "iter_000030.pt",
+    ]
+
+
+def test_resume_is_bit_exact(toy_root, tmp_path):
+    common = [
+        "schedule.max_iters=8",
+        "schedule.checkpoint_interval=4",
+        "schedule.eval_interval=4",
+        "trainer.precision=fp32",
+        "trainer.eval_at_end=false",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_entry("train.py", *smoke_overrides(toy_root, straight, *common))
+    # Train N (the checkpoint of iteration 4), stop, continue to 2N in a new process.
+    run_entry(
+        "train.py",
+        *smoke_overrides(
+            toy_root, resumed, *common, f"trainer.resume={straight / 'checkpoints/iter_000004.pt'}"
+        ),
+    )
+    a = load_checkpoint(straight / "checkpoints/last.pt")
+    b = load_checkpoint(resumed / "checkpoints/last.pt")
+    assert a["iteration"] == b["iteration"] == 8
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b, strict=True))
+    # ... and the resumed run did not start from scratch:
+    first = load_checkpoint(straight / "checkpoints/iter_000004.pt")
+    assert not all(torch.equal(t, b["model"][k]) for k, t in first["model"].items())
+
+
+def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        sys.executable,
+        str(REPO / "src/train.py"),
+        *smoke_overrides(toy_root, run_dir, "schedule.max_iters=100000", "schedule.log_interval=1"),
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=REPO,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(read_jsonl(metrics)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stopped_at = load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"]
+    assert 3 <= stopped_at < 100000
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped_at
+    assert "continue with trainer.resume=auto" in out
+
+    run_entry(
+        "train.py",
+        *smoke_overrides(
+            toy_root,
+            run_dir,
+            f"schedule.max_iters={stopped_at + 3}",
+            "schedule.log_interval=1",
+            "trainer.resume=auto",
+        ),
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == stopped_at + 3 and "val/mIoU" in summary
+    assert f"at iteration {stopped_at}" in (run_dir / "train.log").read_text()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_entry(
+        "train.py",
+        *smoke_overrides(
+            toy_root,
+            run_dir,
+            "schedule.max_iters=10",
+            "schedule.checkpoint_interval=2",
+            "trainer.loss._target_=faulty_loss.NaNAfter",
+            "+trainer.loss.after=3",
+        ),
+        env={"PYTHONPATH": str(REPO / "tests")},
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "NaN/inf at iteration 4" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 2
+
+
+def test_missing_dataset_root_is_one_clear_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = run_entry(
+        "train.py",
+        "dataset=bdd100k",
+        f"dataset.root={missing}",
+        "backbone.pretrained=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert str(missing) in proc.stderr and "dataset.root" in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_ddp_two_processes_share_one_run_folder(toy_root, tmp_path):
+    log_dir = tmp_path / "outputs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "src/train.py"),
+            "experiment=smoke",
+            f"dataset.root={toy_root}",
+            f"paths.log_dir={log_dir}",
+            "schedule.max_iters=4",
+            "dataset.eval_batch_size=1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    run_dirs = [p.parent for p in log_dir.rglob("summary.json")]
+    assert len(run_dirs) == 1
+    assert len([p for p in log_dir.rglob(".hydra") if p.is_dir()]) == 1
+    run_dir = run_dirs[0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4
+
+    # The 2-process evaluation equals a single-process one on the same checkpoint.
+    from semseg.data import build_dataset, build_eval_loader
+    from semseg.engine.trainer import resolve_precision
+    from semseg.evaluation import evaluate_model
+    from semseg.models import model_from_checkpoint
+
+    model, meta, config = model_from_checkpoint(run_dir / "checkpoints/last.pt")
+    cfg = OmegaConf.create(config)
+    cfg.dataset.root = str(toy_root)
+    loader = build_eval_loader(build_dataset(cfg.dataset, "val", train=False), 1, 0)
+    cpu = torch.device("cpu")
+    result = evaluate_model(
+        model,
+        loader,
+        meta["num_classes"],
+        meta["ignore_index"],
+        meta["class_names"],
+        cpu,
+        cfg.inference,
+        precision=resolve_precision(cfg.trainer.precision, cpu),
+    )
+    assert result.metrics["mIoU"] == pytest.approx(summary["val/mIoU"], abs=1e-12)

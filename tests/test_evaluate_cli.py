@@ -1,0 +1,145 @@
+"""src/evaluate.py and src/predict.py end to end on the tiny generated dataset, and bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_entry
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+from PIL import Image
+
+from semseg.engine.checkpoint import save_checkpoint
+from semseg.errors import ConfigError, UserError
+from semseg.evaluation.runner import run_evaluate, run_predict
+from semseg.models import build_model
+from semseg.models.weights import compose_config, dataset_meta
+
+
+def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:
+    """A checkpoint of a small Semantic FPN (resnet18, no pretrained weights, narrow FPN/head)."""
+    groups = {"model": "semantic_fpn", "backbone": "resnet18", "dataset": "toy_bdd100k"}
+    overrides = ["backbone.pretrained=false", "model.fpn_channels=32", "model.head_channels=16"]
+    if num_classes is not None:
+        overrides.append(f"model.num_classes={num_classes}")
+    config = compose_config(groups, overrides)
+    torch.manual_seed(0)
+    model = build_model(config)
+    meta = dataset_meta(config["dataset"]) | {"num_classes": config["model"]["num_classes"]}
+    state = {"model": model.state_dict(), "iteration": 0, "metrics": {}}
+    return save_checkpoint(state | {"config": config, "meta": meta}, path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def data_overrides(toy_root: Path, split: str = "val") -> list[str]:
+    return ["dataset=toy_bdd100k", f"dataset.root={toy_root}", f"dataset.split={split}",
+            "dataset.num_workers=0", "device=cpu"]  # fmt: skip
+
+
+def config(name: str, *overrides: str) -> DictConfig:
+    """The entry point's config composed in this process (for quick checks of the runner)."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path) -> None:
+    proc = run_entry(
+        "evaluate.py", f"checkpoint={checkpoint}", *data_overrides(toy_root),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    assert "traffic light" in proc.stdout and "mIoU" in proc.stdout
+    report = json.loads((tmp_path / "run" / "eval_val.json").read_text())
+    assert report == json.loads((checkpoint.parent / "eval_val.json").read_text())
+    metrics = report["metrics"]
+    assert set(metrics) >= {"mIoU", "pixel_acc", "fIoU", "IoU/road", "IoU/traffic light"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert np.sum(report["confusion_matrix"]) > 0
+    assert report["inference"]["mode"] == "whole"
+
+    # the same model's predictions written as PNG masks and scored as folders: same numbers
+    pred_dir = run_predict(
+        config("predict", f"checkpoint={checkpoint}", *data_overrides(toy_root),
+               f"output_dir={tmp_path / 'pred'}")
+    )  # fmt: skip
+    gt_dir = toy_root / "labels" / "sem_seg" / "masks" / "val"
+    proc = run_entry(
+        "evaluate.py", f"gt_dir={gt_dir}", f"pred_dir={pred_dir / 'masks'}",
+        f"hydra.run.dir={tmp_path / 'folder'}",
+    )  # fmt: skip
+    folder = json.loads((tmp_path / "folder" / "eval_folder.json").read_text())
+    assert folder["confusion_matrix"] == report["confusion_matrix"]
+    assert folder["metrics"] == pytest.approx(metrics, abs=1e-12)
+
+
+def test_predict_test_split_writes_bdd100k_files(
+    checkpoint: Path, toy_root: Path, tmp_path: Path
+) -> None:
+    run_entry(
+        "predict.py", f"checkpoint={checkpoint}", *data_overrides(toy_root, "test"),
+        "overlays=true", f"hydra.run.dir={tmp_path / 'run'}",
+    )  # fmt: skip
+    out = tmp_path / "run" / "predictions"
+    stems = sorted(p.stem for p in (toy_root / "images" / "10k" / "test").glob("*.jpg"))
+    for sub, ext, mode in [
+        ("masks", "png", "L"),
+        ("colormaps", "png", "RGB"),
+        ("overlays", "jpg", "RGB"),
+    ]:
+        assert sorted(p.stem for p in (out / sub).glob(f"*.{ext}")) == stems
+        with Image.open(out / sub / f"{stems[0]}.{ext}") as img:
+            assert (img.mode, img.size) == (mode, (128, 64))
+    mask = np.array(Image.open(out / "masks" / f"{stems[0]}.png"))
+    assert mask.dtype == np.uint8 and mask.max() < 19
+
+
+def test_predict_any_image_folder(checkpoint: Path, toy_root: Path, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (40, 30), (90, 120, 200)).save(images / "street.png")
+    cfg = config("predict", f"checkpoint={checkpoint}", f"input_dir={images}",
+                 f"output_dir={tmp_path / 'out'}", "inference=slide", "inference.crop_size=[16,16]",
+                 "inference.stride=[8,8]")  # fmt: skip
+    out = run_predict(cfg)
+    with Image.open(out / "masks" / "street.png") as img:
+        assert (img.mode, img.size) == ("L", (40, 30))
+
+
+def test_missing_checkpoint_is_one_clear_line(toy_root: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pt"
+    proc = run_entry(
+        "evaluate.py", f"checkpoint={missing}", *data_overrides(toy_root),
+        f"hydra.run.dir={tmp_path / 'run'}", check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_input_errors(checkpoint: Path, toy_root: Path, tmp_path: Path) -> None:
+    out = f"output_dir={tmp_path / 'out'}"
+    with pytest.raises(ConfigError, match=r"checkpoint=PATH.*gt_dir"):
+        run_evaluate(config("evaluate", out))
+    gt_dir = toy_root / "labels" / "sem_seg" / "masks" / "val"
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    with pytest.raises(UserError, match=rf"{re.escape(str(pred_dir))}.*no \.png"):
+        run_evaluate(config("evaluate", f"gt_dir={gt_dir}", f"pred_dir={pred_dir}", out))
+    bad = pred_dir / sorted(p.name for p in gt_dir.glob("*.png"))[0]
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad)
+    with pytest.raises(UserError, match=rf"{re.escape(str(bad))}.*size"):
+        run_evaluate(config("evaluate", f"gt_dir={gt_dir}", f"pred_dir={pred_dir}", out))
+    other = tiny_checkpoint(tmp_path / "seven.pt", num_classes=7)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(other))}.*7 classes"):
+        run_evaluate(config("evaluate", f"checkpoint={other}", *data_overrides(toy_root), out))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match=re.escape(f"input_dir {empty} contains no images")):
+        run_predict(config("predict", f"checkpoint={checkpoint}", f"input_dir={empty}", out))

@@ -1,0 +1,213 @@
+"""The training recipe: alignment, scale range, crop size, cat_max_ratio, flip, padding."""
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+
+from semseg.data.transforms import (
+    PhotoMetricDistortion,
+    RandomCropCatMax,
+    RandomRescale,
+    build_eval_transform,
+    build_train_transform,
+    pad_fill,
+    rescale_size,
+)
+
+MEAN = (123.675, 116.28, 103.53)
+FILL = pad_fill(MEAN)
+PALETTE = np.array(
+    [[128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
+     [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
+     [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70], [0, 60, 100],
+     [0, 80, 100], [0, 0, 230], [119, 11, 32]], np.uint8)  # fmt: skip
+LUT = np.zeros((256, 3), np.uint8)
+LUT[:19] = PALETTE  # 255 (ignore) encodes as black
+
+
+def encoded_pair(h=96, w=192, block=16, seed=0):
+    """A block mask and an image whose colour IS the mask's class colour."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 20, (h // block, w // block)).astype(np.uint8)
+    small[small == 19] = 255
+    mask = cv2.resize(small, (w, h), interpolation=cv2.INTER_NEAREST)
+    return LUT[mask], mask
+
+
+def interior(mask, margin=2):
+    """Pixels at least `margin` away from any label change (interpolation cannot touch them)."""
+    k = np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)
+    # Image edges count as borders: a crop may have cut a label change just outside them.
+    lo = cv2.erode(mask, k, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    hi = cv2.dilate(mask, k, borderType=cv2.BORDER_CONSTANT, borderValue=254)
+    return lo == hi
+
+
+def train_tf(**kw):
+    args = dict(scale=(192, 96), ratio_range=(0.5, 2.0), crop_size=(80, 160), cat_max_ratio=0.75,
+                flip_prob=0.5, photometric=False, pad_fill_image=FILL, ignore_index=255)  # fmt: skip
+    args.update(kw)
+    return build_train_transform(**args)
+
+
+def check_aligned(image, mask, pad_region=None):
+    inner = interior(mask) & (mask != 255)
+    assert inner.sum() > 0
+    assert np.abs(image[inner].astype(int) - LUT[mask[inner]].astype(int)).max() <= 2
+    if pad_region is not None:
+        assert (mask[pad_region] == 255).all()
+        assert (image[pad_region] == FILL).all()
+
+
+@pytest.mark.parametrize("ratio", [(0.5, 2.0), (0.4, 0.7)])
+def test_every_step_keeps_image_and_mask_aligned(ratio):
+    image, mask = encoded_pair()
+    tf = train_tf(ratio_range=ratio)
+    for seed in range(25):
+        tf.set_random_seed(seed)
+        data = {"image": image, "mask": mask}
+        for step in tf.transforms:  # after every single step...
+            data = step(**data)
+            check_aligned(data["image"], data["mask"])
+        tf.set_random_seed(seed)  # ...and the composed pipeline gives the same pair
+        out = tf(image=image, mask=mask)
+        assert (out["image"] == data["image"]).all() and (out["mask"] == data["mask"]).all()
+        check_aligned(out["image"], out["mask"])
+
+
+def test_photometric_changes_image_only_and_is_seeded():
+    image, mask = encoded_pair()
+    tf = train_tf(photometric=True)
+    changed = 0
+    for seed in range(10):
+        tf.set_random_seed(seed)
+        a = tf(image=image, mask=mask)
+        tf.set_random_seed(seed)
+        b = tf(image=image, mask=mask)
+        assert (a["image"] == b["image"]).all() and (a["mask"] == b["mask"]).all()
+        tf.set_random_seed(seed)
+        geo = train_tf(photometric=False)
+        geo.set_random_seed(seed)
+        # PhotoMetricDistortion draws after the geometric steps: the mask is identical.
+        g = geo(image=image, mask=mask)
+        assert (g["mask"] == a["mask"]).all()
+        changed += int(not np.array_equal(g["image"], a["image"]))
+    assert changed >= 5
+
+
+def test_photometric_matches_mmseg_formulas():
+    img = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    pmd = PhotoMetricDistortion()
+    out = pmd.apply(img, beta=20.0, alpha=None)
+    assert (out == np.clip(img.astype(np.float32) + 20.0, 0, 255).astype(np.uint8)).all()
+    out = pmd.apply(img, alpha=1.3, contrast_first=False)
+    assert (out == np.clip(img.astype(np.float32) * 1.3, 0, 255).astype(np.uint8)).all()
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0].astype(int) + 10) % 180
+    assert (pmd.apply(img, hue=10) == cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)).all()
+    assert pmd.brightness_delta == 32 and pmd.hue_delta == 18
+    assert pmd.contrast_range == (0.5, 1.5) and pmd.saturation_range == (0.5, 1.5)
+
+
+def test_rescale_range_keeps_aspect():
+    image, mask = encoded_pair(96, 192)
+    tf = A.Compose([RandomRescale(scale=(192, 96), ratio_range=(0.5, 2.0))], strict=True)
+    heights = []
+    for seed in range(60):
+        tf.set_random_seed(seed)
+        out = tf(image=image, mask=mask)
+        h, w = out["mask"].shape
+        assert out["image"].shape[:2] == (h, w)
+        assert 48 <= h <= 192 and abs(w - 2 * h) <= 1
+        heights.append(h)
+    assert min(heights) < 60 and max(heights) > 170
+
+
+def test_rescale_size_is_mmcv_keep_ratio():
+    assert rescale_size(720, 1280, (1280, 720), 1.0) == (720, 1280)
+    assert rescale_size(720, 1280, (1280, 720), 0.5) == (360, 640)
+    assert rescale_size(100, 100, (1280, 720), 1.0) == (720, 720)  # short edge limits
+    assert rescale_size(1000, 1000, (2048, 512), 1.0) == (512, 512)
+
+
+def test_output_is_crop_size_and_padding_is_ignore_and_mean():
+    image, mask = encoded_pair(96, 192)
+    tf = train_tf(ratio_range=(0.3, 0.5), flip_prob=0.0)  # always smaller than the crop
+    for seed in range(5):
+        tf.set_random_seed(seed)
+        out = tf(image=image, mask=mask)
+        assert out["image"].shape == (80, 160, 3) and out["mask"].shape == (80, 160)
+        h, w = rescale_size(96, 192, (192, 96), 0.5)
+        pad = np.ones((80, 160), bool)
+        pad[: min(h, 80), : min(w, 160)] = False
+        assert (out["mask"][pad] == 255).all() and (out["image"][pad] == FILL).all()
+        pad_rows = np.flatnonzero((out["mask"] == 255).all(axis=1))
+        assert pad_rows.size and pad_rows.max() == 79  # padded at the bottom (mmseg Pad)
+        check_aligned(out["image"], out["mask"])
+    tf = train_tf(ratio_range=(1.5, 2.0))
+    for seed in range(5):
+        tf.set_random_seed(seed)
+        assert tf(image=image, mask=mask)["mask"].shape == (80, 160)
+
+
+def test_padding_values_exactly():
+    image, mask = encoded_pair(40, 60)
+    tf = train_tf(scale=(60, 40), ratio_range=(1.0, 1.0), flip_prob=0.0)
+    out = tf(image=image, mask=mask)
+    assert (out["mask"][40:] == 255).all() and (out["mask"][:, 60:] == 255).all()
+    assert (out["image"][40:] == FILL).all() and (out["image"][:, 60:] == FILL).all()
+    assert (out["mask"][:40, :60] == mask).all() and (out["image"][:40, :60] == image).all()
+    assert FILL == (124, 116, 104)
+
+
+def test_crop_is_clipped_to_small_images():
+    crop = A.Compose([RandomCropCatMax(size=(50, 80), cat_max_ratio=1.0)], strict=True)
+    out = crop(image=np.zeros((30, 100, 3), np.uint8), mask=np.zeros((30, 100), np.uint8))
+    assert out["mask"].shape == (30, 80)
+
+
+def test_cat_max_ratio_resamples_until_no_class_dominates():
+    h, w = 100, 400
+    mask = np.zeros((h, w), np.uint8)
+    mask[:, :200] = np.where((np.arange(200) // 10) % 2 == 0, 1, 2)  # mixed left half
+    image = np.zeros((h, w, 3), np.uint8)
+
+    def dominated_crops(ratio):
+        tf = A.Compose([RandomCropCatMax(size=(100, 100), cat_max_ratio=ratio)], strict=True)
+        bad = 0
+        for seed in range(100):
+            tf.set_random_seed(seed)
+            m = tf(image=image, mask=mask)["mask"]
+            assert m.shape == (100, 100)
+            counts = np.bincount(m.ravel())
+            bad += int(counts.max() / counts.sum() >= 0.75)
+        return bad
+
+    assert dominated_crops(0.75) == 0
+    assert dominated_crops(1.0) > 20  # without the constraint ~40% of crops are dominated
+
+
+def test_cat_max_ratio_ignores_the_ignore_label():
+    crop = RandomCropCatMax(size=(10, 10), cat_max_ratio=0.75)
+    mask = np.full((10, 10), 255, np.uint8)
+    mask[:, :2], mask[:, 2:4] = 0, 1
+    assert crop._accept(mask, (0, 0, 10, 10))  # 50/50 among non-ignored pixels
+    mask[:, 2:4] = 0
+    assert not crop._accept(mask, (0, 0, 10, 10))  # a single class
+
+
+def test_flip():
+    image, mask = encoded_pair(96, 192)
+    for prob, expect in ((1.0, lambda a: a[:, ::-1]), (0.0, lambda a: a)):
+        tf = train_tf(scale=(192, 96), ratio_range=(1.0, 1.0), crop_size=(96, 192), flip_prob=prob)
+        out = tf(image=image, mask=mask)
+        assert (out["mask"] == expect(mask)).all() and (out["image"] == expect(image)).all()
+
+
+def test_strict_compose_and_eval_transform():
+    assert train_tf().strict
+    assert build_eval_transform(None) is None
+    image, mask = encoded_pair(96, 192)
+    out = build_eval_transform((96, 48))(image=image, mask=mask)
+    assert out["image"].shape == (48, 96, 3) and out["mask"].shape == (48, 96)
