@@ -1,0 +1,124 @@
+"""Loaders: an infinite, exactly resumable train stream and a sharded eval loader.
+
+Exact resume: the train sampler yields `(index, sample_seed)` pairs. Epoch e is a permutation
+drawn from `torch.Generator().manual_seed(seed + e)`, sharded across ranks like
+`DistributedSampler(drop_last=True)`; the sample seed is derived from (seed, epoch, position in
+the permutation), and the dataset seeds the whole augmentation pipeline with it. So batch k of a
+rank is a pure function of (seed, rank, world_size, k): independent of num_workers, of which
+worker loads it, and of where a run was stopped (start_batch skips without loading anything).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Augmentation seed of the sample at `position` of epoch `epoch`'s permutation."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+class InfiniteSeededSampler(Sampler):
+    """Endless `(index, sample_seed)` stream of one rank, starting after `start_sample` samples."""
+
+    def __init__(
+        self, size: int, seed: int, rank: int = 0, world_size: int = 1, start_sample: int = 0
+    ):
+        self.per_rank = size // world_size  # drop_last: every rank sees the same count
+        if self.per_rank == 0:
+            raise ValueError(f"{size} samples cannot be split over {world_size} ranks")
+        self.size, self.seed = size, seed
+        self.rank, self.world_size = rank, world_size
+        self.start_sample = start_sample
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's (index, sample_seed) pairs of one epoch."""
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.size, generator=gen).tolist()
+        positions = range(self.rank, self.per_rank * self.world_size, self.world_size)
+        return [(perm[p], sample_seed(self.seed, epoch, p)) for p in positions]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, offset = divmod(self.start_sample, self.per_rank)
+        for e in itertools.count(epoch):
+            yield from self.epoch_order(e)[offset:]
+            offset = 0
+
+    def __len__(self) -> int:
+        # Infinite; DataLoader only needs len() for its own bookkeeping, never reached here.
+        return 2**62
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world_size, ...: every item on exactly one rank, no padding."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def worker_init(worker_id: int) -> None:
+    """Keep each worker single-threaded inside cv2 (workers already run in parallel)."""
+    cv2.setNumThreads(0)
+
+
+def _pin(pin_memory: bool) -> bool:
+    # Pinning only helps (and only works without a warning) with an accelerator present.
+    return pin_memory and torch.cuda.is_available()
+
+
+def build_train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+    pin_memory: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Infinite iterator of collated train batches; `start_batch` resumes exactly after a stop."""
+    sampler = InfiniteSeededSampler(
+        len(dataset), seed, rank, world_size, start_sample=start_batch * batch_size
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=_pin(pin_memory),
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=worker_init,
+        # Worker base seeds come from here, not from the global RNG that dropout uses (exact resume).
+        generator=torch.Generator().manual_seed(seed),
+    )
+    return iter(loader)
+
+
+def build_eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """Deterministic eval loader; rank r gets items r, r + world_size, ... (each exactly once)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
+        pin_memory=_pin(True),
+        drop_last=False,
+        persistent_workers=False,
+        worker_init_fn=worker_init,
+    )

@@ -1,0 +1,279 @@
+"""The reference (mmseg) training recipe as an albumentations 2.x pipeline.
+
+albumentations has no keep-ratio rescale to a base scale, no cat_max_ratio crop and no
+mmseg-style photometric distortion, so those three are small transforms here. Every random draw
+goes through the transform's own `py_random` / `random_generator`, which `Compose.set_random_seed`
+re-seeds: the augmentation of a sample is then a pure function of the seed it is given.
+No normalisation: the loader hands uint8 to the device and the model normalises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from albumentations.core.transforms_interface import (
+    BaseTransformInitSchema,
+    DualTransform,
+    ImageOnlyTransform,
+)
+
+
+def rescale_size(
+    height: int, width: int, scale: Sequence[int], ratio: float = 1.0
+) -> tuple[int, int]:
+    """(h, w) that mmcv's `imrescale` gives: fit (h, w) into `scale`*ratio, keeping aspect.
+
+    `scale` is (w, h) as in mmseg; the long image edge is fitted to the long scale edge and the
+    short one to the short, whichever factor is smaller wins (mmcv `rescale_size`).
+    """
+    long_edge = max(scale) * ratio
+    short_edge = min(scale) * ratio
+    factor = min(long_edge / max(height, width), short_edge / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+class RandomRescale(DualTransform):
+    """mmseg `RandomResize(scale, ratio_range, keep_ratio=True)`: image linear, mask nearest."""
+
+    class InitSchema(BaseTransformInitSchema):
+        scale: tuple[int, int]
+        ratio_range: tuple[float, float]
+
+    def __init__(
+        self,
+        scale: tuple[int, int] = (1280, 720),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        p: float = 1.0,
+    ):
+        super().__init__(p=p)
+        self.scale = tuple(scale)
+        self.ratio_range = tuple(ratio_range)
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        ratio = self.py_random.uniform(*self.ratio_range)
+        return {"size": rescale_size(height, width, self.scale, ratio)}
+
+    def apply(self, img: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, size: tuple[int, int], **params: Any) -> np.ndarray:
+        return cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale", "ratio_range")
+
+
+class RandomCropCatMax(DualTransform):
+    """mmseg `RandomCrop(crop_size, cat_max_ratio)`.
+
+    A random window of `size` (h, w), clipped to the image when the image is smaller (no padding
+    here: the pipeline pads afterwards). With cat_max_ratio < 1 the window is re-drawn up to 10
+    times until the most frequent class covers less than cat_max_ratio of the non-ignored pixels
+    (and at least two classes are present); after 10 failures the last draw is kept, as in mmseg.
+    """
+
+    class InitSchema(BaseTransformInitSchema):
+        size: tuple[int, int]
+        cat_max_ratio: float
+        ignore_index: int
+        max_tries: int
+
+    def __init__(
+        self,
+        size: tuple[int, int] = (512, 1024),
+        cat_max_ratio: float = 0.75,
+        ignore_index: int = 255,
+        max_tries: int = 10,
+        p: float = 1.0,
+    ):
+        super().__init__(p=p)
+        self.size = tuple(size)
+        self.cat_max_ratio = cat_max_ratio
+        self.ignore_index = ignore_index
+        self.max_tries = max_tries
+
+    def _draw(self, height: int, width: int) -> tuple[int, int, int, int]:
+        off_y = self.py_random.randint(0, max(height - self.size[0], 0))
+        off_x = self.py_random.randint(0, max(width - self.size[1], 0))
+        return off_x, off_y, min(off_x + self.size[1], width), min(off_y + self.size[0], height)
+
+    def _accept(self, mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
+        x1, y1, x2, y2 = box
+        counts = np.bincount(mask[y1:y2, x1:x2].ravel(), minlength=256)
+        counts[self.ignore_index] = 0
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        box = self._draw(height, width)
+        mask = data.get("mask")
+        if self.cat_max_ratio < 1.0 and mask is not None:
+            for _ in range(self.max_tries):
+                if self._accept(mask, box):
+                    break
+                box = self._draw(height, width)
+        return {"crop_coords": box}
+
+    def apply(self, img: np.ndarray, crop_coords: tuple[int, ...], **params: Any) -> np.ndarray:
+        x1, y1, x2, y2 = crop_coords
+        return np.ascontiguousarray(img[y1:y2, x1:x2])
+
+    def apply_to_mask(
+        self, mask: np.ndarray, crop_coords: tuple[int, ...], **params: Any
+    ) -> np.ndarray:
+        return self.apply(mask, crop_coords)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size", "cat_max_ratio", "ignore_index", "max_tries")
+
+
+class PhotoMetricDistortion(ImageOnlyTransform):
+    """mmseg `PhotoMetricDistortion` on an RGB uint8 image.
+
+    In order: brightness (+U(-delta, delta)), contrast (x U(lo, hi)) either here or last,
+    saturation (S x U(lo, hi)), hue (H + randint(-hue_delta, hue_delta) mod 180, OpenCV units);
+    each step with probability 0.5, each clipped and truncated to uint8 as mmseg does. The
+    per-pixel affine steps run as 256-entry lookup tables (bit-identical, much faster), and
+    saturation + hue share one HSV round trip where mmseg does two.
+    """
+
+    class InitSchema(BaseTransformInitSchema):
+        brightness_delta: int
+        contrast_range: tuple[float, float]
+        saturation_range: tuple[float, float]
+        hue_delta: int
+
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: tuple[float, float] = (0.5, 1.5),
+        saturation_range: tuple[float, float] = (0.5, 1.5),
+        hue_delta: int = 18,
+        p: float = 1.0,
+    ):
+        super().__init__(p=p)
+        self.brightness_delta = brightness_delta
+        self.contrast_range = tuple(contrast_range)
+        self.saturation_range = tuple(saturation_range)
+        self.hue_delta = hue_delta
+
+    def get_params(self) -> dict[str, Any]:
+        rnd = self.py_random
+
+        def maybe(draw: Any) -> Any:
+            # Draw the value only when the step applies, like mmseg's `if randint(2):` gates.
+            return draw() if rnd.random() < 0.5 else None
+
+        beta = maybe(lambda: rnd.uniform(-self.brightness_delta, self.brightness_delta))
+        contrast_first = rnd.random() < 0.5
+        alpha = maybe(lambda: rnd.uniform(*self.contrast_range))
+        sat = maybe(lambda: rnd.uniform(*self.saturation_range))
+        hue = maybe(lambda: rnd.randint(-self.hue_delta, self.hue_delta))
+        return {
+            "beta": beta,
+            "alpha": alpha,
+            "contrast_first": contrast_first,
+            "sat": sat,
+            "hue": hue,
+        }
+
+    @staticmethod
+    def _affine_lut(alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+        values = np.arange(256, dtype=np.float32) * alpha + beta
+        return np.clip(values, 0, 255).astype(np.uint8)
+
+    def apply(
+        self,
+        img: np.ndarray,
+        beta: float | None = None,
+        alpha: float | None = None,
+        contrast_first: bool = True,
+        sat: float | None = None,
+        hue: int | None = None,
+        **params: Any,
+    ) -> np.ndarray:
+        lut = np.arange(256, dtype=np.uint8)
+        if beta is not None:
+            lut = self._affine_lut(beta=beta)
+        if alpha is not None and contrast_first:
+            lut = self._affine_lut(alpha=alpha)[lut]
+        img = cv2.LUT(img, lut)
+        if sat is not None or hue is not None:
+            hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+            if sat is not None:
+                hsv[..., 1] = cv2.LUT(hsv[..., 1], self._affine_lut(alpha=sat))
+            if hue is not None:
+                hue_lut = ((np.arange(256) + hue) % 180).astype(np.uint8)
+                hsv[..., 0] = cv2.LUT(hsv[..., 0], hue_lut)
+            img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if alpha is not None and not contrast_first:
+            img = cv2.LUT(img, self._affine_lut(alpha=alpha))
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness_delta", "contrast_range", "saturation_range", "hue_delta")
+
+
+def pad_fill(mean: Sequence[float]) -> tuple[int, ...]:
+    """Image pad value: the dataset mean rounded, so padded pixels normalise to ~0 on the device."""
+    return tuple(round(float(m)) for m in mean)
+
+
+def build_train_transform(
+    scale: Sequence[int],
+    ratio_range: Sequence[float],
+    crop_size: Sequence[int],
+    cat_max_ratio: float = 0.75,
+    flip_prob: float = 0.5,
+    photometric: bool = True,
+    pad_fill_image: Sequence[float] | float = 0,
+    ignore_index: int = 255,
+) -> A.Compose:
+    """Rescale x U(ratio_range) -> cat_max_ratio crop -> flip -> photometric -> pad (bottom/right).
+
+    `scale` is (w, h), `crop_size` is (h, w), both as in the dataset config.
+    """
+    crop_h, crop_w = (int(v) for v in crop_size)
+    fill = tuple(pad_fill_image) if isinstance(pad_fill_image, Sequence) else pad_fill_image
+    steps: list[A.BasicTransform] = [
+        RandomRescale(scale=tuple(scale), ratio_range=tuple(ratio_range)),
+        RandomCropCatMax(
+            size=(crop_h, crop_w), cat_max_ratio=cat_max_ratio, ignore_index=ignore_index
+        ),
+        A.HorizontalFlip(p=flip_prob),
+    ]
+    if photometric:
+        steps.append(PhotoMetricDistortion())
+    # mmseg pads at the bottom/right (Pad(size=crop_size)): position top_left keeps the image there.
+    steps.append(
+        A.PadIfNeeded(
+            min_height=crop_h,
+            min_width=crop_w,
+            position="top_left",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=fill,
+            fill_mask=ignore_index,
+        )
+    )
+    return A.Compose(steps, strict=True)
+
+
+def build_eval_transform(scale: Sequence[int] | None = None) -> A.Compose | None:
+    """Eval/test pipeline: nothing, or a keep-ratio resize to `scale` (w, h) as mmseg's Resize.
+
+    Note: when a scale is given the mask is resized too (nearest); the official metric is defined
+    at native resolution, so evaluation normally keeps `scale: null`.
+    """
+    if scale is None:
+        return None
+    return A.Compose([RandomRescale(scale=tuple(scale), ratio_range=(1.0, 1.0))], strict=True)
