@@ -299,6 +299,7 @@ def test_ddp_two_processes_share_one_run_folder(toy_root, tmp_path):
             f"paths.log_dir={log_dir}",
             "schedule.max_iters=4",
             "dataset.eval_batch_size=1",
+            "trainer.precision=fp32",
         ],
         cwd=REPO,
         env=env,
@@ -316,7 +317,6 @@ def test_ddp_two_processes_share_one_run_folder(toy_root, tmp_path):
 
     # The 2-process evaluation equals a single-process one on the same checkpoint.
     from semseg.data import build_dataset, build_eval_loader
-    from semseg.engine.trainer import resolve_precision
     from semseg.evaluation import evaluate_model
     from semseg.models import model_from_checkpoint
 
@@ -333,6 +333,6 @@ def test_ddp_two_processes_share_one_run_folder(toy_root, tmp_path):
         meta["class_names"],
         cpu,
         cfg.inference,
-        precision=resolve_precision(cfg.trainer.precision, cpu),
+        precision=cfg.trainer.precision,
     )
     assert result.metrics["mIoU"] == pytest.approx(summary["val/mIoU"], abs=1e-12)

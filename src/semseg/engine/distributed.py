@@ -93,6 +93,15 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers (BatchNorm running stats drift apart per rank between
+    DDP's own broadcasts; evaluation and checkpoints must see the ones rank 0 saves)."""
+    if not dist.is_initialized():
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src)
+
+
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -33,13 +33,19 @@ from semseg.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from semseg.engine.distributed import DistEnv, all_reduce_max, barrier, init_distributed
+from semseg.engine.distributed import (
+    DistEnv,
+    all_reduce_max,
+    barrier,
+    broadcast_buffers,
+    init_distributed,
+)
 from semseg.engine.optim import build_optimizer, build_scheduler
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops
 from semseg.runtime import PRECISIONS, autocast, resolve_precision  # noqa: F401 (re-exported)
-from semseg.tracking import NullLogger, RunRecorder
+from semseg.tracking import RunRecorder, build_logger
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +216,12 @@ class Trainer:
 
         self._eval_loader = None
         self.recorder = RunRecorder(self.run_dir) if self.env.is_main else None
-        self.logger = NullLogger()
-        if self.env.is_main and cfg.get("logger") is not None:
-            # Partial first: instantiate() itself has a parameter named `config`.
-            make_logger = instantiate(cfg.logger, _partial_=True)
-            self.logger = make_logger(
-                run_dir=str(self.run_dir), config=OmegaConf.to_container(cfg, resolve=True)
-            )
+        self.logger = build_logger(
+            cfg.get("logger") or {"_target_": "semseg.tracking.NullLogger"},
+            self.run_dir,
+            OmegaConf.to_container(cfg, resolve=True),
+            is_main=self.env.is_main,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -275,6 +280,7 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, final: bool = False) -> dict[str, float]:
         data_cfg = self.cfg.dataset
+        broadcast_buffers(self.model)
         if self._eval_loader is None:
             self._eval_loader = build_eval_loader(
                 self.val_set,

@@ -1,0 +1,137 @@
+"""Sweeps through the real entry point: multirun layout, one W&B run per job, Optuna, submitit_local.
+
+Every job is `experiment=smoke` (a few CPU iterations on the tiny generated dataset).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, run_entry
+
+from semseg.tracking import runs
+
+LRS = (0.01, 0.02)
+
+
+def smoke_sweep(
+    toy_root: Path, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python src/train.py -m experiment=smoke dataset.root=<toy> <overrides>`."""
+    return run_entry(
+        "train.py", "-m", "experiment=smoke", f"dataset.root={toy_root}", *overrides, env=env
+    )
+
+
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path:
+    """A two-job sweep (optimizer.lr=0.01,0.02) logging to W&B offline, run once per session.
+
+    Shared by the multirun test here and the notebook test (test_notebook.py imports this).
+    """
+    sweep_dir = tmp_path_factory.getbasetemp() / "tiny_sweep"
+    if not (sweep_dir / "multirun.yaml").is_file():
+        smoke_sweep(
+            toy_root,
+            f"hydra.sweep.dir={sweep_dir}",
+            "logger=wandb",
+            "logger.mode=offline",
+            f"optimizer.lr={','.join(map(str, LRS))}",
+        )
+    return sweep_dir
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path:
+    return tiny_sweep(tmp_path_factory, toy_root)
+
+
+def test_multirun_one_folder_per_job(sweep_dir: Path) -> None:
+    jobs = sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert jobs == ["0", "1"]
+    for job, lr in zip(jobs, LRS):
+        run_dir = sweep_dir / job
+        assert f"optimizer.lr={lr}" in yaml.safe_load(
+            (run_dir / ".hydra" / "overrides.yaml").read_text()
+        )
+        for name in ("metrics.jsonl", "summary.json", "train.log", "eval/confusion_matrix.npy"):
+            assert (run_dir / name).is_file(), f"{run_dir / name} missing"
+        # Each job is its own (offline) W&B run inside its own run folder.
+        assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1
+    run_ids = {(sweep_dir / job / "wandb" / "run_id").read_text() for job in jobs}
+    assert len(run_ids) == 2
+
+    df = runs.load_runs(sweep_dir)
+    assert sorted(df["optimizer.lr"]) == list(LRS)
+    assert runs.swept_params(df) == ["optimizer.lr"]
+    assert df["status"].tolist() == ["finished", "finished"]
+    assert df["val/mIoU"].between(0, 1).all()
+    assert df["steps"].tolist() == [4, 4]
+    assert len(runs.class_iou_columns(df)) == 19
+    metrics = runs.load_metrics(df["run_dir"].iloc[0])
+    assert metrics["loss"].notna().any() and metrics["val/mIoU"].notna().any()
+    confmat = runs.load_confusion_matrix(df["run_dir"].iloc[0])
+    assert confmat.shape == (20, 20)
+    assert 0 < confmat.sum() <= 4 * 64 * 128  # the 4 validation images
+    examples = runs.load_examples(df["run_dir"].iloc[0])
+    assert len(examples) == 2
+    assert examples[0]["image"].shape == (64, 128, 3) and examples[0]["pred"].shape == (64, 128)
+
+
+def test_two_sweeps_started_together_do_not_share_a_folder(toy_root: Path, tmp_path: Path) -> None:
+    # Default sweep folders (multirun/train/<date>/<time>_<pid>) under a temporary project root.
+    args = [
+        sys.executable,
+        str(REPO / "src" / "train.py"),
+        "-m",
+        "experiment=smoke",
+        f"dataset.root={toy_root}",
+        f"paths.root_dir={tmp_path}",
+        "schedule.max_iters=1",
+        "trainer.eval_at_end=false",
+    ]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-4000:]
+    sweeps = sorted(p.parents[2] for p in (tmp_path / "multirun").rglob(".hydra/config.yaml"))
+    assert len(sweeps) == 2 and sweeps[0] != sweeps[1]
+    for sweep in sweeps:
+        assert sweep.parent.parent == tmp_path / "multirun" / "train"
+        assert (sweep / "0" / "metrics.jsonl").is_file()
+
+
+def test_optuna_search_tiny_budget(toy_root: Path, tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "optuna"
+    smoke_sweep(
+        toy_root,
+        "hparams_search=semantic_fpn_optuna",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweep.dir={sweep_dir}",
+    )
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["name"] == "optuna"
+    best = results["best_params"]
+    assert set(best) == {"optimizer.lr", "optimizer.weight_decay", "model.dropout"}
+    assert 0.001 <= best["optimizer.lr"] <= 0.05
+    assert 1e-5 <= best["optimizer.weight_decay"] <= 1e-3
+    assert 0.0 <= best["model.dropout"] <= 0.3
+    df = runs.load_runs(sweep_dir)
+    assert len(df) == 2
+    assert results["best_value"] == pytest.approx(df["val/mIoU"].max())
+    assert df.loc[0, "optimizer.lr"] == pytest.approx(best["optimizer.lr"])  # sorted best first
+    assert set(runs.swept_params(df)) == set(best)
+
+
+def test_submitit_local_launcher_runs_a_job(toy_root: Path, tmp_path: Path) -> None:
+    # Default sweep folder (not hydra.sweep.dir): the job process must resolve it like the launcher did.
+    smoke_sweep(toy_root, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"paths.root_dir={tmp_path}", "trainer.eval_at_end=false")  # fmt: skip
+    run_dirs = runs.find_run_dirs(tmp_path / "multirun")
+    assert len(run_dirs) == 1
+    run_dir = run_dirs[0]
+    assert run_dir.name == "0"
+    assert (run_dir / "summary.json").is_file()
+    assert (run_dir.parent / ".submitit").is_dir()  # submitit's job logs beside the job folders
