@@ -336,3 +336,60 @@ def test_ddp_two_processes_share_one_run_folder(toy_root, tmp_path):
         precision=cfg.trainer.precision,
     )
     assert result.metrics["mIoU"] == pytest.approx(summary["val/mIoU"], abs=1e-12)
+
+
+def test_gradient_accumulation_matches_the_big_batch():
+    """Two micro-batches of 1 with trainer.accumulate=2 make the same update as one batch of 2."""
+    from semseg.engine.trainer import train_step
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    masks = torch.randint(0, 3, (2, 8, 8), dtype=torch.uint8)
+    masks[:, :2] = 255
+    batches = {
+        1: [{"image": images[i : i + 1], "mask": masks[i : i + 1]} for i in range(2)],
+        2: [{"image": images, "mask": masks}],
+    }
+    weights = {}
+    for batch_size, accumulate in ((2, 1), (1, 2)):
+        torch.manual_seed(1)
+        model = torch.nn.Conv2d(3, 3, 3, padding=1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, PolyLR(0.1, 10))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss = train_step(
+            model,
+            iter(batches[batch_size]),
+            SegCrossEntropy(),
+            opt,
+            sched,
+            scaler,
+            torch.device("cpu"),
+            "fp32",
+            accumulate,
+            channels_last=False,
+        )
+        weights[accumulate] = (model.weight.detach().clone(), float(loss))
+    assert torch.allclose(weights[1][0], weights[2][0], atol=1e-6)
+    assert weights[1][1] == pytest.approx(weights[2][1], rel=1e-5)
+
+
+def test_model_weights_starts_fine_tuning_from_a_checkpoint(tmp_path):
+    from test_config import compose_train
+
+    from semseg.engine.checkpoint import CheckpointError
+    from semseg.models import build_model
+
+    cfg = compose_train("experiment=smoke", "model.dropout=0.0")
+    cfg.paths.output_dir = str(tmp_path)
+    source = build_model(cfg)
+    path = save_checkpoint({"model": source.state_dict(), "iteration": 4}, tmp_path / "best.pt")
+
+    cfg.model.weights = str(path)
+    finetune = build_model(cfg)
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(tensor, finetune.state_dict()[key]), key
+
+    cfg.model.num_classes = 7
+    with pytest.raises(CheckpointError, match="classifier"):
+        build_model(cfg)
