@@ -26,7 +26,6 @@ from tqdm import tqdm
 from semseg.data import build_dataset, build_eval_loader, build_train_loader, ensure_toy_dataset
 from semseg.engine.checkpoint import (
     CHECKPOINT_DIR,
-    CheckpointError,
     copy_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -43,7 +42,8 @@ from semseg.engine.distributed import (
 from semseg.engine.optim import build_optimizer, build_scheduler
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import evaluate_model
-from semseg.models import build_model, count_parameters, forward_gflops
+from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
+from semseg.models.weights import dataset_meta
 from semseg.runtime import PRECISIONS, autocast, resolve_precision  # noqa: F401 (re-exported)
 from semseg.tracking import RunRecorder, build_logger
 
@@ -182,14 +182,7 @@ class Trainer:
             barrier()
         self.train_set = build_dataset(data_cfg, data_cfg.train_split, train=True)
         self.val_set = build_dataset(data_cfg, data_cfg.val_split, train=False)
-        self.meta = {
-            "class_names": list(data_cfg.class_names),
-            "palette": [list(c) for c in data_cfg.palette],
-            "num_classes": int(data_cfg.num_classes),
-            "ignore_index": int(data_cfg.ignore_index),
-            "mean": list(data_cfg.mean),
-            "std": list(data_cfg.std),
-        }
+        self.meta = dataset_meta(data_cfg)  # class names and palette travel with every checkpoint
 
         self.model = build_model(cfg).to(self.device)
         if cfg.trainer.channels_last:
@@ -204,7 +197,7 @@ class Trainer:
         self._resume()
         if (
             self.env.rank != 0
-        ):  # rank 0's RNG was restored; give the others their own dropout streams
+        ):  # rank 0's RNG was restored; the others get their own dropout streams
             torch.manual_seed(cfg.seed * 1000 + self.env.rank * 7919 + self.state.iteration)
 
         self.train_model: nn.Module = self.model
@@ -235,10 +228,7 @@ class Trainer:
             )
             return
         ckpt = load_checkpoint(path)
-        try:
-            self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} does not fit this model (trainer.resume): {e}") from e
+        load_model_weights(self.model, ckpt["model"], source=f"trainer.resume={path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
