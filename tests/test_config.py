@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from conftest import REPO, run_entry
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import semseg.cli
@@ -29,9 +28,7 @@ def options(group: str) -> list[str]:
 
 
 def compose_train(*overrides: str):
-    semseg.cli.register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return semseg.cli.compose("train", overrides)
 
 
 def resolved(cfg) -> dict:

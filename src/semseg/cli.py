@@ -6,15 +6,18 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from semseg.errors import UserError
 
 _STAMP_ENV = "SEMSEG_RUN_STAMP"
+# The repository's config tree (the package is installed editable from src/).
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def run_stamp() -> str:
@@ -47,6 +50,17 @@ def prepare(project_root: str | os.PathLike) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     register_resolvers()
     _share_stamp_across_ranks()
+
+
+def compose(config_name: str | None = "train", overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a config of ``conf/`` outside ``@hydra.main`` (tests, scripts, the benchmark)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
 
 
 def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset
 
+from semseg.data.transforms import mask_histogram
 from semseg.errors import UserError
 
 IMAGE_DIR = "images/10k"
@@ -94,7 +95,7 @@ def check_mask(
             f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
             f"{image_shape[1]}x{image_shape[0]} (WxH): the mask does not belong to this image"
         )
-    counts = np.bincount(mask.ravel(), minlength=256)
+    counts = mask_histogram(mask)
     counts[:num_classes] = 0
     counts[ignore_index] = 0
     if counts.any():

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from semseg.data.bdd100k import DatasetError, read_image_file, split_dirs
+from semseg.data.transforms import mask_histogram
 
 UNLABELLED_SPLITS = ("test",)
 
@@ -69,7 +70,7 @@ def _check_pair(
         return "unreadable", str(exc), None
     if mask.ndim != 2 or mask.dtype != np.uint8:
         return "bad_values", f"{mask_path}: not a single-channel 8-bit mask", None
-    hist = np.bincount(mask.ravel(), minlength=256)
+    hist = mask_histogram(mask)
     if mask.shape != image.shape[:2]:
         return (
             "size_mismatch",

@@ -23,8 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from semseg.data.bdd100k import IMAGE_DIR, MASK_DIR, RLE_FILE
+from semseg.cli import CONF_DIR
 
-_DEFAULT_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "dataset" / "bdd100k.yaml"
+_DEFAULT_CONFIG = CONF_DIR / "dataset" / "bdd100k.yaml"
 COLORMAP_DIR = "labels/sem_seg/colormaps"
 IGNORE = 255
 

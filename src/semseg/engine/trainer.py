@@ -44,7 +44,7 @@ from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
 from semseg.models.weights import dataset_meta
-from semseg.runtime import PRECISIONS, autocast, resolve_precision  # noqa: F401 (re-exported)
+from semseg.runtime import PRECISIONS, autocast, configure_backends, resolve_precision  # noqa: F401 (re-exported)
 from semseg.tracking import RunRecorder, build_logger
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,7 @@ class Trainer:
         self.run_dir = Path(cfg.paths.output_dir)
         self.precision = resolve_precision(cfg.trainer.precision, self.device)
         self.accumulate = int(cfg.trainer.accumulate)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        configure_backends(self.device)
         seed_everything(cfg.seed)  # identical initial weights on every rank
 
         data_cfg = cfg.dataset

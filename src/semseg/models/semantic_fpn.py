@@ -103,7 +103,8 @@ class SemanticFPN(nn.Module):
             if y.shape[-2:] != out.shape[-2:]:  # odd input sizes: 2x upsampling overshoots
                 y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
             out = out + y
-        logits = self.classifier(self.dropout(out))
+        # NCHW logits: the full-size log_softmax of the loss is ~1.5x faster than on channels_last.
+        logits = self.classifier(self.dropout(out)).contiguous()
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 

@@ -14,11 +14,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from semseg.cli import CONF_DIR
 from semseg.engine.checkpoint import CheckpointError, load_checkpoint
 from semseg.errors import UserError
 
 # The repository's config folder (the package is installed editable from src/).
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
 # Prefixes that wrappers add to state-dict keys: DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _MAX_LISTED = 12
@@ -194,6 +194,7 @@ def compose_config(
     from hydra import compose, initialize_config_dir
 
     group_overrides = [f"+{g}={name}" for g, name in {"paths": "default", **groups}.items()]
+    os.environ.setdefault("PROJECT_ROOT", str(Path(conf_dir).resolve().parent))
     with initialize_config_dir(config_dir=str(Path(conf_dir).resolve()), version_base="1.3"):
         cfg = compose(config_name=None, overrides=group_overrides + list(overrides or []))
     return {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups}

@@ -1,0 +1,17 @@
+"""Benchmark training step, data pipeline and inference (README "Performance").
+
+    python scripts/benchmark.py                                   # default: fast run on this machine
+    python scripts/benchmark.py --precision bf16,fp32 --channels-last on,off backbone=resnet50
+    python scripts/benchmark.py --help
+
+Options select what is measured; positional arguments are Hydra overrides of conf/train.yaml.
+"""
+
+from pathlib import Path
+
+from semseg.benchmark import main
+from semseg.cli import prepare
+
+if __name__ == "__main__":
+    prepare(Path(__file__).resolve().parents[1])
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""Smoke test of scripts/benchmark.py: a tiny configuration, every section, the JSON fields.
+
+No timing assertions: only that every measurement ran and produced positive, finite numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from semseg.benchmark import main, parse_args
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+def test_parse_args_lists_and_overrides() -> None:
+    opts = parse_args(
+        ["--only", "train,infer", "--precision", "bf16,fp32", "--channels-last", "on,off",
+         "--compile", "off", "--crop", "256", "512", "--workers", "0,2", "backbone=resnet18"]
+    )  # fmt: skip
+    assert opts.only == ["train", "infer"]
+    assert opts.precisions == ["bf16", "fp32"]
+    assert opts.channels_last == [True, False]
+    assert opts.compile == [False]
+    assert opts.crop == [256, 512]
+    assert opts.workers == [0, 2]
+    assert opts.overrides == ["backbone=resnet18"]
+    for bad in (["--only", "training"], ["--precision", "fp8"], ["--channels-last", "maybe"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        "--precision", "fp32", "--channels-last", "on,off", "--batch-size", "2",
+        "--crop", "64", "128", "--steps", "1", "--warmup", "1",
+        "--workers", "0,1", "--data-images", "2", "--data-size", "72", "128",
+        "--data-samples", "2", "--loader-batches", "1",
+        "--infer-size", "64", "128", "--infer-batch", "1,2", "--infer-steps", "1",
+        "--infer-warmup", "0", "--matmul-size", "128", "--device", "cpu", "--output", str(out),
+        "backbone=resnet18", f"paths.data_dir={tmp_path / 'data'}",
+        "dataset.train_pipeline.scale=[128,72]",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "Training step" in printed and "Data pipeline" in printed and "Inference" in printed
+
+    assert result["command"].startswith("python scripts/benchmark.py")
+    assert result["env"]["device"] == "cpu"
+    model = result["model"]
+    assert model["backbone"] == "resnet18"
+    assert "backbone.pretrained=false" in model["overrides"]
+    for key in ("params", "forward_gflops_per_image", "infer_gflops_per_image"):
+        assert _positive(model[key]), key
+    # backward costs about twice the forward: training FLOPs are 2-3.5x the forward's
+    assert 2 < model["train_gflops_per_image"] / model["forward_gflops_per_image"] < 3.5
+    assert _positive(result["matmul_peak"]["tflops"]["fp32"])
+
+    train = result["train"]
+    assert [r["channels_last"] for r in train] == [True, False]
+    for row in train:
+        assert row["precision"] == "fp32" and row["batch_size"] == 2 and row["crop"] == [64, 128]
+        for key in ("s_per_step", "img_per_s", "peak_mem_mb", "achieved_tflops", "peak_fraction",
+                    "final_loss", "speedup_vs_fp32_nchw"):  # fmt: skip
+            assert _positive(row[key]), key
+        assert row["mem_kind"].startswith("rss")
+
+    data = result["data"]
+    assert data["image_size"] == [72, 128] and data["num_images"] == 2
+    assert _positive(data["ours_vs_direct"])
+    pipelines = [(r["pipeline"], r["workers"]) for r in data["rows"]]
+    assert pipelines == [("ours", 1), ("direct_albumentations", 1), ("ours_dataloader", 0),
+                         ("ours_dataloader", 1)]  # fmt: skip
+    for row in data["rows"]:
+        assert _positive(row["img_per_s"]) and _positive(row["img_per_s_per_worker"])
+    assert data["rows"][0]["output_shape"] == [3, 64, 128]  # cropped/padded to the crop
+
+    infer = result["infer"]
+    assert [r["batch_size"] for r in infer] == [1, 2, 1, 2]
+    for row in infer:
+        assert row["size"] == [64, 128]
+        for key in ("s_per_step", "img_per_s", "peak_mem_mb", "achieved_tflops"):
+            assert _positive(row[key]), key
