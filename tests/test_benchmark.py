@@ -76,8 +76,8 @@ def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFi
     assert data["image_size"] == [72, 128] and data["num_images"] == 2
     assert _positive(data["ours_vs_direct"])
     pipelines = [(r["pipeline"], r["workers"]) for r in data["rows"]]
-    assert pipelines == [("ours", 1), ("direct_albumentations", 1), ("ours_dataloader", 0),
-                         ("ours_dataloader", 1)]  # fmt: skip
+    assert pipelines == [("ours", 1), ("direct_albumentations", 1), ("direct_stock_albumentations", 1),
+                         ("ours_dataloader", 0), ("ours_dataloader", 1)]  # fmt: skip
     for row in data["rows"]:
         assert _positive(row["img_per_s"]) and _positive(row["img_per_s_per_worker"])
     assert data["rows"][0]["output_shape"] == [3, 64, 128]  # cropped/padded to the crop

@@ -7,8 +7,9 @@ model/backbone/dataset groups and overrides are the training ones) and measures:
   SGD update, poly LR step) on a fixed synthetic batch, for each precision x channels_last x
   torch.compile setting: seconds/step and images/s after warm-up, peak memory, achieved FLOP/s;
 - ``data``: the full train recipe (``build_dataset(..., train=True)``) on 1280x720 BDD100K-layout
-  files, one worker's images/s next to a direct albumentations pipeline of the stock transforms
-  closest to the recipe on the same files, and the train loader with N worker processes;
+  files, one worker's images/s next to direct albumentations pipelines on the same files (the same
+  transforms without the dataset class, and the stock transforms closest to the recipe), and the
+  train loader with N worker processes;
 - ``infer``: whole-image inference (``predict_logits``) at 720x1280, batch 1 and larger.
 
 FLOPs per image come from ``torch.utils.flop_counter`` (a multiply-add counts 2); the achieved
@@ -93,7 +94,7 @@ class BenchOptions:
     data_root: str | None = None  # a BDD100K-layout root; None: generated toy data (cached)
     data_images: int = 8
     data_size: list[int] = field(default_factory=lambda: [720, 1280])  # (h, w) of generated data
-    data_samples: int = 32
+    data_samples: int = 128
     loader_batches: int | None = None  # None: max(8, 4 x workers)
     infer_size: list[int] = field(default_factory=lambda: [720, 1280])
     infer_batch: list[int] | None = None  # None: 1,2 on the CPU, 1,8 on CUDA
@@ -543,7 +544,7 @@ def ensure_bench_data(root: Path, num_images: int, height: int, width: int) -> P
     return root
 
 
-def _direct_pipeline(dataset_cfg: DictConfig, crop: Sequence[int]) -> A.Compose:
+def _stock_pipeline(dataset_cfg: DictConfig, crop: Sequence[int]) -> A.Compose:
     """The stock albumentations transforms closest to the recipe, as a plain user would write them."""
     tp = dataset_cfg.train_pipeline
     lo, hi = (float(r) for r in tp.ratio_range)
@@ -580,11 +581,13 @@ def _direct_pipeline(dataset_cfg: DictConfig, crop: Sequence[int]) -> A.Compose:
     return A.Compose(steps, strict=True, seed=0)
 
 
-DIRECT_DESCRIPTION = (
-    "cv2.imread + A.Compose([RandomScale(0.5-2.0), RandomCrop(pad_if_needed, mask fill 255), "
-    "HorizontalFlip, ColorJitter(p=0.5)]) + HWC->CHW tensors; no cat_max_ratio re-sampling, "
-    "no file checks, no per-sample reseeding"
-)
+DIRECT_DESCRIPTION = {
+    "direct_albumentations": "cv2.imread + the recipe's own A.Compose (the same transforms) + "
+    "HWC->CHW tensors; no dataset class, no file checks, no per-sample reseeding",
+    "direct_stock_albumentations": "cv2.imread + A.Compose([RandomScale(0.5-2.0), "
+    "RandomCrop(pad_if_needed, mask fill 255), HorizontalFlip, ColorJitter(p=0.5)]) + HWC->CHW "
+    "tensors; no cat_max_ratio re-sampling, no file checks, no per-sample reseeding",
+}
 
 
 def _direct_sample(paths: tuple[Path, Path], transform: A.Compose) -> dict[str, Any]:
@@ -609,15 +612,14 @@ def _single_threaded_cv2() -> Iterator[None]:
 
 
 def bench_data_one_worker(
-    dataset: Any, direct: A.Compose, samples: int, rounds: int = 2
+    dataset: Any, directs: dict[str, A.Compose], samples: int, rounds: int = 2
 ) -> list[dict[str, Any]]:
-    """Images/s of one worker: ours (``dataset[(i, seed)]``) and direct, interleaved in rounds."""
+    """Images/s of one worker: ours (``dataset[(i, seed)]``) and each direct pipeline, interleaved."""
     pairs = list(zip(dataset.image_paths, dataset.mask_paths))
     n = len(pairs)
-    fns = {
-        "ours": lambda i: dataset[(i % n, i)],
-        "direct_albumentations": lambda i: _direct_sample(pairs[i % n], direct),
-    }
+    fns = {"ours": lambda i: dataset[(i % n, i)]}
+    for name, transform in directs.items():
+        fns[name] = functools.partial(lambda i, t: _direct_sample(pairs[i % n], t), t=transform)
     totals = dict.fromkeys(fns, 0.0)
     per_round = max(1, samples // rounds)
     with _single_threaded_cv2():
@@ -688,7 +690,11 @@ def bench_data(
         dataset_cfg.train_pipeline.crop_size = list(crop)
     dataset = build_dataset(dataset_cfg, dataset_cfg.train_split, train=True)
     sample = cv2.imread(str(dataset.image_paths[0]), cv2.IMREAD_COLOR)
-    rows = bench_data_one_worker(dataset, _direct_pipeline(dataset_cfg, crop), opts.data_samples)
+    directs = {
+        "direct_albumentations": dataset.transform,  # the same transforms, without the dataset
+        "direct_stock_albumentations": _stock_pipeline(dataset_cfg, crop),
+    }
+    rows = bench_data_one_worker(dataset, directs, opts.data_samples)
     for n in workers:
         count = opts.loader_batches or max(8, 4 * n)
         rows.append(bench_loader(dataset, batch, n, count, pin=device.type == "cuda"))
@@ -700,6 +706,7 @@ def bench_data(
         "crop": list(crop),
         "direct_pipeline": DIRECT_DESCRIPTION,
         "ours_vs_direct": rates["ours"] / rates["direct_albumentations"],
+        "ours_vs_stock": rates["ours"] / rates["direct_stock_albumentations"],
         "rows": rows,
     }
 
@@ -955,8 +962,9 @@ def format_report(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Data pipeline (train recipe, {data['image_size'][1]}x{data['image_size'][0]} "
-            f"files -> {data['crop'][0]}x{data['crop'][1]} crops; ours/direct = "
-            f"{data['ours_vs_direct']:.2f}):",
+            f"files -> {data['crop'][0]}x{data['crop'][1]} crops; ours / direct with the same "
+            f"transforms = {data['ours_vs_direct']:.2f}, ours / stock albumentations = "
+            f"{data['ours_vs_stock']:.2f}):",
             _table(data["rows"], _DATA_COLUMNS),
         ]
     summary = result.get("summary", {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 
 import torch
@@ -50,8 +51,36 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def configure_backends(device: torch.device) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA (fixed input sizes: the autotuner pays off)."""
+    """cuDNN autotuning and TF32 matmuls on CUDA (fixed input sizes: the autotuner pays off); on the
+    CPU, an allocator that keeps freed activation memory instead of returning it to the OS."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_cpu_memory()
+
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
+
+
+def keep_cpu_memory() -> bool:
+    """Tune glibc malloc so that the training step's large tensors reuse heap memory.
+
+    By default glibc serves big blocks with fresh mmap()s and trims the heap after frees, so every
+    step page-faults and zero-fills its activations again: on a 2-core CPU that is ~20% of a
+    Semantic FPN R-50 step (2.06 -> 1.65 s, README "Performance"). Same as exporting
+    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_. No-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(
+            libc.mallopt(param, value) == 1
+            for param, value in (
+                (_M_MMAP_THRESHOLD, 32 * 2**20),  # the largest value glibc accepts
+                (_M_TRIM_THRESHOLD, 2**31 - 1),
+                (_M_TOP_PAD, 512 * 2**20),
+            )
+        )
+    except (OSError, AttributeError):
+        return False

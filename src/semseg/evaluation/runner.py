@@ -18,7 +18,7 @@ from semseg.errors import ConfigError
 from semseg.evaluation.export import save_prediction
 from semseg.evaluation.inference import evaluate_model, inference_kwargs, predict_logits
 from semseg.evaluation.metrics import EvaluationError, evaluate_mask_folders, format_table
-from semseg.runtime import autocast, resolve_device
+from semseg.runtime import autocast, configure_backends, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     out_dir = _output_dir(cfg)
     if cfg.get("checkpoint"):
         device = resolve_device(cfg.get("device", "auto"))
+        configure_backends(device)
         model, meta = _load_model(cfg, device)
         class_names = list(meta["class_names"])
         result = evaluate_model(
@@ -164,6 +165,7 @@ def run_predict(cfg: DictConfig) -> Path:
     out_dir = Path(cfg.output_dir) if cfg.get("output_dir") else _output_dir(cfg) / "predictions"
     files = _image_files(Path(cfg.input_dir)) if cfg.get("input_dir") else None
     device = resolve_device(cfg.get("device", "auto"))
+    configure_backends(device)
     model, meta = _load_model(cfg, device)
     batches = _folder_batches(files) if files is not None else _build_loader(cfg)
     kwargs = inference_kwargs(cfg.inference)
