@@ -165,6 +165,8 @@ class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.env: DistEnv = init_distributed(cfg.trainer.device)
+        if not self.env.is_main:  # every rank shares train.log: only rank 0 reports progress
+            logging.getLogger().setLevel(logging.WARNING)
         self.device = self.env.device
         self.run_dir = Path(cfg.paths.output_dir)
         self.precision = resolve_precision(cfg.trainer.precision, self.device)
