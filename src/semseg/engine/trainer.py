@@ -6,6 +6,7 @@ Read :func:`train_step` for what one iteration does and :func:`train` for everyt
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -347,31 +348,23 @@ class Trainer:
                 start_batch=self.state.iteration * self.accumulate,
                 pin_memory=self.device.type == "cuda",
             )
-        global_batch = batch * env.world_size * self.accumulate
         log.info(
-            "model: %.2fM parameters, %.1f GFLOPs forward at %dx%d; %s, precision %s, "
-            "%d process(es), global batch %d",
-            params / 1e6,
-            gflops,
-            crop_h,
-            crop_w,
-            self.device,
-            self.precision,
-            env.world_size,
-            global_batch,
+            f"model: {params / 1e6:.2f}M parameters, {gflops:.1f} GFLOPs forward at "
+            f"{crop_h}x{crop_w}; {self.device}, precision {self.precision}, {env.world_size} "
+            f"process(es), global batch {batch * env.world_size * self.accumulate}"
         )
+        step = functools.partial(
+            train_step, self.train_model, batches, self.loss_fn, self.optimizer, self.scheduler,
+            self.scaler, self.device, self.precision, self.accumulate, cfg.trainer.channels_last,
+        )  # fmt: skip
         preempt = PreemptionFlag()
         preempt.install()
         self.train_model.train()
         # The first iteration whose loss was NaN/inf, kept on the device (read at log steps only).
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         loss_sum = torch.zeros((), device=self.device)
-        n_logged, t_log, t_start, start_iter = (
-            0,
-            time.perf_counter(),
-            time.perf_counter(),
-            self.state.iteration,
-        )
+        n_logged, start_iter = 0, self.state.iteration
+        t_log = t_start = time.perf_counter()
         last_loss = float("nan")
         bar = tqdm(
             total=max_iters,
@@ -384,20 +377,9 @@ class Trainer:
             while self.state.iteration < max_iters:
                 it = self.state.iteration
                 try:
-                    loss = train_step(
-                        self.train_model,
-                        batches,
-                        self.loss_fn,
-                        self.optimizer,
-                        self.scheduler,
-                        self.scaler,
-                        self.device,
-                        self.precision,
-                        self.accumulate,
-                        cfg.trainer.channels_last,
-                    )
+                    loss = step()
                 except torch.cuda.OutOfMemoryError as e:
-                    raise RuntimeError(
+                    raise UserError(
                         f"CUDA out of memory at iteration {it + 1} with dataset.batch_size={batch} and "
                         f"crop {crop_h}x{crop_w}: lower dataset.batch_size (and raise trainer.accumulate "
                         f"to keep the global batch) or use trainer.precision=bf16"
