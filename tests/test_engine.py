@@ -353,8 +353,12 @@ def test_gradient_accumulation_matches_the_big_batch():
     weights = {}
     for batch_size, accumulate in ((2, 1), (1, 2)):
         torch.manual_seed(1)
-        model = torch.nn.Conv2d(3, 3, 3, padding=1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+        def model(images, conv=conv):  # like the project's models: uint8 0..255 in
+            return conv(images.float())
+
+        opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, PolyLR(0.1, 10))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         loss = train_step(
@@ -369,7 +373,7 @@ def test_gradient_accumulation_matches_the_big_batch():
             accumulate,
             channels_last=False,
         )
-        weights[accumulate] = (model.weight.detach().clone(), float(loss))
+        weights[accumulate] = (conv.weight.detach().clone(), float(loss))
     assert torch.allclose(weights[1][0], weights[2][0], atol=1e-6)
     assert weights[1][1] == pytest.approx(weights[2][1], rel=1e-5)
 

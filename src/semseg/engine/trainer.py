@@ -137,7 +137,8 @@ def train_step(
     total = torch.zeros((), device=device)
     for micro in range(accumulate):
         batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True).float()  # uint8 on the wire, 0..255
+        # uint8 on the wire and through the layout change; the model makes it float (0..255).
+        images = batch["image"].to(device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(device, non_blocking=True).long()
@@ -172,6 +173,7 @@ class Trainer:
         self.run_dir = Path(cfg.paths.output_dir)
         self.precision = resolve_precision(cfg.trainer.precision, self.device)
         self.accumulate = int(cfg.trainer.accumulate)
+        self.global_batch = int(cfg.dataset.batch_size) * self.env.world_size * self.accumulate
         configure_backends(self.device)
         seed_everything(cfg.seed)  # identical initial weights on every rank
 
@@ -351,7 +353,7 @@ class Trainer:
         log.info(
             f"model: {params / 1e6:.2f}M parameters, {gflops:.1f} GFLOPs forward at "
             f"{crop_h}x{crop_w}; {self.device}, precision {self.precision}, {env.world_size} "
-            f"process(es), global batch {batch * env.world_size * self.accumulate}"
+            f"process(es), global batch {self.global_batch}"
         )
         step = functools.partial(
             train_step, self.train_model, batches, self.loss_fn, self.optimizer, self.scheduler,
@@ -427,11 +429,10 @@ class Trainer:
 
     def _log_train(self, it: int, loss: float, steps: int, t_log: float, bar: tqdm) -> float:
         """One ``metrics.jsonl`` row, W&B point, progress-bar update and log line (rank 0)."""
-        global_batch = int(self.cfg.dataset.batch_size) * self.env.world_size * self.accumulate
         row = {
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "img_per_s": steps * global_batch / (time.perf_counter() - t_log),
+            "img_per_s": steps * self.global_batch / (time.perf_counter() - t_log),
         }
         if self.env.is_main:
             self.recorder.log(it, row)
@@ -474,13 +475,12 @@ class Trainer:
     ) -> dict[str, Any]:
         wall = time.perf_counter() - t_start
         steps = self.state.iteration - start_iter
-        global_batch = int(self.cfg.dataset.batch_size) * self.env.world_size * self.accumulate
         summary = {
             **self.state.metrics,
             "loss": last_loss,
             "steps": self.state.iteration,
             "wall_s": wall,
-            "img_per_s": steps * global_batch / wall if wall > 0 else float("nan"),
+            "img_per_s": steps * self.global_batch / wall if wall > 0 else float("nan"),
             "params": params,
             "gflops": gflops,
         }
