@@ -10,6 +10,7 @@ so a bad file stops training with one message naming it instead of being silentl
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from collections.abc import Callable, Sequence
@@ -75,6 +76,15 @@ def read_image_file(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     return img
 
 
+@functools.lru_cache(maxsize=8)
+def _invalid_value_lut(num_classes: int, ignore_index: int) -> np.ndarray:
+    """1 for mask values that are neither a class id nor the ignore index (built once, not per load)."""
+    lut = np.ones(256, dtype=np.uint8)
+    lut[:num_classes] = lut[ignore_index] = 0
+    lut.flags.writeable = False
+    return lut
+
+
 def check_mask(
     mask: np.ndarray,
     path: str | Path,
@@ -95,8 +105,7 @@ def check_mask(
             f"{path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
             f"{image_shape[1]}x{image_shape[0]} (WxH): the mask does not belong to this image"
         )
-    invalid = np.ones(256, dtype=np.uint8)
-    invalid[:num_classes] = invalid[ignore_index] = 0
+    invalid = _invalid_value_lut(num_classes, ignore_index)
     if cv2.countNonZero(cv2.LUT(mask, invalid)):  # ~5x faster than a histogram on every load
         counts = mask_histogram(mask) * invalid
         bad = np.flatnonzero(counts)[:10].tolist()
