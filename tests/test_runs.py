@@ -288,3 +288,22 @@ def test_show_examples_and_colorize() -> None:
     assert len(fig.axes) == 6
     assert sum(len(ax.images) for ax in fig.axes) == 5
     assert [t.get_text() for t in fig.legends[0].get_texts()] == CLASS_NAMES
+
+
+def test_eval_artifacts_round_trip(tmp_path):
+    from semseg.tracking.runs import load_confusion_matrix, load_examples, save_eval_artifacts
+
+    rng = np.random.default_rng(0)
+    confmat = rng.integers(0, 100, (20, 20))
+    example = {
+        "name": "a",
+        "image": rng.integers(0, 256, (6, 8, 3), dtype=np.uint8),
+        "pred": rng.integers(0, 19, (6, 8), dtype=np.uint8),
+        "gt": rng.integers(0, 19, (6, 8), dtype=np.uint8),
+    }
+    save_eval_artifacts(tmp_path, confmat, [example, {**example, "name": "b", "gt": None}])
+    assert np.array_equal(load_confusion_matrix(tmp_path), confmat)
+    loaded = load_examples(tmp_path)
+    assert [e["name"] for e in loaded] == ["a", "b"] and loaded[1]["gt"] is None
+    for part in ("image", "pred", "gt"):
+        assert np.array_equal(loaded[0][part], example[part]), part

@@ -47,6 +47,7 @@ from semseg.models import build_model, count_parameters, forward_gflops, load_mo
 from semseg.models.weights import dataset_meta
 from semseg.runtime import PRECISIONS, autocast, configure_backends, resolve_precision  # noqa: F401 (re-exported)
 from semseg.tracking import RunRecorder, build_logger
+from semseg.tracking.runs import save_eval_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -305,31 +306,12 @@ class Trainer:
                 100 * metrics["val/mIoU"],
                 100 * metrics["val/pixel_acc"],
             )
-            if final:
-                self._write_eval_artifacts(result)
+            if final:  # for the analysis notebook
+                save_eval_artifacts(self.run_dir, result.confmat, result.examples)
         if metrics["val/mIoU"] > self.state.best_miou:
             self.state.best_miou = metrics["val/mIoU"]
             self.save("best")
         return metrics
-
-    def _write_eval_artifacts(self, result: Any) -> None:
-        """The final confusion matrix and a few predictions, for the analysis notebook."""
-        import cv2
-
-        from semseg.evaluation.export import colorize
-
-        out = self.run_dir / "eval"
-        (out / "examples").mkdir(parents=True, exist_ok=True)
-        np.save(out / "confusion_matrix.npy", np.asarray(result.confmat))
-        for ex in result.examples:
-            cv2.imwrite(str(out / "examples" / f"{ex['name']}_image.png"), ex["image"][..., ::-1])
-            cv2.imwrite(str(out / "examples" / f"{ex['name']}_pred.png"), ex["pred"])
-            cv2.imwrite(
-                str(out / "examples" / f"{ex['name']}_pred_color.png"),
-                colorize(ex["pred"], self.meta["palette"])[..., ::-1],
-            )
-            if ex.get("gt") is not None:
-                cv2.imwrite(str(out / "examples" / f"{ex['name']}_gt.png"), ex["gt"])
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

@@ -237,6 +237,22 @@ def load_confusion_matrix(run_dir: str | os.PathLike) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
+def save_eval_artifacts(
+    run_dir: str | os.PathLike, confmat: np.ndarray, examples: list[dict[str, Any]]
+) -> None:
+    """Write what :func:`load_confusion_matrix` and :func:`load_examples` read: the final
+    evaluation's confusion matrix and its sample predictions (class-id PNGs, RGB image)."""
+    from PIL import Image
+
+    folder = Path(run_dir) / EVAL_DIR / EXAMPLES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder.parent / CONFUSION_FILE, np.asarray(confmat))
+    for example in examples:
+        for part in EXAMPLE_PARTS:
+            if example.get(part) is not None:
+                Image.fromarray(example[part]).save(folder / f"{example['name']}_{part}.png")
+
+
 def load_examples(run_dir: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
     """Sample predictions of the final evaluation from `<run_dir>/eval/examples/`.
 
