@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                                   # default: fast run on this machine
     python scripts/benchmark.py --precision bf16,fp32 --channels-last on,off backbone=resnet50
+    python scripts/benchmark.py --only train --channels-last auto,on,off    # is auto the fastest here?
     python scripts/benchmark.py --help
 
 Options select what is measured; positional arguments are Hydra overrides of conf/train.yaml.
@@ -9,8 +10,8 @@ Options select what is measured; positional arguments are Hydra overrides of con
 
 from pathlib import Path
 
-from semseg.benchmark import main
 from semseg.cli import prepare
+from semseg_bench.cli import main
 
 if __name__ == "__main__":
     prepare(Path(__file__).resolve().parents[1])

@@ -1,6 +1,7 @@
 """Smoke test of scripts/benchmark.py: a tiny configuration, every section, the JSON fields.
 
-No timing assertions: only that every measurement ran and produced positive, finite numbers.
+No timing assertions: only that every measurement ran and produced positive, finite numbers, and
+that the setting reported for ``auto`` is the one semseg.runtime's policy picks.
 """
 
 from __future__ import annotations
@@ -10,8 +11,14 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from semseg.benchmark import main, parse_args
+from semseg.runtime import resolve_channels_last, resolve_precision
+from semseg_bench.cli import main
+from semseg_bench.options import parse_args
+from semseg_bench.train import auto_choice
+
+CPU = torch.device("cpu")
 
 
 def _positive(value: object) -> bool:
@@ -30,6 +37,7 @@ def test_parse_args_lists_and_overrides() -> None:
     assert opts.crop == [256, 512]
     assert opts.workers == [0, 2]
     assert opts.overrides == ["backbone=resnet18"]
+    assert parse_args(["--channels-last", "auto,off"]).channels_last == ["auto", False]
     for bad in (["--only", "training"], ["--precision", "fp8"], ["--channels-last", "maybe"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
@@ -38,7 +46,7 @@ def test_parse_args_lists_and_overrides() -> None:
 def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
     argv = [
-        "--precision", "fp32", "--channels-last", "on,off", "--batch-size", "2",
+        "--precision", "fp32,auto", "--channels-last", "on,off", "--batch-size", "2",
         "--crop", "64", "128", "--steps", "1", "--warmup", "1",
         "--workers", "0,1", "--data-images", "2", "--data-size", "72", "128",
         "--data-samples", "2", "--loader-batches", "1",
@@ -64,13 +72,35 @@ def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFi
     assert _positive(result["matmul_peak"]["tflops"]["fp32"])
 
     train = result["train"]
-    assert [r["channels_last"] for r in train] == [True, False]
+    auto_precision = resolve_precision("auto", CPU)
+    precisions = list(dict.fromkeys(["fp32", auto_precision]))
+    assert [(r["precision"], r["channels_last"]) for r in train] == [
+        (p, layout) for p in precisions for layout in (True, False)
+    ]
     for row in train:
-        assert row["precision"] == "fp32" and row["batch_size"] == 2 and row["crop"] == [64, 128]
+        assert row["batch_size"] == 2 and row["crop"] == [64, 128]
         for key in ("s_per_step", "img_per_s", "peak_mem_mb", "achieved_tflops", "peak_fraction",
                     "final_loss", "speedup_vs_fp32_nchw"):  # fmt: skip
             assert _positive(row[key]), key
         assert row["mem_kind"].startswith("rss")
+
+    # auto's pick, as the trainer resolves it, measured among the rows and set against the fastest
+    auto = result["auto"]
+    assert auto["precision"] == auto_precision
+    assert auto["channels_last"] == resolve_channels_last("auto", CPU, auto_precision)
+    assert auto["compile"] is False and auto["measured"] is True
+    picked = next(
+        r for r in train
+        if (r["precision"], r["channels_last"], r["compile"])
+        == (auto["precision"], auto["channels_last"], False)
+    )  # fmt: skip
+    fastest = min(train, key=lambda r: r["s_per_step"])
+    assert auto["s_per_step"] == picked["s_per_step"]
+    assert auto["fastest"]["s_per_step"] == fastest["s_per_step"]
+    assert auto["fastest"]["precision"] == fastest["precision"]
+    assert auto["ratio"] == pytest.approx(picked["s_per_step"] / fastest["s_per_step"])
+    assert auto["ratio"] >= 1
+    assert "auto / fastest = " in printed
 
     data = result["data"]
     assert data["image_size"] == [72, 128] and data["num_images"] == 2
@@ -83,8 +113,33 @@ def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFi
     assert data["rows"][0]["output_shape"] == [3, 64, 128]  # cropped/padded to the crop
 
     infer = result["infer"]
-    assert [r["batch_size"] for r in infer] == [1, 2, 1, 2]
+    assert [r["batch_size"] for r in infer] == [1, 2] * 2 * len(precisions)
     for row in infer:
         assert row["size"] == [64, 128]
         for key in ("s_per_step", "img_per_s", "peak_mem_mb", "achieved_tflops"):
             assert _positive(row[key]), key
+
+
+def _row(precision: str, channels_last: bool, s_per_step: float) -> dict:
+    return {"precision": precision, "channels_last": channels_last, "compile": False,
+            "s_per_step": s_per_step}  # fmt: skip
+
+
+def test_auto_choice_ratio_and_unmeasured_pick() -> None:
+    precision = resolve_precision("auto", CPU)
+    layout = resolve_channels_last("auto", CPU, precision)
+    other = "fp16" if precision != "fp16" else "fp32"
+    rows = [_row(precision, layout, 3.0), _row(other, not layout, 1.5), _row(other, layout, 2.0)]
+
+    auto = auto_choice(rows, CPU, compiled=False)
+    assert (auto["precision"], auto["channels_last"], auto["compile"]) == (precision, layout, False)
+    assert auto["measured"] is True and auto["s_per_step"] == 3.0
+    assert auto["fastest"] == {"precision": other, "channels_last": not layout, "compile": False,
+                               "s_per_step": 1.5}  # fmt: skip
+    assert auto["ratio"] == pytest.approx(2.0)
+
+    # the pick with trainer.compile=true was not measured: no s/step, no ratio, still the fastest
+    unmeasured = auto_choice(rows, CPU, compiled=True)
+    assert unmeasured["measured"] is False and unmeasured["compile"] is True
+    assert unmeasured["s_per_step"] is None and unmeasured["ratio"] is None
+    assert unmeasured["fastest"]["s_per_step"] == 1.5
