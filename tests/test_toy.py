@@ -98,8 +98,14 @@ def test_ensure_generates_only_when_missing(tmp_path):
     assert len(list((root / "images/10k/train").glob("*.jpg"))) == 2
 
 
-def test_cli(tmp_path):
-    cmd = [sys.executable, str(REPO / "scripts/make_toy_bdd100k.py"), "--root", str(tmp_path / "t"),
-           "--num-train", "2", "--num-val", "1", "--num-test", "1", "--height", "32", "--width", "64"]  # fmt: skip
+@pytest.mark.parametrize(
+    ("layout", "val_images"),
+    [("bdd100k", "images/10k/val/*.jpg"), ("cityscapes", "leftImg8bit/val/*/*_leftImg8bit.png"),
+     ("folder", "images/val/*.jpg")],
+)  # fmt: skip
+def test_cli(tmp_path, layout, val_images):
+    cmd = [sys.executable, str(REPO / "scripts/make_toy_dataset.py"), "--layout", layout,
+           "--root", str(tmp_path / "t"), "--num-train", "2", "--num-val", "1", "--num-test", "1",
+           "--height", "32", "--width", "64"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True)
-    assert len(list((tmp_path / "t/images/10k/val").glob("*.jpg"))) == 1
+    assert len(list((tmp_path / "t").glob(val_images))) == 1

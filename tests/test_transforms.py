@@ -210,4 +210,11 @@ def test_strict_compose_and_eval_transform():
     assert build_eval_transform(None) is None
     image, mask = encoded_pair(96, 192)
     out = build_eval_transform((96, 48))(image=image, mask=mask)
-    assert out["image"].shape == (48, 96, 3) and out["mask"].shape == (48, 96)
+    # Only the image is resized (keep ratio): the label keeps its size, logits are resized to it.
+    assert out["image"].shape == (48, 96, 3) and out["mask"] is mask
+    expected = cv2.resize(image, (96, 48), interpolation=cv2.INTER_LINEAR)
+    assert (out["image"] == expected).all()
+    wide = build_eval_transform((96, 48))(image=image[:24])["image"]  # 192x24: the long edge rules
+    assert wide.shape == (12, 96, 3)
+    same = build_eval_transform((192, 96))(image=image)["image"]  # already at scale: untouched
+    assert same is image

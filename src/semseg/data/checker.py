@@ -1,25 +1,25 @@
 """Dataset checker: reads every file of each split and reports what would break training.
 
-    python scripts/check_dataset.py <root> [--splits train val test] [--num-classes 19]
-    python -m semseg.data.checker <root> ...
-
-Exit code 0 only when every checked split is usable (images present, all files readable, every
-labelled image paired, mask values and sizes valid).
+Run it as `python scripts/check_dataset.py <root> [--dataset NAME] [--splits ...]`. Any dataset
+layout works (the layout class of the dataset config lists the pairs); a split is usable only when
+its images are present and readable, every labelled image is paired and every label map has valid
+values and the image's size.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import cv2
 import numpy as np
 
-from semseg.data.bdd100k import DatasetError, read_image_file, split_dirs
+from semseg.data.base import DatasetError, LabelValueError, SegmentationDataset, invalid_values
+from semseg.data.bdd100k import BDD100KDataset
+from semseg.data.build import check_dataset_config, instantiate_layout
 from semseg.data.transforms import mask_histogram
 
 UNLABELLED_SPLITS = ("test",)
@@ -33,7 +33,7 @@ class SplitReport:
     images: int = 0
     masks: int = 0
     labelled: bool = True
-    missing: str | None = None  # a required folder that does not exist
+    missing: str | None = None  # a required folder that does not exist (or why none was found)
     images_without_mask: list[str] = field(default_factory=list)
     masks_without_image: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
@@ -54,38 +54,36 @@ class SplitReport:
         )
 
 
-def _check_pair(
-    image_path: Path, mask_path: Path | None, num_classes: int, ignore_index: int
-) -> tuple[str, str | None, np.ndarray | None]:
-    """(problem kind, message, mask histogram) of one image / mask pair; kind "" when fine."""
+def _check_item(dataset: SegmentationDataset, index: int) -> tuple[str, str | None, Any]:
+    """(problem kind, message, label histogram) of one item; kind "" when fine."""
     try:
-        image = read_image_file(image_path)
+        image = dataset.read_image(index)
     except DatasetError as exc:
         return "unreadable", str(exc), None
-    if mask_path is None:
+    if not dataset.has_labels:
         return "", None, None
     try:
-        mask = read_image_file(mask_path, cv2.IMREAD_UNCHANGED)
+        mask, source = dataset.read_label(index)
+    except LabelValueError as exc:
+        return "bad_values", str(exc), None
     except DatasetError as exc:
         return "unreadable", str(exc), None
     if mask.ndim != 2 or mask.dtype != np.uint8:
-        return "bad_values", f"{mask_path}: not a single-channel 8-bit mask", None
+        return "bad_values", f"{source}: not a single-channel 8-bit mask", None
     hist = mask_histogram(mask)
     if mask.shape != image.shape[:2]:
         return (
             "size_mismatch",
-            f"{mask_path}: mask {mask.shape[1]}x{mask.shape[0]} vs image "
+            f"{source}: mask {mask.shape[1]}x{mask.shape[0]} vs image "
             f"{image.shape[1]}x{image.shape[0]}",
             hist,
         )
-    bad = np.flatnonzero(hist[num_classes:])  # values >= num_classes other than ignore
-    bad = [int(v) + num_classes for v in bad if int(v) + num_classes != ignore_index]
+    bad = invalid_values(mask, dataset.num_classes, dataset.ignore_index)
     if bad:
-        return (
-            "bad_values",
-            f"{mask_path}: values {bad[:10]} outside 0..{num_classes - 1}, {ignore_index}",
-            hist,
+        message = (
+            f"{source}: values {bad} outside 0..{dataset.num_classes - 1}, {dataset.ignore_index}"
         )
+        return "bad_values", message, hist
     return "", None, hist
 
 
@@ -95,25 +93,31 @@ def check_split(
     num_classes: int = 19,
     ignore_index: int = 255,
     workers: int = 4,
+    layout: Callable[..., SegmentationDataset] = BDD100KDataset,
 ) -> SplitReport:
-    """Read every image and mask of `split` under `root` and collect the problems."""
+    """Read every image and label of `split` under `root` (in `layout`, a dataset class or any
+    callable taking its arguments) and collect the problems."""
     report = SplitReport(split, labelled=split not in UNLABELLED_SPLITS)
-    image_dir, mask_dir = split_dirs(root, split)
-    if not image_dir.is_dir():
-        report.missing = str(image_dir)
+    try:
+        with warnings.catch_warnings():  # unpaired files are reported below, not warned about
+            warnings.simplefilter("ignore")
+            dataset = layout(
+                root=root,
+                split=split,
+                strict=False,
+                num_classes=num_classes,
+                ignore_index=ignore_index,
+            )
+    except DatasetError as exc:
+        report.missing = str(exc)
         return report
-    images = {p.stem: p for p in sorted(image_dir.glob("*.jpg"))}
-    masks = {p.stem: p for p in sorted(mask_dir.glob("*.png"))} if mask_dir.is_dir() else {}
-    report.images, report.masks = len(images), len(masks)
-    if report.labelled and not mask_dir.is_dir():
-        report.missing = str(mask_dir)
-    if mask_dir.is_dir():
-        report.images_without_mask = [str(images[n]) for n in sorted(set(images) - set(masks))]
-        report.masks_without_image = [str(masks[n]) for n in sorted(set(masks) - set(images))]
-    pairs = [(images[n], masks.get(n)) for n in images]
+    report.images, report.masks = dataset.images_found, dataset.labels_found
+    if report.labelled and not dataset.has_labels:
+        report.missing = dataset.label_source
+    report.images_without_mask = dataset.images_without_label
+    report.masks_without_image = dataset.labels_without_image
     with ThreadPoolExecutor(max(workers, 1)) as pool:  # cv2 decodes release the GIL
-        results = pool.map(lambda p: _check_pair(*p, num_classes, ignore_index), pairs)
-        for kind, message, hist in results:
+        for kind, message, hist in pool.map(lambda i: _check_item(dataset, i), range(len(dataset))):
             if hist is not None:
                 report.class_pixels += hist
             if kind:
@@ -128,9 +132,7 @@ def format_report(
     status = "OK" if report.usable else "NOT USABLE"
     lines = [f"[{report.split}] {status}: {report.images} images, {report.masks} masks"]
     if report.missing:
-        lines.append(f"  missing folder: {report.missing}")
-    if report.images == 0 and not report.missing:
-        lines.append("  no .jpg images")
+        lines.append(f"  missing: {report.missing}")
     for title, items in (
         ("images without mask", report.images_without_mask),
         ("masks without image", report.masks_without_image),
@@ -153,39 +155,25 @@ def format_report(
     return "\n".join(lines)
 
 
-def _class_names(num_classes: int) -> list[str] | None:
-    try:
-        from semseg.data.toy import default_classes
+def check_dataset(
+    dataset_cfg: Mapping[str, Any],
+    splits: Sequence[str],
+    workers: int = 4,
+    out: Callable[[str], Any] = print,
+) -> bool:
+    """Check `splits` of the dataset a dataset config describes, print a report for each through
+    `out`; True when every split is usable."""
+    check_dataset_config(dataset_cfg)
+    num_classes, ignore_index = int(dataset_cfg["num_classes"]), int(dataset_cfg["ignore_index"])
+    names = list(dataset_cfg["class_names"])
 
-        names, _ = default_classes()
-    except (OSError, ValueError):
-        return None
-    return names if len(names) == num_classes else None
+    def layout(**kwargs: Any) -> SegmentationDataset:
+        return instantiate_layout(dataset_cfg, **kwargs)
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: check the splits of a dataset root; returns the exit code."""
-    parser = argparse.ArgumentParser(
-        description="Check a BDD100K-layout semantic segmentation dataset."
-    )
-    parser.add_argument("root", type=Path, help="folder holding images/10k and labels/sem_seg")
-    parser.add_argument("--splits", nargs="+", default=["train", "val", "test"])
-    parser.add_argument("--num-classes", type=int, default=19)
-    parser.add_argument("--ignore-index", type=int, default=255)
-    parser.add_argument("--workers", type=int, default=4, help="decoding threads")
-    args = parser.parse_args(argv)
-    if not args.root.is_dir():
-        print(f"dataset root {args.root} does not exist", file=sys.stderr)
-        return 2
-    names = _class_names(args.num_classes)
     usable = True
-    for split in args.splits:
-        report = check_split(args.root, split, args.num_classes, args.ignore_index, args.workers)
-        print(format_report(report, names, args.ignore_index))
+    for split in splits:
+        report = check_split(dataset_cfg["root"], split, num_classes, ignore_index, workers, layout)
+        out(format_report(report, names, ignore_index))
         usable &= report.usable
-    print("dataset usable" if usable else "dataset NOT usable: fix the problems listed above")
-    return 0 if usable else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    out("dataset usable" if usable else "dataset NOT usable: fix the problems listed above")
+    return usable

@@ -1,12 +1,11 @@
-"""Synthetic street scenes written exactly in the BDD100K 10K layout (for the quickstart and tests).
+"""Synthetic street-scene datasets written exactly in a real layout (for the quickstart and tests).
 
-Each scene has sky on top, buildings / walls / fences / vegetation along a random horizon, road
-with sidewalks and terrain below, poles carrying traffic lights and signs, and vehicles, people
-and two-wheelers standing on the ground, drawn back to front (so near objects occlude far ones)
-and sized by their distance. Every class has its own colour and texture (with per-object and
-per-image jitter, pixel noise and JPEG compression), so a network has to learn colour, texture
-and context, yet a small one reaches a useful mIoU in minutes. Some pixels are 255 (an ego hood,
-unlabelled blobs). Output is a pure function of the seed (same bytes on every run).
+One scene renderer (`toy_scene`), one writer per layout: BDD100K (JPEG images, PNG masks, colour
+maps, Scalabel RLE JSON), Cityscapes (PNG images, raw `labelIds` including the ids that map to 255:
+ego vehicle, rectification border, out of roi and other untrained classes) and the plain
+image/mask folders of `dataset=folder`. Output is a pure function of the arguments (same bytes on
+every run). Class names and palette are passed in; they default to the 19 Cityscapes train classes
+that BDD100K uses too.
 """
 
 from __future__ import annotations
@@ -14,312 +13,111 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from semseg.data.bdd100k import IMAGE_DIR, MASK_DIR, RLE_FILE
-from semseg.cli import CONF_DIR
+from semseg.data.cityscapes import (
+    CITYSCAPES_LABELS,
+    ID_TO_TRAIN_ID,
+    IMAGE_SUFFIX,
+    TRAIN_CLASS_NAMES,
+    TRAIN_PALETTE,
+)
+from semseg.data.toy_scene import IGNORE, VOID_CLUTTER, VOID_EGO, render_scene_regions
 
-_DEFAULT_CONFIG = CONF_DIR / "dataset" / "bdd100k.yaml"
 COLORMAP_DIR = "labels/sem_seg/colormaps"
-IGNORE = 255
-
-# Appearance (not label) colours where the label palette's colours are too close to tell apart in
-# a toy scene; every other class is drawn in its palette colour.
-_APPEARANCE = {
-    "wall": (120, 110, 170),
-    "pole": (175, 175, 160),
-    "truck": (30, 30, 90),
-    "bus": (0, 120, 150),
-    "train": (60, 100, 60),
-    "rider": (255, 120, 0),
-    "bicycle": (150, 60, 200),
-}
-# (texture, amplitude) per class; textures are made in `_textures`.
-_TEXTURE = {
-    "road": ("blotch", 10),
-    "sidewalk": ("tiles", 18),
-    "building": ("windows", 35),
-    "wall": ("bricks", 18),
-    "fence": ("slats", 40),
-    "pole": ("vgrad", 12),
-    "traffic light": ("lamps", 60),
-    "traffic sign": ("flat", 0),
-    "vegetation": ("leaves", 35),
-    "terrain": ("blotch", 20),
-    "sky": ("vgrad", 25),
-    "person": ("flat", 0),
-    "rider": ("flat", 0),
-    "car": ("vgrad", 20),
-    "truck": ("panels", 20),
-    "bus": ("band", 40),
-    "train": ("stripe", 50),
-    "motorcycle": ("grain", 20),
-    "bicycle": ("grain", 20),
-}
+SPLITS = ("train", "val", "test")  # test is written without labels
 
 
 def default_classes() -> tuple[list[str], list[list[int]]]:
-    """BDD100K's class names and palette, read from conf/dataset/bdd100k.yaml."""
-    cfg = OmegaConf.load(_DEFAULT_CONFIG)
-    return list(cfg.class_names), [list(c) for c in cfg.palette]
+    """The 19 Cityscapes / BDD100K train classes' names and palette."""
+    return list(TRAIN_CLASS_NAMES), [list(c) for c in TRAIN_PALETTE]
 
 
-def _textures(rng: np.random.Generator, h: int, w: int) -> dict[str, np.ndarray]:
-    """Texture fields in about [-1, 1], one per pattern name, for one image."""
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    s = max(w / 256, 1.0)
-
-    def lowfreq(cells: int) -> np.ndarray:
-        small = rng.standard_normal((cells, cells * 2)).astype(np.float32)
-        return cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC).clip(-2, 2) / 2
-
-    grain = rng.standard_normal((h, w)).astype(np.float32).clip(-2.5, 2.5) / 2.5
-    win = int(4 * s)
-    return {
-        "flat": np.zeros((h, w), np.float32),
-        "grain": grain,
-        "blotch": lowfreq(6) + 0.3 * grain,
-        "leaves": 0.6 * cv2.GaussianBlur(grain, (3, 3), 0.8) * 2 + 0.4 * lowfreq(10),
-        "vgrad": 1 - 2 * yy / h,
-        "tiles": np.where((xx % (6 * s) < s) | (yy % (4 * s) < s), -1.0, 0.3).astype(np.float32),
-        "windows": np.where((xx % (2 * win) < win) & (yy % (2 * win) < win), -1.0, 0.4).astype(
-            np.float32
-        ),
-        "bricks": np.where(yy % (3 * s) < s, -1.0, 0.3).astype(np.float32),
-        "slats": np.sin(2 * np.pi * xx / (4 * s)).astype(np.float32),
-        "lamps": np.where(yy % (5 * s) < 3 * s, 1.0, -1.0).astype(np.float32),
-        "panels": np.where(xx % (8 * s) < s, -1.0, 0.2).astype(np.float32),
-        "band": np.where(yy % (12 * s) < 4 * s, -1.0, 0.3).astype(np.float32),
-        "stripe": np.where(yy % (10 * s) < 2 * s, 1.0, -0.3).astype(np.float32),
-    }
+def _imwrite(path: Path, rgb_or_mask: np.ndarray, *params: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = rgb_or_mask if rgb_or_mask.ndim == 2 else cv2.cvtColor(rgb_or_mask, cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(path), data, list(params))
 
 
-class _Scene:
-    """Paints one scene: a label map and a float RGB canvas, shape by shape."""
+class ToyLayout:
+    """Writes rendered samples into one folder layout; subclasses know the layout."""
 
     def __init__(
-        self,
-        rng: np.random.Generator,
-        h: int,
-        w: int,
-        class_names: Sequence[str],
-        palette: Sequence[Sequence[int]],
+        self, root: Path, class_names: Sequence[str], palette: Sequence[Sequence[int]], seed: int
     ):
-        self.rng, self.h, self.w = rng, h, w
-        self.s = w / 256  # size unit: pixels at the default 256-pixel width
-        self.ids = {name: i for i, name in enumerate(class_names)}
-        self.colour = {
-            n: np.array(_APPEARANCE.get(n, palette[i]), np.float32) for n, i in self.ids.items()
-        }
-        self.tex = _textures(rng, h, w)
-        self.label = np.full((h, w), IGNORE, np.uint8)
-        self.image = np.zeros((h, w, 3), np.float32)
+        self.root, self.class_names, self.seed = root, list(class_names), seed
+        self.colours = np.zeros((256, 3), np.uint8)  # colour maps: palette colours, ignore black
+        self.colours[: len(palette)] = np.array(palette, np.uint8)
 
-    def paint(self, cls: str | None, draw, colour: np.ndarray | None = None) -> None:
-        """Fill the pixels `draw(canvas)` marks with class `cls` (None: 255) and its look."""
-        region = np.zeros((self.h, self.w), np.uint8)
-        draw(region)
-        sel = region > 0
-        if not sel.any():
-            return
-        if cls is None:
-            self.label[sel] = IGNORE
-            self.image[sel] = colour if colour is not None else self.rng.uniform(0, 255, 3)
-            return
-        jitter = self.rng.uniform(-15, 15, 3).astype(np.float32)
-        base = (self.colour[cls] if colour is None else colour) + jitter
-        pattern, amp = _TEXTURE.get(cls, ("grain", 15))
-        self.label[sel] = self.ids[cls]
-        self.image[sel] = base + amp * self.tex[pattern][sel][:, None]
+    def write(self, split: str, i: int, image: np.ndarray, label: np.ndarray, void: np.ndarray):
+        """Store sample `i` of `split`: RGB image, train-id label map, void region map."""
+        raise NotImplementedError
 
-    def u(self, lo: float, hi: float) -> float:
-        return float(self.rng.uniform(lo, hi))
-
-    def ri(self, lo: float, hi: float) -> int:
-        return round(self.rng.uniform(lo, hi))
+    def finish(self) -> None:
+        """Write what covers a whole split (nothing by default)."""
 
 
-def _rect(x1: float, y1: float, x2: float, y2: float):
-    return lambda c: cv2.rectangle(c, (int(x1), int(y1)), (int(x2), int(y2)), 1, -1)
+class BDD100KToyLayout(ToyLayout):
+    """JPEG images, PNG masks, colour maps and the Scalabel RLE JSON of each labelled split."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self.frames: dict[str, list[dict]] = {"train": [], "val": []}
+        (self.root / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+
+    def write(self, split: str, i: int, image: np.ndarray, label: np.ndarray, void: np.ndarray):
+        name = f"toy{SPLITS.index(split)}{i:04d}-{self.seed:04d}"
+        _imwrite(self.root / IMAGE_DIR / split / f"{name}.jpg", image, cv2.IMWRITE_JPEG_QUALITY, 92)
+        if split in self.frames:
+            _imwrite(self.root / MASK_DIR / split / f"{name}.png", label)
+            _imwrite(self.root / COLORMAP_DIR / split / f"{name}.png", self.colours[label])
+            self.frames[split].append(_encode_rle_frame(name, label, self.class_names))
+
+    def finish(self) -> None:
+        for split, frames in self.frames.items():
+            if frames:
+                rle_file = self.root / RLE_FILE.format(split=split)
+                rle_file.parent.mkdir(parents=True, exist_ok=True)
+                rle_file.write_text(json.dumps({"frames": frames}))
 
 
-def _ellipse(cx: float, cy: float, ax: float, ay: float):
-    return lambda c: cv2.ellipse(
-        c, (int(cx), int(cy)), (max(int(ax), 1), max(int(ay), 1)), 0, 0, 360, 1, -1
-    )
+class CityscapesToyLayout(ToyLayout):
+    """Two "cities" per split, PNG images, raw `*_gtFine_labelIds.png` and `*_gtFine_color.png`."""
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        (self.root / "gtFine").mkdir(parents=True, exist_ok=True)
+
+    def write(self, split: str, i: int, image: np.ndarray, label: np.ndarray, void: np.ndarray):
+        city = ("toycity", "toytown")[i % 2]
+        name = f"{city}_{self.seed:06d}_{i:06d}"
+        ids = cityscapes_label_ids(label, void, self.class_names, i)
+        image = image.copy()
+        image[ids == _REGION_IDS["rectification border"]] = 0  # the border is black, as in the data
+        _imwrite(self.root / "leftImg8bit" / split / city / f"{name}{IMAGE_SUFFIX}", image)
+        if split != "test":
+            gt = self.root / "gtFine" / split / city
+            _imwrite(gt / f"{name}_gtFine_labelIds.png", ids)
+            _imwrite(gt / f"{name}_gtFine_color.png", self.colours[cv2.LUT(ids, ID_TO_TRAIN_ID)])
 
 
-def _poly(points: Sequence[Sequence[float]]):
-    pts = np.array(points, np.int32).reshape(-1, 1, 2)
-    return lambda c: cv2.fillPoly(c, [pts], 1)
+class FolderToyLayout(ToyLayout):
+    """`images/<split>/*.jpg` and `masks/<split>/*.png` (train ids), the layout of dataset=folder."""
 
-
-def _draw_background(sc: _Scene) -> tuple[int, float, float, float]:
-    """Sky, skyline, ground; returns the horizon row and the road's edges (vp, left, right)."""
-    h, w, s = sc.h, sc.w, sc.s
-    hor = sc.ri(0.38 * h, 0.5 * h)
-    sc.paint("sky", _rect(0, 0, w, hor))
-    # Skyline: buildings, then walls / fences / vegetation in front of their base.
-    x = -sc.u(0, 20 * s)
-    while x < w:
-        bw = sc.u(25 * s, 60 * s)
-        sc.paint("building", _rect(x, sc.u(0.05 * h, hor - 0.12 * h), x + bw, hor + 2))
-        x += bw + sc.u(0, 12 * s)
-    for _ in range(sc.ri(1, 4)):
-        cx, cw = sc.u(0, w), sc.u(15 * s, 50 * s)
-        sc.paint("vegetation", _ellipse(cx, hor - sc.u(5, 15) * s, cw / 2, sc.u(10, 22) * s))
-    for cls, height in (("wall", (8, 14)), ("fence", (7, 12))):
-        for _ in range(sc.ri(1, 2)):
-            x1 = sc.u(0, w * 0.8)
-            sc.paint(cls, _rect(x1, hor - sc.u(*height) * s, x1 + sc.u(25, 70) * s, hor + 1))
-    # Ground: terrain everywhere, sidewalks along the road, the road in the middle.
-    sc.paint("terrain", _rect(0, hor, w, h))
-    vp = sc.u(0.35 * w, 0.65 * w)
-    left, right = sc.u(-0.25 * w, 0.15 * w), sc.u(0.85 * w, 1.25 * w)
-    walk = sc.u(0.15, 0.3) * w
-    sc.paint(
-        "sidewalk",
-        _poly([(vp - 12 * s, hor), (vp + 12 * s, hor), (right + walk, h), (left - walk, h)]),
-    )
-    sc.paint("road", _poly([(vp - 4 * s, hor), (vp + 4 * s, hor), (right, h), (left, h)]))
-    # Dashed centre line: still road (texture the network must not mistake for a class).
-    for t in np.linspace(0.15, 0.9, 4):
-        y, yb = hor + t * (h - hor), hor + (t + 0.08) * (h - hor)
-        xc = vp + t * ((left + right) / 2 - vp)
-        sc.paint(
-            "road",
-            _rect(xc - s * (1 + 2 * t), y, xc + s * (1 + 2 * t), yb),
-            colour=np.array([225, 225, 215], np.float32),
-        )
-    return hor, vp, left, right
-
-
-def _object(sc: _Scene, kind: str, x: float, y: float, k: float) -> None:
-    """One thing standing on the ground at (x, y) (bottom centre), scaled by depth factor k."""
-    s = sc.s * k
-    if kind == "pole":
-        pw, top = max(sc.u(3, 5) * sc.s * max(k, 0.8), 3), y - sc.u(55, 80) * s
-        sc.paint("pole", _rect(x - pw / 2, top, x + pw / 2, y))
-        if sc.rng.random() < 0.6:
-            lw, lh = max(7 * s, 6), max(16 * s, 13)
-            sc.paint("traffic light", _rect(x - lw / 2, top - 2, x + lw / 2, top + lh))
-        if sc.rng.random() < 0.7:
-            size = max(sc.u(9, 13) * s, 8)
-            yc = top + sc.u(20, 30) * s
-            shape = sc.rng.integers(3)
-            draw = (
-                _rect(x - size / 2, yc - size / 2, x + size / 2, yc + size / 2)
-                if shape == 0
-                else _ellipse(x, yc, size / 2, size / 2)
-                if shape == 1
-                else _poly(
-                    [
-                        (x - size / 2, yc - size / 2),
-                        (x + size / 2, yc - size / 2),
-                        (x, yc + size / 2),
-                    ]
-                )
-            )
-            sc.paint("traffic sign", draw)
-    elif kind in ("car", "truck", "bus"):
-        bw, bh = {"car": (40, 18), "truck": (50, 32), "bus": (70, 34)}[kind]
-        bw, bh = bw * s * sc.u(0.85, 1.15), bh * s * sc.u(0.9, 1.1)
-        sc.paint(kind, _rect(x - bw / 2, y - bh, x + bw / 2, y - 3 * s))
-        if kind == "car":  # cabin
-            sc.paint(kind, _rect(x - bw / 3, y - bh * 1.6, x + bw / 4, y - bh))
-        for dx in (-bw / 3, bw / 3):  # wheels: part of the vehicle
-            sc.paint(
-                kind,
-                _ellipse(x + dx, y - 3 * s, 5 * s, 4 * s),
-                colour=np.array([25, 25, 25], np.float32),
-            )
-    elif kind == "train":
-        bw, bh = sc.u(120, 200) * s, 30 * s
-        sc.paint("train", _rect(x - bw / 2, y - bh, x + bw / 2, y))
-    elif kind == "person":
-        ph, pw = sc.u(30, 40) * s, sc.u(9, 12) * s
-        sc.paint("person", _rect(x - pw / 2, y - ph * 0.8, x + pw / 2, y))
-        sc.paint("person", _ellipse(x, y - ph * 0.85, pw * 0.4, ph * 0.12))
-    elif kind in ("motorcycle", "bicycle"):
-        vw, vh = sc.u(24, 30) * s, sc.u(13, 16) * s
-        thick = max(int(3 * s), 3) if kind == "bicycle" else -1
-        for dx in (-vw / 3, vw / 3):
-            cx, cy, r = int(x + dx), int(y - vh / 3), max(int(vh / 3), 2)
-            sc.paint(kind, lambda c, cx=cx, cy=cy, r=r: cv2.circle(c, (cx, cy), r, 1, thick))
-        body = 0.75 if kind == "bicycle" else 0.9  # the motorcycle's engine block is bigger
-        sc.paint(kind, _rect(x - vw / 3, y - vh * body, x + vw / 3, y - vh * 0.4))
-        if sc.rng.random() < 0.85:
-            rw, rh = sc.u(9, 12) * s, sc.u(22, 28) * s
-            sc.paint("rider", _rect(x - rw / 2, y - vh * 0.6 - rh * 0.8, x + rw / 2, y - vh * 0.5))
-            sc.paint("rider", _ellipse(x, y - vh * 0.6 - rh * 0.9, rw * 0.4, rh * 0.14))
-
-
-def _draw_scene(sc: _Scene) -> None:
-    h, w = sc.h, sc.w
-    hor, vp, left, right = _draw_background(sc)
-    things: list[tuple[float, str, float]] = []  # (ground row, kind, x)
-    depth = lambda t: hor + t * (h - hor)  # noqa: E731 - tiny local helper
-
-    def road_x(t: float) -> float:
-        return vp + t * (sc.u(left, right) - vp)
-
-    for _ in range(sc.ri(2, 4)):  # poles on the sidewalks, both sides
-        t = sc.u(0.3, 0.8)
-        side = left if sc.rng.random() < 0.5 else right
-        things.append((depth(t), "pole", vp + t * (side - vp) + sc.u(-8, 8) * sc.s))
-    for kind, n in (
-        ("car", (1, 3)),
-        ("truck", (0, 1)),
-        ("bus", (0, 1)),
-        ("person", (1, 3)),
-        ("motorcycle", (0, 2)),
-        ("bicycle", (0, 2)),
-    ):
-        for _ in range(sc.ri(*n)):
-            t = sc.u(0.35, 0.95)
-            x = (
-                road_x(t)
-                if kind not in ("person",)
-                else vp
-                + t * ((left if sc.rng.random() < 0.5 else right) - vp)
-                + sc.u(-10, 10) * sc.s
-            )
-            things.append((depth(t), kind, x))
-    if sc.rng.random() < 0.4:
-        things.append((depth(sc.u(0.05, 0.15)), "train", sc.u(0.2, 0.8) * w))
-    for y, kind, x in sorted(things):  # far first: near things occlude far ones
-        _object(sc, kind, x, y, 0.5 + (y - hor) / (h - hor))
-    for _ in range(sc.ri(0, 2)):  # unlabelled clutter
-        sc.paint(None, _ellipse(sc.u(0, w), sc.u(hor, h), sc.u(4, 12) * sc.s, sc.u(3, 8) * sc.s))
-    if sc.rng.random() < 0.5:  # ego-vehicle hood
-        sc.paint(
-            None,
-            _ellipse(w / 2, h + sc.u(0, 6) * sc.s, w * 0.6, sc.u(12, 20) * sc.s),
-            colour=np.array([30, 30, 35], np.float32),
-        )
-
-
-def render_scene(
-    rng: np.random.Generator,
-    height: int,
-    width: int,
-    class_names: Sequence[str],
-    palette: Sequence[Sequence[int]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """One synthetic (RGB uint8 image, uint8 label map) pair."""
-    sc = _Scene(rng, height, width, class_names, palette)
-    _draw_scene(sc)
-    img = sc.image * sc.rng.uniform(0.85, 1.15) + sc.rng.uniform(-20, 20)  # per-image jitter
-    img += sc.rng.uniform(-10, 10, 3)  # colour cast
-    img += sc.rng.normal(0, 5, img.shape)
-    img = cv2.GaussianBlur(img.clip(0, 255), (3, 3), 0.5)
-    return img.round().astype(np.uint8), sc.label
+    def write(self, split: str, i: int, image: np.ndarray, label: np.ndarray, void: np.ndarray):
+        name = f"scene_{self.seed:04d}_{i:04d}"
+        _imwrite(self.root / "images" / split / f"{name}.jpg", image, cv2.IMWRITE_JPEG_QUALITY, 92)
+        if split != "test":
+            _imwrite(self.root / "masks" / split / f"{name}.png", label)
 
 
 def _encode_rle_frame(name: str, mask: np.ndarray, class_names: Sequence[str]) -> dict:
@@ -344,8 +142,44 @@ def _encode_rle_frame(name: str, mask: np.ndarray, class_names: Sequence[str]) -
     return {"name": f"{name}.jpg", "labels": labels}
 
 
-def make_toy_bdd100k(
+# Raw ids the Cityscapes toy gives its unlabelled blobs, in turn: every untrained id except the
+# three region ids that are drawn on purpose (ego vehicle, rectification border, out of roi).
+_REGION_IDS = {lb.name: lb.id for lb in CITYSCAPES_LABELS}
+_DRAWN = ("ego vehicle", "rectification border", "out of roi")
+_UNTRAINED_IDS = [
+    lb.id for lb in CITYSCAPES_LABELS if lb.train_id == IGNORE and lb.name not in _DRAWN
+]
+
+
+def cityscapes_label_ids(
+    label: np.ndarray, void: np.ndarray, class_names: Sequence[str], index: int
+) -> np.ndarray:
+    """Raw Cityscapes labelIds of a rendered scene: classes by name through the official table,
+    the ego hood as "ego vehicle", clutter blobs as untrained ids (in turn, by `index`), a frame
+    as "rectification border" and the two bottom corners as "out of roi"."""
+    unknown = [n for n in class_names if n not in _REGION_IDS]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not in the Cityscapes label table")
+    lut = np.full(256, _REGION_IDS["unlabeled"], np.uint8)
+    lut[: len(class_names)] = [_REGION_IDS[n] for n in class_names]
+    ids = lut[label]
+    ids[void == VOID_EGO] = _REGION_IDS["ego vehicle"]
+    for k in range(len(_UNTRAINED_IDS)):
+        ids[void == VOID_CLUTTER + k] = _UNTRAINED_IDS[(index + k) % len(_UNTRAINED_IDS)]
+    h, w = ids.shape
+    corner = np.array([[0, h - h // 5], [w // 8, h - 1], [0, h - 1]], np.int32)
+    mirrored = np.stack([w - 1 - corner[:, 0], corner[:, 1]], 1).astype(np.int32)
+    cv2.fillPoly(ids, [corner, mirrored], int(_REGION_IDS["out of roi"]))
+    border = max(1, w // 128)
+    frame = np.ones_like(ids, bool)
+    frame[border:-border, border:-border] = False
+    ids[frame] = _REGION_IDS["rectification border"]
+    return ids
+
+
+def make_toy_dataset(
     root: str | Path,
+    layout: type[ToyLayout],
     num_train: int = 96,
     num_val: int = 24,
     num_test: int = 8,
@@ -356,60 +190,55 @@ def make_toy_bdd100k(
     class_names: Sequence[str] | None = None,
     palette: Sequence[Sequence[int]] | None = None,
 ) -> Path:
-    """Write the toy dataset under `root` in the BDD100K layout; returns `root`."""
-    if class_names is None or palette is None:
-        class_names, palette = default_classes()
+    """Write the toy dataset under `root` in `layout`; returns `root`. Class names and palette
+    default to the 19 Cityscapes / BDD100K train classes."""
+    default_names, default_palette = default_classes()
+    class_names, palette = class_names or default_names, palette or default_palette
     root = Path(root)
-    lut = np.zeros((256, 3), np.uint8)  # colormap: palette colours, ignore black
-    lut[: len(palette)] = np.array(palette, np.uint8)
+    writer = layout(root, class_names, palette, seed)
     counts = {"train": num_train, "val": num_val, "test": num_test}
-    bar = tqdm(total=sum(counts.values()), desc=f"toy BDD100K -> {root}", disable=not progress)
-    for split_id, (split, n) in enumerate(counts.items()):
-        image_dir = root / IMAGE_DIR / split
-        image_dir.mkdir(parents=True, exist_ok=True)
-        labelled = split != "test"
-        if labelled:
-            mask_dir, colour_dir = root / MASK_DIR / split, root / COLORMAP_DIR / split
-            mask_dir.mkdir(parents=True, exist_ok=True)
-            colour_dir.mkdir(parents=True, exist_ok=True)
-        frames = []
-        for i in range(n):
+    bar = tqdm(total=sum(counts.values()), desc=f"toy dataset -> {root}", disable=not progress)
+    for split_id, split in enumerate(SPLITS):
+        for i in range(counts[split]):
             rng = np.random.default_rng([seed, split_id, i])
-            image, mask = render_scene(rng, height, width, class_names, palette)
-            name = f"toy{split_id}{i:04d}-{seed:04d}"
-            cv2.imwrite(
-                str(image_dir / f"{name}.jpg"),
-                cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, 92],
-            )
-            if labelled:
-                cv2.imwrite(str(mask_dir / f"{name}.png"), mask)
-                colour = cv2.cvtColor(lut[mask], cv2.COLOR_RGB2BGR)
-                cv2.imwrite(str(colour_dir / f"{name}.png"), colour)
-                frames.append(_encode_rle_frame(name, mask, class_names))
+            writer.write(split, i, *render_scene_regions(rng, height, width, class_names, palette))
             bar.update(1)
-        if labelled:
-            rle_file = root / RLE_FILE.format(split=split)
-            rle_file.parent.mkdir(parents=True, exist_ok=True)
-            rle_file.write_text(json.dumps({"frames": frames}))
     bar.close()
+    writer.finish()
     return root
 
 
-def ensure_toy_dataset(dataset_cfg: DictConfig) -> Path:
-    """Generate the toy data at `dataset_cfg.root` when it is missing and `generate` is set."""
-    root = Path(dataset_cfg.root)
+def make_toy_bdd100k(root: str | Path, *args: Any, **kwargs: Any) -> Path:
+    """The toy dataset in the BDD100K layout (arguments after `layout` of make_toy_dataset)."""
+    return make_toy_dataset(root, BDD100KToyLayout, *args, **kwargs)
+
+
+def make_toy_cityscapes(root: str | Path, *args: Any, **kwargs: Any) -> Path:
+    """The toy dataset in the Cityscapes layout (arguments after `layout` of make_toy_dataset)."""
+    return make_toy_dataset(root, CityscapesToyLayout, *args, **kwargs)
+
+
+def make_toy_folder(root: str | Path, *args: Any, **kwargs: Any) -> Path:
+    """The toy dataset in the image/mask folder layout (arguments after `layout` of make_toy_dataset)."""
+    return make_toy_dataset(root, FolderToyLayout, *args, **kwargs)
+
+
+def ensure_toy_dataset(dataset_cfg: Mapping[str, Any]) -> Path:
+    """Generate the toy data at `dataset_cfg.root` when it is missing (or empty) and `generate`
+    is set. `generate._target_` names the layout's generator (default: make_toy_bdd100k); the
+    dataset's class names and palette are passed to it."""
+    root = Path(dataset_cfg["root"])
     gen = dataset_cfg.get("generate")
-    if gen is None or (root / IMAGE_DIR / "train").is_dir():
+    if gen is None or (root.is_dir() and any(root.iterdir())):
         return root
-    kwargs = OmegaConf.to_container(gen, resolve=True) if isinstance(gen, DictConfig) else dict(gen)
+    gen = OmegaConf.merge({"_target_": f"{__name__}.make_toy_bdd100k"}, gen)
     names, palette = dataset_cfg.get("class_names"), dataset_cfg.get("palette")
     # Write into a temporary sibling and rename, so an interrupted run leaves no half dataset
     # that the check above would take for complete (and concurrent callers do not collide).
     target = root if root.exists() else root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    make_toy_bdd100k(
-        target,
-        **kwargs,
+    instantiate(
+        gen,
+        root=target,
         class_names=list(names) if names is not None else None,
         palette=[list(c) for c in palette] if palette is not None else None,
     )

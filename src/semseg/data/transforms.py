@@ -273,12 +273,31 @@ def build_train_transform(
     return A.Compose(steps, strict=True)
 
 
-def build_eval_transform(scale: Sequence[int] | None = None) -> A.Compose | None:
-    """Eval/test pipeline: nothing, or a keep-ratio resize to `scale` (w, h) as mmseg's Resize.
+class KeepRatioResize(ImageOnlyTransform):
+    """mmseg's test-time `Resize(scale, keep_ratio=True)` of the image alone (bilinear).
 
-    Note: when a scale is given the mask is resized too (nearest); the official metric is defined
-    at native resolution, so evaluation normally keeps `scale: null`.
+    The label keeps its size: evaluation resizes the logits back to it instead.
     """
+
+    class InitSchema(BaseTransformInitSchema):
+        scale: tuple[int, int]
+
+    def __init__(self, scale: tuple[int, int] = (1280, 720), p: float = 1.0):
+        super().__init__(p=p)
+        self.scale = tuple(scale)
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        height, width = rescale_size(*img.shape[:2], self.scale)
+        if (height, width) == img.shape[:2]:
+            return img
+        return cv2.resize(img, (width, height), interpolation=cv2.INTER_LINEAR)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale",)
+
+
+def build_eval_transform(scale: Sequence[int] | None = None) -> A.Compose | None:
+    """Eval/test pipeline: nothing, or a keep-ratio resize of the image to `scale` (w, h)."""
     if scale is None:
         return None
-    return A.Compose([RandomRescale(scale=tuple(scale), ratio_range=(1.0, 1.0))], strict=True)
+    return A.Compose([KeepRatioResize(scale=tuple(scale))], strict=True)

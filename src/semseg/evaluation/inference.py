@@ -53,10 +53,11 @@ def _slide(
 _MODES: dict[str, Callable[..., torch.Tensor]] = {"whole": _whole, "slide": _slide}
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """NxCxHxW float tensor resized to `size` (h, w) (returned as is when it already has it)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+    return F.interpolate(x, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)
 
 
 def predict_logits(
@@ -87,10 +88,10 @@ def predict_logits(
     views = [(s, f) for s in scales for f in ((False, True) if flip else (False,))]
     probs = None
     for scale, flipped in views:
-        x = _resize(images, [round(d * scale) for d in size]) if scale != 1 else images
+        x = resize_bilinear(images, [round(d * scale) for d in size]) if scale != 1 else images
         x = x.flip(-1) if flipped else x
         out = infer(model, x, crop_size=crop_size, stride=stride).float()
-        out = _resize(out.flip(-1) if flipped else out, size)
+        out = resize_bilinear(out.flip(-1) if flipped else out, size)
         if num_classes is not None and out.shape[1] != num_classes:
             raise ValueError(f"the model predicts {out.shape[1]} classes, expected {num_classes}")
         if len(views) == 1:
@@ -168,13 +169,16 @@ def evaluate_model(
                 images = images.contiguous(memory_format=memory_format)
                 target = batch["mask"].to(device, non_blocking=True)
                 logits = predict_logits(net, images, num_classes=num_classes, **kwargs)
-                pred = _resize(logits, target.shape[-2:]).argmax(1)
+                # The image may have been resized to the evaluation scale: the metric is computed
+                # at the label's own size.
+                pred = resize_bilinear(logits, target.shape[-2:]).argmax(1)
                 metric.update(pred, target)
                 for i in range(min(num_examples - len(examples), len(pred))):
+                    image = resize_bilinear(batch["image"][i : i + 1].float(), target.shape[-2:])
                     examples.append(
                         {
                             "name": batch["name"][i],
-                            "image": batch["image"][i].permute(1, 2, 0).cpu().numpy(),
+                            "image": image[0].round().byte().permute(1, 2, 0).cpu().numpy(),
                             "pred": pred[i].to(torch.uint8).cpu().numpy(),
                             "gt": batch["mask"][i].cpu().numpy(),
                         }

@@ -14,9 +14,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from semseg.data import eval_scale
 from semseg.errors import ConfigError
 from semseg.evaluation.export import save_prediction
-from semseg.evaluation.inference import evaluate_model, inference_kwargs, predict_logits
+from semseg.evaluation.inference import (
+    evaluate_model,
+    inference_kwargs,
+    predict_logits,
+    resize_bilinear,
+)
 from semseg.evaluation.metrics import EvaluationError, evaluate_mask_folders, format_table
 from semseg.runtime import autocast, configure_backends, resolve_device
 
@@ -41,29 +47,54 @@ def _output_dir(cfg: DictConfig) -> Path:
         raise ConfigError("set output_dir=<folder> (no Hydra run folder to write into)") from e
 
 
-def _load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """The checkpoint's model (eval mode, on ``device``) and its meta (class names, palette)."""
+def _load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, dict, DictConfig]:
+    """The checkpoint's model (eval mode, on ``device``), its meta (class names, palette) and the
+    dataset config to read with: ``cfg.dataset`` resolved, its evaluation scale defaulting to the
+    scale the checkpoint was trained at (an explicit ``dataset.test_pipeline.scale`` wins)."""
+    from semseg.data import check_dataset_config
     from semseg.models import model_from_checkpoint
 
-    model, meta, _ = model_from_checkpoint(cfg.checkpoint, map_location="cpu")
+    check_dataset_config(cfg.dataset)
+    model, meta, config = model_from_checkpoint(cfg.checkpoint, map_location="cpu")
     num_classes = int(meta["num_classes"])
     if "num_classes" in cfg.dataset and int(cfg.dataset.num_classes) != num_classes:
         raise ConfigError(
             f"checkpoint {cfg.checkpoint} predicts {num_classes} classes but "
             f"dataset.num_classes={cfg.dataset.num_classes}: pick the dataset it was trained on"
         )
+    dataset_cfg = OmegaConf.create(OmegaConf.to_container(cfg.dataset, resolve=True))
+    trained_scale = OmegaConf.select(OmegaConf.create(config), "dataset.train_pipeline.scale")
+    if OmegaConf.select(dataset_cfg, "test_pipeline.scale") is None and trained_scale is not None:
+        dataset_cfg.test_pipeline = {"scale": list(trained_scale)}
     # channels_last: ~1.7x faster convolutions under bf16 (inputs follow the model's format).
-    return model.to(device, memory_format=torch.channels_last).eval(), meta
+    return model.to(device, memory_format=torch.channels_last).eval(), meta, dataset_cfg
 
 
-def _build_loader(cfg: DictConfig) -> torch.utils.data.DataLoader:
+def _check_classes(cfg: DictConfig, trained: list[str]) -> None:
+    """Stop with one line listing how the checkpoint's classes differ from the dataset's."""
+    wanted = list(cfg.dataset.class_names)
+    if trained == wanted:
+        return
+    differences = [
+        f"{i}: {a!r} (checkpoint) vs {b!r} (dataset)"
+        for i, (a, b) in enumerate(zip(trained, wanted, strict=True))
+        if a != b
+    ]
+    raise ConfigError(
+        f"checkpoint {cfg.checkpoint} was trained on other classes than "
+        f"dataset={cfg.dataset.get('name')}: class {'; '.join(differences)}. Evaluate on a "
+        "dataset with the checkpoint's classes (same names, same order)"
+    )
+
+
+def _build_loader(cfg: DictConfig, dataset_cfg: DictConfig) -> torch.utils.data.DataLoader:
     from semseg.data import build_dataset, build_eval_loader, ensure_toy_dataset
 
     rank, world = _rank_world()
-    ensure_toy_dataset(cfg.dataset)  # generated data (dataset=toy_bdd100k) on first use
-    dataset = build_dataset(cfg.dataset, cfg.dataset.split, train=False)
-    batch_size = cfg.inference.get("batch_size") or cfg.dataset.get("eval_batch_size", 1)
-    return build_eval_loader(dataset, batch_size, cfg.dataset.get("num_workers", 0), rank, world)
+    ensure_toy_dataset(dataset_cfg)  # generated data (dataset=toy_*) on first use
+    dataset = build_dataset(dataset_cfg, dataset_cfg.split, train=False)
+    batch_size = cfg.inference.get("batch_size") or dataset_cfg.get("eval_batch_size", 1)
+    return build_eval_loader(dataset, batch_size, dataset_cfg.get("num_workers", 0), rank, world)
 
 
 def _write_json(data: dict[str, Any], *paths: Path) -> None:
@@ -85,11 +116,19 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("checkpoint"):
         device = resolve_device(cfg.get("device", "auto"))
         configure_backends(device)
-        model, meta = _load_model(cfg, device)
+        model, meta, dataset_cfg = _load_model(cfg, device)
         class_names = list(meta["class_names"])
+        _check_classes(cfg, class_names)
+        scale = eval_scale(dataset_cfg)
+        if _rank_world()[0] == 0:
+            log.info(
+                "evaluating at scale %s (each image fitted into it, keeping its aspect ratio; "
+                "logits resized back to the label's size)",
+                "x".join(map(str, scale)) if scale else "native",
+            )
         result = evaluate_model(
             model,
-            _build_loader(cfg),
+            _build_loader(cfg, dataset_cfg),
             num_classes=int(meta["num_classes"]),
             ignore_index=int(meta.get("ignore_index", cfg.dataset.ignore_index)),
             class_names=class_names,
@@ -102,6 +141,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             "checkpoint": str(cfg.checkpoint),
             "dataset_root": str(cfg.dataset.root),
             "inference": OmegaConf.to_container(cfg.inference, resolve=True),
+            "scale": scale,  # (w, h) the images were fitted into; null: native size
         }
         paths = [out_dir / f"eval_{split}.json", Path(cfg.checkpoint).parent / f"eval_{split}.json"]
     elif cfg.get("gt_dir") and cfg.get("pred_dir"):
@@ -147,15 +187,26 @@ def _image_files(input_dir: Path) -> list[Path]:
     return files
 
 
-def _folder_batches(files: list[Path]) -> Iterator[dict[str, Any]]:
-    """One-image batches (image sizes may differ) of ``files``."""
+def _read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))
+    except OSError as e:
+        raise EvaluationError(f"cannot read image {path}: {e}") from e
+
+
+def _folder_batches(files: list[Path], scale: list[int] | None) -> Iterator[dict[str, Any]]:
+    """One-image batches (image sizes may differ) of ``files``, resized as the dataset's are."""
+    from semseg.data import build_eval_transform
+
+    transform = build_eval_transform(scale)
     for path in files:
-        try:
-            with Image.open(path) as img:
-                image = np.array(img.convert("RGB"))
-        except OSError as e:
-            raise EvaluationError(f"cannot read image {path}: {e}") from e
-        yield {"image": torch.from_numpy(image).permute(2, 0, 1)[None], "name": [path.stem]}
+        image = _read_rgb(path)
+        size = torch.tensor([image.shape[:2]])
+        if transform is not None:
+            image = transform(image=image)["image"]
+        image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+        yield {"image": image, "name": [path.stem], "size": size}
 
 
 def run_predict(cfg: DictConfig) -> Path:
@@ -166,18 +217,27 @@ def run_predict(cfg: DictConfig) -> Path:
     files = _image_files(Path(cfg.input_dir)) if cfg.get("input_dir") else None
     device = resolve_device(cfg.get("device", "auto"))
     configure_backends(device)
-    model, meta = _load_model(cfg, device)
-    batches = _folder_batches(files) if files is not None else _build_loader(cfg)
+    model, meta, dataset_cfg = _load_model(cfg, device)
+    scale = eval_scale(dataset_cfg)
+    log.info("predicting at scale %s", "x".join(map(str, scale)) if scale else "native")
+    if files is not None:
+        batches = _folder_batches(files, scale)
+        sources = {p.stem: p for p in files}
+    else:
+        batches = _build_loader(cfg, dataset_cfg)
+        sources = dict(zip(batches.dataset.names, batches.dataset.image_paths, strict=True))
     kwargs = inference_kwargs(cfg.inference)
     count = 0
     with torch.inference_mode(), autocast(device, cfg.inference.get("precision", "auto")):
         for batch in batches:
             logits = predict_logits(model, batch["image"].to(device), **kwargs)
+            # Every image of a batch has the same size; masks are written at the size read.
+            logits = resize_bilinear(logits, batch["size"][0].tolist())
             preds = logits.argmax(1).to(torch.uint8).cpu().numpy()
-            for name, pred, image in zip(batch["name"], preds, batch["image"]):
-                hwc = image.permute(1, 2, 0).numpy() if cfg.get("overlays") else None
+            for name, pred in zip(batch["name"], preds, strict=True):
+                image = _read_rgb(sources[name]) if cfg.get("overlays") else None
                 save_prediction(
-                    out_dir, name, pred, meta["palette"], image=hwc, overlays=cfg.get("overlays")
+                    out_dir, name, pred, meta["palette"], image=image, overlays=cfg.get("overlays")
                 )
                 count += 1
     log.info("wrote %d predictions to %s", count, out_dir)

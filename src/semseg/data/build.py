@@ -1,0 +1,100 @@
+"""Config in, dataset out: the layout class named by `dataset.layout._target_` plus the shared
+train recipe or evaluation resize."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from semseg.data.base import DatasetError, SegmentationDataset
+from semseg.data.transforms import build_eval_transform, build_train_transform, pad_fill
+
+
+def instantiate_layout(dataset_cfg: Mapping[str, Any], **kwargs: Any) -> SegmentationDataset:
+    """The dataset class `dataset.layout._target_` called with its config keys and `kwargs`
+    (a DatasetError it raises comes through as itself, not wrapped by Hydra)."""
+    try:
+        return instantiate(dataset_cfg["layout"], **kwargs)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, DatasetError):
+            raise exc.__cause__ from None
+        raise
+
+
+def check_dataset_config(dataset_cfg: Mapping[str, Any]) -> None:
+    """Raise DatasetError when keys a dataset needs are unset (`???`, e.g. dataset=folder's
+    class names) or the class names, palette and class count disagree."""
+    missing = sorted(OmegaConf.missing_keys(dataset_cfg))
+    if missing:
+        # Keys of a node inside the whole config come with their full path already.
+        keys = ", ".join(k if k.startswith("dataset.") else f"dataset.{k}" for k in missing)
+        raise DatasetError(
+            f"{keys} not set: pass them as overrides (e.g. dataset.root=/data/mine "
+            "'dataset.class_names=[a,b]' 'dataset.palette=[[0,0,0],[255,0,0]]' dataset.num_classes=2)"
+        )
+    if "_target_" not in (dataset_cfg.get("layout") or {}):
+        raise DatasetError(
+            "dataset.layout._target_ is not set: it names the class that reads the folder layout "
+            "(semseg.data.BDD100KDataset, CityscapesDataset or FolderDataset; see "
+            "conf/dataset/bdd100k.yaml)"
+        )
+    num_classes = int(dataset_cfg["num_classes"])
+    for key in ("class_names", "palette"):
+        values = dataset_cfg.get(key)
+        if values is not None and len(values) != num_classes:
+            raise DatasetError(
+                f"dataset.{key} has {len(values)} entries but dataset.num_classes={num_classes}: "
+                "give one per class"
+            )
+
+
+def eval_scale(dataset_cfg: Mapping[str, Any]) -> list[int] | None:
+    """The (w, h) that evaluation and prediction fit each image into, keeping its aspect ratio:
+    `test_pipeline.scale` when set, else the training base scale `train_pipeline.scale`, so the
+    model sees objects at the sizes it was trained on (None: native size)."""
+    scale = (dataset_cfg.get("test_pipeline") or {}).get("scale")
+    if scale is None:
+        scale = (dataset_cfg.get("train_pipeline") or {}).get("scale")
+    return [int(v) for v in scale] if scale is not None else None
+
+
+def build_dataset(dataset_cfg: Mapping[str, Any], split: str, train: bool) -> SegmentationDataset:
+    """Dataset of `split` with the train recipe (train=True) or the evaluation resize.
+
+    The evaluation pipeline resizes the image only: labels keep their own size and the logits are
+    resized back to it, so metrics are always computed at full label resolution.
+    """
+    check_dataset_config(dataset_cfg)
+    if train:
+        tp = dataset_cfg["train_pipeline"]
+        transform = build_train_transform(
+            scale=list(tp["scale"]),
+            ratio_range=list(tp["ratio_range"]),
+            crop_size=list(tp["crop_size"]),
+            cat_max_ratio=tp["cat_max_ratio"],
+            flip_prob=tp["flip_prob"],
+            photometric=tp["photometric"],
+            pad_fill_image=pad_fill(dataset_cfg["mean"]),
+            ignore_index=dataset_cfg["ignore_index"],
+        )
+    else:
+        transform = build_eval_transform(eval_scale(dataset_cfg))
+    dataset = instantiate_layout(
+        dataset_cfg,
+        root=str(dataset_cfg["root"]),
+        split=split,
+        transform=transform,
+        strict=dataset_cfg.get("strict", True),
+        num_classes=int(dataset_cfg["num_classes"]),
+        ignore_index=int(dataset_cfg["ignore_index"]),
+    )
+    if train and not dataset.has_labels:
+        raise DatasetError(
+            f"training split {split!r} has no labels ({dataset.label_source} is missing): "
+            "put the split's label files there"
+        )
+    return dataset
