@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from semseg.engine.checkpoint import CheckpointError
+from semseg.cli import report_user_errors
 from semseg.evaluation.export import export_onnx
 from semseg.models import model_from_checkpoint
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path, help="checkpoint of this project (.pt)")
@@ -29,11 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
-    try:
-        model, _, _ = model_from_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model, _, _ = model_from_checkpoint(args.checkpoint)
     export_onnx(model, args.output, args.height, args.width, args.opset)
     print(f"wrote {args.output}")
     if not args.no_check:

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from semseg.engine.checkpoint import CheckpointError, load_checkpoint
+from semseg.cli import compose_groups
+from semseg.errors import CheckpointError
 from semseg.models import convert_mmseg_state_dict, mmseg_to_checkpoint, model_from_checkpoint
+from semseg.models.checkpoint import load_checkpoint
+from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +79,12 @@ def mmseg_sd() -> dict[str, torch.Tensor]:
     return mmseg_fpn_r50_v1c()
 
 
+@pytest.fixture(scope="module")
+def bdd_config() -> dict:
+    """What the converter script composes: Semantic FPN, resnet50c, the bdd100k dataset."""
+    return compose_groups({**MMSEG_CONFIG_GROUPS, "dataset": "bdd100k"})
+
+
 # (mmseg key, attribute path in this project's model, tensor name)
 PLACES = [
     ("backbone.stem.0.weight", "backbone.model.conv1.0", "weight"),
@@ -100,9 +109,10 @@ def test_every_key_maps(mmseg_sd: dict[str, torch.Tensor]) -> None:
 
 
 def test_converted_checkpoint_loads_strictly_and_tensors_land(
-    mmseg_sd: dict[str, torch.Tensor],
+    mmseg_sd: dict[str, torch.Tensor], bdd_config: dict
 ) -> None:
-    checkpoint = mmseg_to_checkpoint(mmseg_sd, source="fpn_r50.pth")
+    checkpoint = mmseg_to_checkpoint(mmseg_sd, source="fpn_r50.pth", config=bdd_config)
+    assert checkpoint["format_version"] == 1 and checkpoint["optimizer"] is None
     assert checkpoint["config"]["backbone"]["name"] == "resnet50c"
     assert checkpoint["meta"]["class_names"][18] == "bicycle"
     assert checkpoint["meta"]["palette"][0] == [128, 64, 128]
@@ -122,9 +132,10 @@ def test_unknown_keys_are_listed(mmseg_sd: dict[str, torch.Tensor]) -> None:
         convert_mmseg_state_dict(extra)
 
 
-def test_class_count_mismatch(mmseg_sd: dict[str, torch.Tensor]) -> None:
+def test_class_count_mismatch(mmseg_sd: dict[str, torch.Tensor], bdd_config: dict) -> None:
     with pytest.raises(CheckpointError, match="19 classes, not --num-classes 7"):
-        mmseg_to_checkpoint(mmseg_sd, source="x.pth", num_classes=7)
+        mmseg_to_checkpoint(mmseg_sd, source="x.pth", config=bdd_config, num_classes=7)
+    assert bdd_config["backbone"]["pretrained"] is True  # the caller's config is left as it was
 
 
 def test_script_end_to_end(mmseg_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:

@@ -16,13 +16,9 @@ import torch
 from conftest import REPO, run_entry, smoke_overrides
 from omegaconf import OmegaConf
 
-from semseg.engine.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from semseg.engine.checkpoint import latest_checkpoint, prune_checkpoints
 from semseg.engine.optim import PolyLR, SegCrossEntropy, build_optimizer, build_scheduler
+from semseg.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 def reference_poly(it: int, lr0: float = 0.01, max_iters: int = 40000) -> float:
@@ -381,7 +377,7 @@ def test_gradient_accumulation_matches_the_big_batch():
 def test_model_weights_starts_fine_tuning_from_a_checkpoint(tmp_path):
     from test_config import compose_train
 
-    from semseg.engine.checkpoint import CheckpointError
+    from semseg.errors import CheckpointError
     from semseg.models import build_model
 
     cfg = compose_train("experiment=smoke", "model.dropout=0.0")

@@ -14,11 +14,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-from semseg.engine.checkpoint import save_checkpoint
+from semseg.cli import compose_groups as compose_config
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.runner import run_evaluate, run_predict
 from semseg.models import build_model
-from semseg.models.weights import compose_config, dataset_meta
+from semseg.models.checkpoint import dataset_meta, save_checkpoint
 
 
 def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 from test_evaluate_cli import tiny_checkpoint
 
@@ -42,5 +43,8 @@ def test_onnx_matches_pytorch_with_dynamic_size(tmp_path: Path) -> None:
 
 def test_export_of_missing_checkpoint_names_the_file(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope.pt"
-    assert export_main(str(missing), str(tmp_path / "x.onnx")) == 1
-    assert str(missing) in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(str(missing), str(tmp_path / "x.onnx"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint not found") and str(missing) in err

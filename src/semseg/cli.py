@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,8 @@ def prepare(project_root: str | os.PathLike) -> None:
 
 
 def compose(config_name: str | None = "train", overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose a config of ``conf/`` outside ``@hydra.main`` (tests, scripts, the benchmark)."""
+    """Compose a config of ``conf/`` outside ``@hydra.main`` (tests, scripts, the benchmark): the
+    one place besides ``@hydra.main`` where configs are composed."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -61,6 +62,15 @@ def compose(config_name: str | None = "train", overrides: Sequence[str] = ()) ->
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def compose_groups(groups: Mapping[str, str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Resolved containers of only the given config groups (e.g. ``{"model": "semantic_fpn",
+    "backbone": "resnet50c", "dataset": "bdd100k"}``) with ``overrides`` applied; ``paths`` is
+    added for the interpolations."""
+    group_overrides = [f"+{g}={name}" for g, name in {"paths": "default", **groups}.items()]
+    cfg = compose(None, [*group_overrides, *overrides])
+    return {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups}
 
 
 def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -13,3 +13,7 @@ class ConfigError(UserError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable, refused or does not fit the model, or cannot be written."""

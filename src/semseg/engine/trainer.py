@@ -25,14 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from semseg.data import build_dataset, build_eval_loader, build_train_loader, ensure_toy_dataset
-from semseg.engine.checkpoint import (
-    CHECKPOINT_DIR,
-    copy_checkpoint,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint, prune_checkpoints
 from semseg.engine.distributed import (
     DistEnv,
     all_reduce_max,
@@ -44,7 +37,13 @@ from semseg.engine.optim import build_optimizer, build_scheduler
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
-from semseg.models.weights import dataset_meta
+from semseg.models.checkpoint import (
+    copy_checkpoint,
+    dataset_meta,
+    load_checkpoint,
+    make_checkpoint,
+    save_checkpoint,
+)
 from semseg.runtime import PRECISIONS, autocast, configure_backends, resolve_precision  # noqa: F401 (re-exported)
 from semseg.tracking import RunRecorder, build_logger
 from semseg.tracking.runs import save_eval_artifacts
@@ -224,13 +223,15 @@ class Trainer:
         resume = self.cfg.trainer.resume
         if not resume:
             return
-        path = latest_checkpoint(self.run_dir) if resume == "auto" else Path(resume)
+        path, ckpt = (
+            load_latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume), None)
+        )
         if path is None:
             log.info(
                 "trainer.resume=auto: no checkpoint in %s yet, starting from scratch", self.run_dir
             )
             return
-        ckpt = load_checkpoint(path)
+        ckpt = ckpt or load_checkpoint(path)
         load_model_weights(self.model, ckpt["model"], source=f"trainer.resume={path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -249,18 +250,18 @@ class Trainer:
         """Rank 0 writes ``checkpoints/<name>.pt`` atomically."""
         if not self.env.is_main:
             return None
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "iteration": self.state.iteration,
-            "best_miou": self.state.best_miou,
-            "rng": rng_state(),
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-            "meta": self.meta,
-            "metrics": self.state.metrics,
-        }
+        state = make_checkpoint(
+            self.model.state_dict(),
+            OmegaConf.to_container(self.cfg, resolve=True),
+            self.meta,
+            iteration=self.state.iteration,
+            best_miou=self.state.best_miou,
+            metrics=self.state.metrics,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            rng=rng_state(),
+        )
         return save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
 
     def checkpoint(self) -> None:

@@ -15,6 +15,9 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
+from semseg.models.build import load_model_weights
+from semseg.models.checkpoint import load_checkpoint
+
 # ImageNet statistics on the 0..255 scale (the usual dataset config values).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -115,9 +118,6 @@ def semantic_fpn(
     this project to start from (fine-tuning, ``model.weights=PATH``)."""
     model = SemanticFPN(backbone, int(num_classes), **kwargs)
     if weights is not None:
-        from semseg.engine.checkpoint import load_checkpoint
-        from semseg.models.weights import load_model_weights
-
         load_model_weights(
             model, load_checkpoint(weights)["model"], source=f"model.weights={weights}"
         )

@@ -1,0 +1,127 @@
+"""Whole models: build one from a config, load weights into it strictly, rebuild it from a
+checkpoint of this project."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from semseg.errors import CheckpointError, UserError
+from semseg.models.checkpoint import dataset_meta, load_checkpoint
+
+# Prefixes that wrappers add to state-dict keys: DDP and torch.compile.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_MAX_LISTED = 12
+
+
+def build_model(cfg: DictConfig | Mapping) -> nn.Module:
+    """The model of a composed config: ``cfg.model`` with ``backbone=cfg.backbone``.
+
+    Our own clear errors (bad weights, strides) surface as themselves, not wrapped by Hydra.
+    """
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    try:
+        return instantiate(cfg.model, backbone=instantiate(cfg.backbone))
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (UserError, ValueError)):
+            raise e.__cause__ from None
+        raise
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The state dict without the ``module.`` (DDP) / ``_orig_mod.`` (torch.compile) prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def listing(title: str, items: list[str]) -> str:
+    """``title (n): a, b, ...`` with at most a dozen items named."""
+    more = f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
+    return f"{title} ({len(items)}): {', '.join(items[:_MAX_LISTED])}{more}"
+
+
+def describe_key_mismatch(mismatched: list[str], missing: list[str], unexpected: list[str]) -> str:
+    """``shape mismatches (n): ...; missing keys (n): ...; unexpected keys (n): ...`` ("" if none)."""
+    parts = (
+        ("shape mismatches", mismatched),
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+    )
+    return "; ".join(listing(title, items) for title, items in parts if items)
+
+
+def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Load ``state_dict`` into ``model`` strictly; on any mismatch raise a CheckpointError that
+    lists the missing, unexpected and shape-mismatched keys and names ``source``."""
+    target = _unwrap(model)
+    state_dict = strip_wrapper_prefixes(state_dict)
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} in file vs {tuple(v.shape)} in model"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if problems := describe_key_mismatch(mismatched, missing, unexpected):
+        hint = "the architecture (model/backbone config) or the class count differs"
+        cls_key = "classifier.weight"
+        if cls_key in state_dict and cls_key in expected:
+            n_file, n_model = state_dict[cls_key].shape[0], expected[cls_key].shape[0]
+            if n_file != n_model:
+                hint = (
+                    f"the weights have {n_file} classes, the model {n_model} "
+                    "(dataset.num_classes / model.num_classes)"
+                )
+        raise CheckpointError(f"weights from {source} do not fit the model ({hint}): {problems}")
+    target.load_state_dict(state_dict, strict=True)
+
+
+def model_from_checkpoint(
+    path_or_state: str | os.PathLike | Mapping[str, Any], map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict, dict]:
+    """Rebuild the model stored in a checkpoint of this project: ``(model, meta, config)``.
+
+    The architecture comes from the checkpoint's config (backbone without pretrained weights);
+    the weights are loaded strictly. The model is returned in eval mode.
+    """
+    if isinstance(path_or_state, Mapping):
+        state, source = path_or_state, "the given checkpoint"
+    else:
+        state, source = (
+            load_checkpoint(path_or_state, map_location=map_location),
+            str(path_or_state),
+        )
+    config = state.get("config") or {}
+    if "model" not in config or "backbone" not in config:
+        raise CheckpointError(
+            f"{source} carries no model/backbone config, so the model cannot be rebuilt; "
+            "convert it with scripts/convert_mmseg_checkpoint.py or save it with this project's trainer"
+        )
+    cfg = OmegaConf.create(
+        {
+            "model": {**config["model"], "weights": None},
+            "backbone": {**config["backbone"], "pretrained": False, "weights": None},
+        }
+    )
+    model = build_model(cfg)
+    load_model_weights(model, state["model"], source=source)
+    meta = dict(state.get("meta") or dataset_meta(config.get("dataset") or {}))
+    return model.to(map_location).eval(), meta, dict(config)
