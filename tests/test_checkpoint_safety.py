@@ -111,6 +111,13 @@ def test_mmseg_checkpoint_points_at_the_converter(mmengine_checkpoint: Path) -> 
     assert str(e.value).endswith("scripts/convert_mmseg_checkpoint.py --trust-pickle")
 
 
+def test_plain_mmseg_checkpoint_points_at_the_converter(tmp_path: Path) -> None:
+    path = tmp_path / "fpn_r50_mmseg0x.pth"
+    torch.save({"meta": {"CLASSES": ["road"]}, "state_dict": {"w": torch.ones(1)}}, path)
+    with pytest.raises(CheckpointError, match=r"mmseg checkpoint .*convert_mmseg_checkpoint\.py"):
+        load_checkpoint(path)
+
+
 def test_converter_refuses_in_one_line_and_trust_pickle_converts(
     mmengine_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
