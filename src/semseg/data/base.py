@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -120,8 +121,9 @@ def files_by_name(folder: Path, suffixes: tuple[str, ...], recursive: bool = Fal
     return found
 
 
-class SegmentationDataset(Dataset):
-    """Images + label maps of one split; items are `{"image", "mask"?, "name"}` (uint8 tensors).
+class SegmentationDataset(Dataset, ABC):
+    """Images + label maps of one split; items are `{"image", "mask"?, "name", "size"}` (uint8
+    image CxHxW and mask HxW tensors; "size" is the (h, w) the image was read at).
 
     `dataset[i]` loads item i; `dataset[(i, seed)]` seeds the transform with `seed` first, so the
     augmentation is reproducible (the train loader's sampler yields such pairs).
@@ -160,11 +162,13 @@ class SegmentationDataset(Dataset):
         self.mask_paths = [labels[n] for n in self.names] if labels is not None else None
 
     # -- the layout (subclasses) ---------------------------------------------------------------
+    @abstractmethod
     def _list_images(self) -> tuple[dict[str, Path], str]:
-        raise NotImplementedError
+        """({name: image path}, where they were looked for); DatasetError if the split is absent."""
 
+    @abstractmethod
     def _list_labels(self) -> tuple[dict[str, Any] | None, str]:
-        raise NotImplementedError
+        """({name: label file}, where they were looked for); None for an unlabelled split."""
 
     def read_label(self, index: int) -> tuple[np.ndarray, str]:
         """The train-id label map of item `index` and where it came from (for messages)."""

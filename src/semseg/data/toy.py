@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def _imwrite(path: Path, rgb_or_mask: np.ndarray, *params: int) -> None:
     cv2.imwrite(str(path), data, list(params))
 
 
-class ToyLayout:
+class ToyLayout(ABC):
     """Writes rendered samples into one folder layout; subclasses know the layout."""
 
     def __init__(
@@ -58,11 +59,11 @@ class ToyLayout:
         self.colours = np.zeros((256, 3), np.uint8)  # colour maps: palette colours, ignore black
         self.colours[: len(palette)] = np.array(palette, np.uint8)
 
+    @abstractmethod
     def write(self, split: str, i: int, image: np.ndarray, label: np.ndarray, void: np.ndarray):
         """Store sample `i` of `split`: RGB image, train-id label map, void region map."""
-        raise NotImplementedError
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - an optional hook, not a missing implementation
         """Write what covers a whole split (nothing by default)."""
 
 
