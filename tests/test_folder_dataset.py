@@ -87,7 +87,10 @@ def test_config_must_name_the_classes(tmp_path):
         DatasetError, match=r"dataset\.palette has 1 entries but dataset\.num_classes=3"
     ):
         check_dataset_config(cfg)
-    proc = run_entry("train.py", "dataset=folder", f"dataset.root={tmp_path}", check=False)
+    proc = run_entry(
+        "train.py", "dataset=folder", f"dataset.root={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}", check=False,
+    )  # fmt: skip
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: dataset.class_names, dataset.num_classes, dataset.palette not set" in proc.stderr
 
