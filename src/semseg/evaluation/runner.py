@@ -144,22 +144,27 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             "scale": scale,  # (w, h) the images were fitted into; null: native size
         }
         paths = [out_dir / f"eval_{split}.json", Path(cfg.checkpoint).parent / f"eval_{split}.json"]
-    elif cfg.get("gt_dir") and cfg.get("pred_dir"):
+    elif cfg.get("gt_dir") and (cfg.get("pred_dir") or cfg.get("pred_rle")):
+        from semseg.evaluation.submission import evaluate_rle_file
+
+        key = "pred_rle" if cfg.get("pred_rle") else "pred_dir"  # Scalabel RLE JSON | PNG masks
+        score = evaluate_rle_file if key == "pred_rle" else evaluate_mask_folders
         class_names = list(cfg.dataset.class_names)
-        metrics, confmat = evaluate_mask_folders(
+        metrics, confmat = score(
             cfg.gt_dir,
-            cfg.pred_dir,
+            cfg[key],
             num_classes=int(cfg.dataset.num_classes),
             class_names=class_names,
             ignore_index=int(cfg.dataset.ignore_index),
         )
         split = "folder"
-        source = {"gt_dir": str(cfg.gt_dir), "pred_dir": str(cfg.pred_dir)}
+        source = {"gt_dir": str(cfg.gt_dir), key: str(cfg[key])}
         paths = [out_dir / "eval_folder.json"]
     else:
         raise ConfigError(
             "nothing to evaluate: set checkpoint=PATH (with dataset.root=... dataset.split=val) "
-            "to evaluate a model, or gt_dir=... pred_dir=... to score a folder of PNG masks"
+            "to evaluate a model, or gt_dir=... pred_dir=... (PNG masks) or pred_rle=... (Scalabel "
+            "RLE JSON) to score predictions"
         )
     report = {
         **source,

@@ -1,0 +1,161 @@
+"""Prediction files in the formats the BDD100K toolkit and evaluation server read.
+
+- Scalabel RLE JSON (``{"frames": [...]}``, one label per predicted class with its pixels as a COCO
+  RLE), what ``python -m bdd100k.eval.run -t sem_seg -g <gt> -r <json>`` reads. Writing is the
+  inverse of :func:`semseg.data.bdd100k.decode_scalabel_rle` (the ``dataset.labels=rles`` reader)
+  and matches the toolkit's ``bdd100k.label.to_rle -m sem_seg``. Frames are written one at a time,
+  so a split of any size needs the memory of one mask.
+- A zip of the PNG masks (1-channel uint8 train ids, ``<image name>.png``).
+- Scoring an RLE file against ground-truth PNG masks with the official metric
+  (``src/evaluate.py gt_dir=... pred_rle=...``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from semseg.data.bdd100k import DatasetError, decode_scalabel_rle
+from semseg.evaluation.metrics import EvaluationError, SegmentationMetric, _read_mask, summarize
+
+
+def encode_scalabel_frame(
+    image_name: str, mask: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """The Scalabel frame of one HxW label map: a label per class present, its pixels as COCO RLE.
+
+    Values outside ``0..len(class_names)-1`` (255 = ignore) get no label, so they decode back to
+    the ignore index, as the toolkit does.
+    """
+    from pycocotools import mask as mask_utils
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask of {image_name} must be HxW, got shape {mask.shape}")
+    labels = []
+    for class_id in np.unique(mask).tolist():
+        if class_id >= len(class_names):
+            continue
+        rle = mask_utils.encode(np.asfortranarray(mask == class_id, dtype=np.uint8))
+        labels.append(
+            {
+                "id": str(len(labels)),
+                "category": class_names[class_id],
+                "rle": {
+                    "counts": rle["counts"].decode("ascii"),
+                    "size": list(map(int, rle["size"])),
+                },
+            }
+        )
+    return {"name": image_name, "labels": labels}
+
+
+class ScalabelWriter:
+    """Writes ``{"frames": [...]}`` to ``path`` one frame at a time (memory stays flat).
+
+    Use as a context manager; the file is complete (valid JSON) once the block exits.
+    """
+
+    def __init__(self, path: str | os.PathLike, class_names: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.class_names = list(class_names)
+        self.count = 0
+        self._file: TextIO | None = None
+
+    def __enter__(self) -> ScalabelWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", encoding="utf-8")
+        self._file.write('{"frames": [')
+        return self
+
+    def add(self, image_name: str, mask: np.ndarray) -> None:
+        """Encode and append the prediction of the image file ``image_name`` (``<stem>.jpg``)."""
+        if self._file is None:
+            raise RuntimeError("ScalabelWriter.add outside its `with` block")
+        frame = encode_scalabel_frame(image_name, mask, self.class_names)
+        self._file.write(("\n" if self.count == 0 else ",\n") + json.dumps(frame))
+        self.count += 1
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._file is not None:
+            self._file.write("\n]}\n")
+            self._file.close()
+            self._file = None
+
+
+def read_scalabel_frames(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The frames of a Scalabel JSON (``{"frames": [...]}`` or a bare list) by image stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"RLE prediction file not found: {path} (set pred_rle=<file.json>)")
+    try:
+        data = json.loads(path.read_text())
+        frames = data["frames"] if isinstance(data, dict) else data
+        return {Path(frame["name"]).stem: frame for frame in frames}
+    except (ValueError, KeyError, TypeError) as e:
+        raise EvaluationError(
+            f"{path} is not a Scalabel JSON with a 'frames' list of named frames: {e}"
+        ) from e
+
+
+def evaluate_rle_file(
+    gt_dir: str | os.PathLike,
+    pred_rle: str | os.PathLike,
+    num_classes: int,
+    class_names: Sequence[str],
+    ignore_index: int,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Score a Scalabel RLE prediction file against a folder of ground-truth PNG masks.
+
+    The same rules as :func:`semseg.evaluation.metrics.evaluate_mask_folders`: frames pair with
+    masks by image stem, a mask without a frame counts as all misses, pixels no label covers are
+    "ignored" (a miss). Returns (metrics, confusion matrix).
+    """
+    gt_files = sorted(Path(gt_dir).glob("*.png"))
+    if not gt_files:
+        raise EvaluationError(f"no ground-truth .png masks in {gt_dir} (set gt_dir=<folder>)")
+    frames = read_scalabel_frames(pred_rle)
+    class_ids = {name: i for i, name in enumerate(class_names)}
+    metric = SegmentationMetric(num_classes, ignore_index, sync_on_compute=False)
+    for gt_path in gt_files:
+        gt = _read_mask(gt_path, "ground truth")  # read as evaluate_mask_folders reads it
+        frame = frames.get(gt_path.stem)
+        if frame is None:
+            pred = np.full_like(gt, num_classes)  # "ignored" everywhere: every pixel a miss
+        else:
+            try:
+                pred = decode_scalabel_rle(frame, class_ids, ignore_index, str(pred_rle))
+            except DatasetError as e:
+                raise EvaluationError(str(e)) from e
+            if pred.shape != gt.shape:
+                raise EvaluationError(
+                    f"{pred_rle}: frame {frame['name']} is {pred.shape[1]}x{pred.shape[0]} (WxH) "
+                    f"but its ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]}"
+                )
+        metric.update(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
+    confmat = metric.compute().numpy()
+    return summarize(confmat, class_names), confmat
+
+
+def zip_masks(mask_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
+    """Zip the ``*.png`` masks of ``mask_dir`` flat (no folder inside the archive), file by file."""
+    mask_dir, zip_path = Path(mask_dir), Path(zip_path)
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    # PNGs are already deflated: storing them keeps the archive as small and is much faster.
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for png in sorted(mask_dir.glob("*.png")):
+            archive.write(png, arcname=png.name)
+    return zip_path
