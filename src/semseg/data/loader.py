@@ -6,6 +6,10 @@ drawn from `torch.Generator().manual_seed(seed + e)`, sharded across ranks like
 the permutation), and the dataset seeds the whole augmentation pipeline with it. So batch k of a
 rank is a pure function of (seed, rank, world_size, k): independent of num_workers, of which
 worker loads it, and of where a run was stopped (start_batch skips without loading anything).
+
+User errors (a truncated JPEG, a bad mask value, ...) raised while loading reach the caller as
+themselves, with workers or without: a worker hands the exception back as a value instead of
+letting the DataLoader re-wrap it into a "Caught ... in DataLoader worker" traceback text.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from semseg.errors import UserError
 
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
@@ -69,6 +75,53 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+class LoadFailure:
+    """A :class:`UserError` raised while loading one sample, carried out of the worker as a value."""
+
+    def __init__(self, error: UserError) -> None:
+        self.error = error
+
+
+class UserErrorsAsValues(Dataset):
+    """``dataset`` whose items are :class:`LoadFailure` where loading raises a UserError."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: Any) -> Any:
+        try:
+            return self.dataset[index]
+        except UserError as e:
+            return LoadFailure(e)
+
+    def __getattr__(self, name: str) -> Any:  # names, has_labels, ... of the wrapped dataset
+        if name == "dataset":  # not set yet (unpickling in a worker): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def collate_or_failure(items: list[Any]) -> Any:
+    """The batch, or the first LoadFailure among its items."""
+    failure = next((item for item in items if isinstance(item, LoadFailure)), None)
+    return failure if failure is not None else default_collate(items)
+
+
+class SegmentationLoader(DataLoader):
+    """A DataLoader that raises a sample's UserError in the caller's process, as itself."""
+
+    def __init__(self, dataset: Dataset, **kwargs: Any) -> None:
+        super().__init__(UserErrorsAsValues(dataset), collate_fn=collate_or_failure, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            if isinstance(batch, LoadFailure):
+                raise batch.error
+            yield batch
+
+
 def worker_init(worker_id: int) -> None:
     """Keep each worker single-threaded inside cv2 (workers already run in parallel)."""
     cv2.setNumThreads(0)
@@ -93,7 +146,7 @@ def build_train_loader(
     sampler = InfiniteSeededSampler(
         len(dataset), seed, rank, world_size, start_sample=start_batch * batch_size
     )
-    loader = DataLoader(
+    loader = SegmentationLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -112,7 +165,7 @@ def build_eval_loader(
     dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
 ) -> DataLoader:
     """Deterministic eval loader; rank r gets items r, r + world_size, ... (each exactly once)."""
-    return DataLoader(
+    return SegmentationLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),

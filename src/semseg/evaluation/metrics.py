@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchmetrics.classification import MulticlassConfusionMatrix
 
 from semseg.errors import UserError
 
@@ -47,6 +46,10 @@ class SegmentationMetric:
             raise ValueError(f"num_classes must be in 1..255, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
+        # Imported here: torchmetrics loads ~2.5 s of modules (torchvision, torch._dynamo, sympy)
+        # that a training run needs only at its first evaluation, and `--help` never.
+        from torchmetrics.classification import MulticlassConfusionMatrix
+
         # validate_args=False: inputs are sanitised in update(); validation would cost a torch.unique.
         self.confmat = MulticlassConfusionMatrix(
             num_classes + 1,
