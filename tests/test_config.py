@@ -15,11 +15,13 @@ GROUPS = [
     "dataset",
     "schedule",
     "optimizer",
+    "loss",
     "trainer",
     "logger",
     "inference",
     "experiment",
     "hparams_search",
+    "debug",
 ]
 
 
@@ -67,8 +69,8 @@ def test_defaults_are_the_reference_recipe():
     )
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.lr == 0.01
     assert cfg.optimizer.momentum == 0.9 and cfg.optimizer.weight_decay == 5e-4
-    assert cfg.trainer.loss.normalize == "all" and cfg.trainer.compile is False
-    assert cfg.trainer.channels_last is True and cfg.inference.mode == "whole"
+    assert cfg.loss.normalize == "all" and cfg.trainer.compile is False
+    assert cfg.trainer.channels_last == "auto" and cfg.inference.mode == "whole"
 
 
 def test_reference_experiment_uses_v1c_backbone():
