@@ -2,10 +2,12 @@
 
 The factory ``semantic_fpn`` stays in its module (``semseg.models.semantic_fpn.semantic_fpn``, the
 config's ``_target_``): re-exporting it here would shadow the submodule of the same name.
+The backbone names load on first use: timm (and, through it, wandb) costs a second of start-up
+that `--help`, `--cfg job` and checkpoint bookkeeping never need.
 """
 
-from semseg.models.backbone import BackboneStrideError, TimmBackbone
-from semseg.models.backbone_weights import WeightsError
+from typing import Any
+
 from semseg.models.build import build_model, load_model_weights, model_from_checkpoint
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict, mmseg_to_checkpoint
 from semseg.models.semantic_fpn import (
@@ -29,3 +31,17 @@ __all__ = [
     "mmseg_to_checkpoint",
     "model_from_checkpoint",
 ]
+
+_LAZY = {
+    "BackboneStrideError": "semseg.models.backbone",
+    "TimmBackbone": "semseg.models.backbone",
+    "WeightsError": "semseg.models.backbone_weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'semseg.models' has no attribute {name!r}")
