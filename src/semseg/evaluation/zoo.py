@@ -68,9 +68,7 @@ def _checkpoint_path(run_dir: Path, checkpoint: str) -> Path:
         path = run_dir / CHECKPOINT_DIR / checkpoint
     if not path.is_file():
         found = sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.pt"))
-        hint = (
-            f"pass checkpoint=<one of {', '.join(found)}>" if found else "it holds no checkpoints"
-        )
+        hint = f"pass checkpoint={' | '.join(found)}" if found else "it holds no checkpoints"
         raise CheckpointError(f"run folder {run_dir} has no {CHECKPOINT_DIR}/{checkpoint}: {hint}")
     return path
 
