@@ -2,7 +2,7 @@
 
 import torch
 
-from semseg.engine.optim import SegCrossEntropy
+from semseg.engine.losses import SegCrossEntropy
 
 
 class NaNAfter(SegCrossEntropy):

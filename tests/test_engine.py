@@ -17,7 +17,8 @@ from conftest import REPO, run_entry, smoke_overrides
 from omegaconf import OmegaConf
 
 from semseg.engine.checkpoint import latest_checkpoint, prune_checkpoints
-from semseg.engine.optim import PolyLR, SegCrossEntropy, build_optimizer, build_scheduler
+from semseg.engine.losses import SegCrossEntropy
+from semseg.engine.optim import PolyLR, build_optimizer, build_scheduler
 from semseg.models.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -179,6 +180,7 @@ def test_resume_is_bit_exact(toy_root, tmp_path):
         "schedule.eval_interval=4",
         "trainer.precision=fp32",
         "trainer.eval_at_end=false",
+        "trainer.ema.decay=0.5",  # the EMA of the weights resumes exactly too
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_entry("train.py", *smoke_overrides(toy_root, straight, *common))
@@ -197,6 +199,10 @@ def test_resume_is_bit_exact(toy_root, tmp_path):
     mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b, strict=True))
+    assert a["ema"].keys() == a["model"].keys()
+    for key, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][key]), key
+    assert not all(torch.equal(t, a["model"][k]) for k, t in a["ema"].items())  # a real average
     # ... and the resumed run did not start from scratch:
     first = load_checkpoint(straight / "checkpoints/iter_000004.pt")
     assert not all(torch.equal(t, b["model"][k]) for k, t in first["model"].items())
@@ -253,8 +259,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path):
             run_dir,
             "schedule.max_iters=10",
             "schedule.checkpoint_interval=2",
-            "trainer.loss._target_=faulty_loss.NaNAfter",
-            "+trainer.loss.after=3",
+            "loss._target_=faulty_loss.NaNAfter",
+            "+loss.after=3",
         ),
         env={"PYTHONPATH": str(REPO / "tests")},
         check=False,

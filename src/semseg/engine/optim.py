@@ -1,15 +1,16 @@
-"""Optimizer, learning-rate schedule and loss, as the reference recipe defines them."""
+"""Optimizer, learning-rate schedule and gradient clipping, as the reference recipe defines them."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
+
+from semseg.errors import ConfigError
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
@@ -64,9 +65,14 @@ class PolyLR:
         return lr / self.base_lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig) -> LambdaLR:
-    """Per-iteration poly schedule (``conf/schedule/*.yaml``); call ``.step()`` after every update."""
-    base_lr = optimizer.param_groups[0]["lr"]
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: DictConfig, start_iter: int = 0
+) -> LambdaLR:
+    """Per-iteration poly schedule (``conf/schedule/*.yaml``); call ``.step()`` after every update.
+
+    ``start_iter`` > 0 continues a resumed run on this schedule's curve at that iteration.
+    """
+    base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
     poly = PolyLR(
         base_lr,
         schedule.max_iters,
@@ -75,26 +81,49 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: DictConfig) -> L
         schedule.get("warmup_iters", 0),
         schedule.get("warmup_ratio", 1e-3),
     )
-    return LambdaLR(optimizer, poly)
+    return LambdaLR(optimizer, poly, last_epoch=start_iter - 1)
 
 
-class SegCrossEntropy(nn.Module):
-    """Cross-entropy with an ignore index.
+class GradClipper:
+    """Clips the global gradient norm (``trainer.clip_grad_norm``) before the optimizer step.
 
-    ``normalize="all"`` divides the summed loss by ALL pixels, ignored ones included, as mmseg does
-    (the reference); ``"valid"`` is PyTorch's mean over non-ignored pixels.
+    Called once per update, after the last micro-batch's backward (so after gradient accumulation
+    and, under DDP, after the all-reduce) and after unscaling fp16 gradients. The pre-clip norms stay
+    on the device and are summed; :meth:`mean_norm` reads them at log steps only.
     """
 
-    def __init__(self, ignore_index: int = 255, normalize: str = "all") -> None:
-        super().__init__()
-        if normalize not in ("all", "valid"):
-            raise ValueError(f"trainer.loss.normalize must be 'all' or 'valid', got {normalize!r}")
-        self.ignore_index, self.normalize = ignore_index, normalize
+    def __init__(self, max_norm: float, device: torch.device | str = "cpu") -> None:
+        self.max_norm = float(max_norm)
+        self._norm_sum = torch.zeros((), device=device)
+        self._count = 0
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.normalize == "valid":
-            return F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
-        loss = F.cross_entropy(
-            logits.float(), target, ignore_index=self.ignore_index, reduction="sum"
+    def __call__(
+        self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+    ) -> torch.Tensor:
+        scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
+        params = [
+            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        self._norm_sum += norm.detach()
+        self._count += 1
+        return norm
+
+    def mean_norm(self) -> float:
+        """Mean pre-clip norm since the last call (one host read), then start over."""
+        mean = self._norm_sum.item() / max(self._count, 1)
+        self._norm_sum.zero_()
+        self._count = 0
+        return mean
+
+
+def build_grad_clipper(max_norm: float | None, device: torch.device | str) -> GradClipper | None:
+    """``trainer.clip_grad_norm``: null = off, else a norm > 0."""
+    if max_norm is None:
+        return None
+    if isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not max_norm > 0:
+        raise ConfigError(
+            f"trainer.clip_grad_norm={max_norm!r} must be a number > 0 (the largest global "
+            "gradient norm), or null for no clipping"
         )
-        return loss / target.numel()
+    return GradClipper(max_norm, device)

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from semseg.data import build_dataset, build_eval_loader, build_train_loader, ensure_toy_dataset
 from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint, prune_checkpoints
+from semseg.engine.debug import DebugSession, first_images, fixed_batches
 from semseg.engine.distributed import (
     DistEnv,
     all_reduce_max,
@@ -33,7 +33,9 @@ from semseg.engine.distributed import (
     broadcast_buffers,
     init_distributed,
 )
-from semseg.engine.optim import build_optimizer, build_scheduler
+from semseg.engine.ema import EMA_PREFIX, build_ema, check_best_metric, restore_ema
+from semseg.engine.losses import build_loss
+from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
@@ -131,6 +133,7 @@ def train_step(
     precision: str,
     accumulate: int,
     channels_last: bool,
+    clip: GradClipper | None = None,
 ) -> torch.Tensor:
     """Forward, backward and update over ``accumulate`` micro-batches; returns the loss on the device."""
     optimizer.zero_grad(set_to_none=True)
@@ -151,6 +154,8 @@ def train_step(
             loss = loss_fn(model(images), target) / accumulate
         scaler.scale(loss).backward()
         total += loss.detach()
+    if clip is not None:  # after the last micro-batch: the accumulated (all-reduced) gradients
+        clip(optimizer, scaler)
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
@@ -184,6 +189,7 @@ class Trainer:
             barrier()
         self.train_set = build_dataset(data_cfg, data_cfg.train_split, train=True)
         self.val_set = build_dataset(data_cfg, data_cfg.val_split, train=False)
+        self.val_set = first_images(self.val_set, cfg.trainer.debug.get("eval_images"))
         self.meta = dataset_meta(data_cfg)  # class names and palette travel with every checkpoint
 
         self.model = build_model(cfg).to(self.device)
@@ -191,7 +197,12 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.env.distributed and self.device.type == "cuda" and cfg.trainer.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.loss_fn = instantiate(cfg.trainer.loss)
+        self.loss_fn = build_loss(
+            cfg.loss, self.train_set, self.run_dir, self.device, self.env.is_main
+        )
+        self.clipper = build_grad_clipper(cfg.trainer.clip_grad_norm, self.device)
+        self.ema = build_ema(cfg.trainer.ema, self.model)  # before _resume, which restores it
+        self.best_metric = check_best_metric(cfg.trainer.best_metric, self.ema)
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
@@ -233,6 +244,7 @@ class Trainer:
             return
         ckpt = ckpt or load_checkpoint(path)
         load_model_weights(self.model, ckpt["model"], source=f"trainer.resume={path}")
+        restore_ema(self.ema, ckpt, self.model, f"trainer.resume={path}")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -246,12 +258,12 @@ class Trainer:
         )
         log.info("resumed from %s at iteration %d", path, self.state.iteration)
 
-    def save(self, name: str) -> Path | None:
-        """Rank 0 writes ``checkpoints/<name>.pt`` atomically."""
+    def save(self, name: str, weights: nn.Module | None = None) -> Path | None:
+        """Rank 0 writes ``checkpoints/<name>.pt`` atomically (``"model"``: ``weights``, default the model)."""
         if not self.env.is_main:
             return None
         state = make_checkpoint(
-            self.model.state_dict(),
+            (weights or self.model).state_dict(),
             OmegaConf.to_container(self.cfg, resolve=True),
             self.meta,
             iteration=self.state.iteration,
@@ -261,6 +273,7 @@ class Trainer:
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
             rng=rng_state(),
+            ema=self.ema.module.state_dict() if self.ema is not None else None,
         )
         return save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
 
@@ -273,8 +286,41 @@ class Trainer:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, final: bool = False) -> dict[str, float]:
+        """Evaluate the model (``val/*``) and its EMA (``val_ema/*``); ``best.pt`` follows ``trainer.best_metric``."""
+        result = self._evaluate_weights(self.model, int(self.cfg.trainer.log_images))
+        metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
+        if self.ema is not None:
+            ema_metrics = self._evaluate_weights(self.ema.module, 0).metrics
+            metrics.update({f"{EMA_PREFIX}{k}": float(v) for k, v in ema_metrics.items()})
+        self.state.metrics, self.state.metrics_iteration = metrics, self.state.iteration
+        if self.env.is_main:
+            self.recorder.log(self.state.iteration, metrics)
+            self.logger.log_metrics(metrics, self.state.iteration)
+            self.logger.log_predictions(result.examples, self.meta["palette"], self.state.iteration)
+            ema_miou = metrics.get(f"{EMA_PREFIX}mIoU")
+            log.info(
+                "iter %d: val mIoU %.2f%%  pixel acc %.2f%%%s",
+                self.state.iteration,
+                100 * metrics["val/mIoU"],
+                100 * metrics["val/pixel_acc"],
+                "" if ema_miou is None else f"  EMA mIoU {100 * ema_miou:.2f}%",
+            )
+            if final:  # for the analysis notebook
+                save_eval_artifacts(self.run_dir, result.confmat, result.examples)
+        if self.best_metric not in metrics:
+            raise ConfigError(
+                f"trainer.best_metric={self.best_metric} is not an evaluation metric; "
+                f"available: {sorted(metrics)}"
+            )
+        if metrics[self.best_metric] > self.state.best_miou:
+            self.state.best_miou = metrics[self.best_metric]
+            self.save("best", self.ema.module if self.best_metric.startswith(EMA_PREFIX) else None)
+        return metrics
+
+    def _evaluate_weights(self, model: nn.Module, num_examples: int) -> Any:
+        """The official metric of ``model`` on the validation set (every rank takes part)."""
         data_cfg = self.cfg.dataset
-        broadcast_buffers(self.model)
+        broadcast_buffers(model)
         if self._eval_loader is None:
             self._eval_loader = build_eval_loader(
                 self.val_set,
@@ -284,8 +330,8 @@ class Trainer:
                 world_size=self.env.world_size,
             )
         with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG stream
-            result = evaluate_model(
-                self.model,
+            return evaluate_model(
+                model,
                 self._eval_loader,
                 self.meta["num_classes"],
                 self.meta["ignore_index"],
@@ -293,26 +339,8 @@ class Trainer:
                 self.device,
                 self.cfg.inference,
                 precision=self.precision,
-                num_examples=int(self.cfg.trainer.log_images),
+                num_examples=num_examples,
             )
-        metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
-        self.state.metrics = metrics
-        if self.env.is_main:
-            self.recorder.log(self.state.iteration, metrics)
-            self.logger.log_metrics(metrics, self.state.iteration)
-            self.logger.log_predictions(result.examples, self.meta["palette"], self.state.iteration)
-            log.info(
-                "iter %d: val mIoU %.2f%%  pixel acc %.2f%%",
-                self.state.iteration,
-                100 * metrics["val/mIoU"],
-                100 * metrics["val/pixel_acc"],
-            )
-            if final:  # for the analysis notebook
-                save_eval_artifacts(self.run_dir, result.confmat, result.examples)
-        if metrics["val/mIoU"] > self.state.best_miou:
-            self.state.best_miou = metrics["val/mIoU"]
-            self.save("best")
-        return metrics
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -333,6 +361,7 @@ class Trainer:
                 start_batch=self.state.iteration * self.accumulate,
                 pin_memory=self.device.type == "cuda",
             )
+            batches = fixed_batches(batches, cfg.trainer.debug.overfit_batches)
         log.info(
             f"model: {params / 1e6:.2f}M parameters, {gflops:.1f} GFLOPs forward at "
             f"{crop_h}x{crop_w}; {self.device}, precision {self.precision}, {env.world_size} "
@@ -341,9 +370,11 @@ class Trainer:
         step = functools.partial(
             train_step, self.train_model, batches, self.loss_fn, self.optimizer, self.scheduler,
             self.scaler, self.device, self.precision, self.accumulate, cfg.trainer.channels_last,
+            self.clipper,
         )  # fmt: skip
         preempt = PreemptionFlag()
         preempt.install()
+        debug = DebugSession(cfg.trainer.debug, self.run_dir, self.device, env.rank).start()
         self.train_model.train()
         # The first iteration whose loss was NaN/inf, kept on the device (read at log steps only).
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -370,6 +401,9 @@ class Trainer:
                         f"to keep the global batch) or use trainer.precision=bf16"
                     ) from e
                 self.state.iteration = it = it + 1
+                if self.ema is not None:
+                    self.ema.update(self.model, step=it)
+                debug.step()
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
                 loss_sum += loss
                 n_logged += 1
@@ -406,6 +440,7 @@ class Trainer:
                     return self._finish(t_start, start_iter, params, gflops, last_loss)
             return self._finish(t_start, start_iter, params, gflops, last_loss)
         finally:
+            debug.close()
             bar.close()
             preempt.restore()
             self.logger.finish()
@@ -417,6 +452,8 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": steps * self.global_batch / (time.perf_counter() - t_log),
         }
+        if self.clipper is not None:  # the mean pre-clip gradient norm since the last log step
+            row["grad_norm"] = self.clipper.mean_norm()
         if self.env.is_main:
             self.recorder.log(it, row)
             self.logger.log_metrics({f"train/{k}": v for k, v in row.items()}, it)

@@ -1,12 +1,4 @@
-"""Experiment loggers built from `conf/logger/*.yaml` with `hydra.utils.instantiate`.
-
-The engine calls, on every rank (ranks other than 0 get a `NullLogger`)::
-
-    logger = build_logger(cfg.logger, run_dir, resolved_config_dict, is_main=rank == 0)
-    logger.log_metrics({"loss": 0.9, "lr": 0.01}, step=10)
-    logger.log_predictions(examples, palette, step=100)
-    logger.log_summary({"val/mIoU": 0.41})
-    logger.finish()  # at the end of every job: each multirun job is its own W&B run
+"""The Weights & Biases logger (`logger=wandb`), built by `semseg.tracking.loggers.build_logger`.
 
 W&B must never stop training: any failure (no network, bad key, init error, a dead run) warns
 once and turns the logger into a no-op.
@@ -24,41 +16,6 @@ from typing import Any
 import numpy as np
 
 RUN_ID_FILE = "run_id"  # under <run_dir>/wandb/: lets a resumed run continue the same W&B run
-
-
-class NullLogger:
-    """Logs nothing (`logger=none`, and every rank but 0)."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        # Accepts (and ignores) run_dir / config so the engine can instantiate any logger alike.
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """No-op."""
-
-    def log_predictions(self, examples: list[dict[str, Any]], palette: list, step: int) -> None:
-        """No-op."""
-
-    def log_summary(self, summary: dict[str, Any]) -> None:
-        """No-op."""
-
-    def finish(self) -> None:
-        """No-op."""
-
-
-def build_logger(
-    logger_cfg: Any, run_dir: str | os.PathLike, config: dict[str, Any], is_main: bool = True
-) -> Any:
-    """Instantiate `cfg.logger` (conf/logger/*.yaml) with the run folder and the resolved config.
-
-    Not `instantiate(cfg.logger, config=...)`: `config` is the name of instantiate's own first
-    parameter, so the keyword clashes; a partial takes it instead.
-    """
-    if not is_main:
-        return NullLogger()
-    from hydra.utils import instantiate
-
-    return instantiate(logger_cfg, _partial_=True)(run_dir=str(run_dir), config=config)
 
 
 def git_state(path: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -1,0 +1,258 @@
+"""Segmentation losses (``conf/loss/*.yaml``): cross-entropy as the reference defines it, OHEM, class weights.
+
+``build_loss`` instantiates ``cfg.loss``; ``class_weight: auto`` is replaced by weights computed from
+the training split's class pixel counts (cached next to the data, see :func:`class_pixel_counts`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
+from torch.utils.data import Dataset
+
+from semseg.data import DatasetError
+from semseg.data.transforms import mask_histogram
+from semseg.engine.distributed import barrier
+from semseg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# ENet weighting (Paszke et al., 2016): w_c = 1 / ln(ENET_C + p_c); bounded by 1 / ln(1.02) ~ 50.5.
+ENET_C = 1.02
+
+
+class SegCrossEntropy(nn.Module):
+    """Cross-entropy with an ignore index and optional per-class weights.
+
+    ``normalize="all"`` divides the summed loss by ALL pixels, ignored ones included, as mmseg does
+    (the reference); ``"valid"`` divides by the non-ignored pixels (mmseg's ``avg_non_ignore``; with
+    class weights this is a count of pixels, not PyTorch's sum of their weights).
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        normalize: str = "all",
+        class_weight: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        if normalize not in ("all", "valid"):
+            raise ConfigError(f"loss.normalize must be 'all' or 'valid', got {normalize!r}")
+        self.ignore_index, self.normalize = ignore_index, normalize
+        weight = (
+            None if class_weight is None else torch.tensor(list(class_weight), dtype=torch.float)
+        )
+        self.register_buffer("class_weight", weight, persistent=False)
+
+    def denominator(self, target: torch.Tensor) -> torch.Tensor | int:
+        """What the summed per-pixel loss is divided by (stays on the device: no host sync)."""
+        if self.normalize == "all":
+            return target.numel()
+        return (target != self.ignore_index).sum().clamp_min(1)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(
+            logits.float(),
+            target,
+            weight=self.class_weight,
+            ignore_index=self.ignore_index,
+            reduction="sum",
+        )
+        return loss / self.denominator(target)
+
+
+class OhemCrossEntropy(SegCrossEntropy):
+    """Cross-entropy over the hard pixels only, with mmseg's ``OHEMPixelSampler`` semantics.
+
+    A valid pixel is kept when the softmax probability of its true class is below
+    ``max(thresh, p_k)``, where p_k is the (``min_kept`` x images)-th smallest of those
+    probabilities in the batch (the last one when there are fewer valid pixels): at least
+    ``min_kept`` pixels per image take part. The kept pixels' losses are summed and normalised as in
+    :class:`SegCrossEntropy`. When ``min_kept`` is at least the pixels of an image every pixel would
+    be kept: a warning, once, and the batch is plain cross-entropy.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        normalize: str = "all",
+        class_weight: Sequence[float] | None = None,
+        thresh: float = 0.7,
+        min_kept: int = 100000,
+    ) -> None:
+        super().__init__(ignore_index, normalize, class_weight)
+        if not 0 < thresh <= 1:
+            raise ConfigError(f"loss.thresh={thresh} must be in (0, 1]")
+        if min_kept < 1:
+            raise ConfigError(f"loss.min_kept={min_kept} must be >= 1")
+        self.thresh, self.min_kept = float(thresh), int(min_kept)
+        self._warned = False
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        batch_kept = self.min_kept * target.shape[0]
+        if batch_kept >= target.numel():  # shapes only: no host sync
+            if not self._warned:
+                log.warning(
+                    "loss.min_kept=%d is not below the %d pixels of an image: every pixel is kept, "
+                    "so this run trains with plain cross-entropy (lower loss.min_kept for OHEM)",
+                    self.min_kept,
+                    target[0].numel(),
+                )
+                self._warned = True
+            return super().forward(logits, target)
+        valid = target != self.ignore_index
+        safe_target = target.masked_fill(~valid, 0)
+        per_pixel = F.cross_entropy(logits.float(), safe_target, reduction="none")
+        with torch.no_grad():
+            prob = torch.exp(-per_pixel).masked_fill(~valid, 2.0)  # invalid pixels sort last
+            smallest = prob.flatten().topk(batch_kept + 1, largest=False).values
+            position = (valid.sum() - 1).clamp(0, batch_kept)
+            threshold = smallest[position].clamp_min(self.thresh)
+            kept = valid & (prob < threshold)
+        weight = kept.float()
+        if self.class_weight is not None:
+            weight = weight * self.class_weight[safe_target]
+        return (per_pixel * weight).sum() / self.denominator(target)
+
+
+# --------------------------------------------------------------------------------------------
+# Class weights from the training split
+
+
+def class_pixel_counts(
+    dataset: Dataset, cache_dirs: Sequence[str | os.PathLike], is_main: bool = True
+) -> np.ndarray:
+    """Pixels of each class in the labels of ``dataset`` (the training split).
+
+    The same histogram as ``scripts/check_dataset.py`` prints, over the untransformed label maps.
+    The main process counts (reading every label once) and caches the result as
+    ``class_pixels_<split>.json`` in the first writable folder of ``cache_dirs``; the cache is reused
+    while the split has the same number of labelled images. Every rank gets the counts.
+    """
+    split, num_classes = str(dataset.split), int(dataset.num_classes)
+    name = f"class_pixels_{split}.json"
+    key = {
+        "split": split,
+        "num_classes": num_classes,
+        "ignore_index": int(dataset.ignore_index),
+        "images": len(dataset),
+    }
+
+    def cached() -> np.ndarray | None:
+        for folder in cache_dirs:
+            try:
+                saved = json.loads((Path(folder) / name).read_text())
+            except (OSError, ValueError):
+                continue
+            if {k: saved.get(k) for k in key} == key:
+                return np.asarray(saved["class_pixels"], dtype=np.int64)
+        return None
+
+    counts = cached() if is_main else None
+    if is_main and counts is None:
+        if not dataset.has_labels:
+            raise DatasetError(
+                f"loss.class_weight=auto counts class pixels in the labels of the {split} split, "
+                "which has none: give loss.class_weight=[...] instead"
+            )
+        log.info(
+            "counting class pixels in %d labels of %s (once; cached as %s)",
+            len(dataset),
+            split,
+            name,
+        )
+        with ThreadPoolExecutor(4) as pool:  # cv2 decodes release the GIL
+            hists = pool.map(
+                lambda i: mask_histogram(dataset.read_label(i)[0]), range(len(dataset))
+            )
+            counts = np.sum(list(hists), axis=0)[:num_classes]
+        _write_cache({**key, "class_pixels": counts.tolist()}, cache_dirs, name)
+    barrier()  # the other ranks read what the main process cached
+    if counts is None:
+        counts = cached()
+        if counts is None:
+            raise DatasetError(f"cannot read the class pixel counts {name} the main process wrote")
+    return counts
+
+
+def _write_cache(
+    content: dict[str, Any], cache_dirs: Sequence[str | os.PathLike], name: str
+) -> None:
+    for folder in cache_dirs:
+        path = Path(folder) / name
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(content))
+            os.replace(tmp, path)
+            return
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    log.warning("could not cache %s in any of %s", name, [str(d) for d in cache_dirs])
+
+
+def enet_class_weights(class_pixels: Sequence[int] | np.ndarray) -> list[float]:
+    """w_c = 1 / ln(1.02 + p_c), p_c the class's share of labelled pixels, scaled to mean 1."""
+    pixels = np.asarray(class_pixels, dtype=np.float64)
+    share = pixels / max(pixels.sum(), 1.0)
+    weight = 1.0 / np.log(ENET_C + share)
+    return (weight * len(weight) / weight.sum()).tolist()
+
+
+def resolve_class_weight(
+    value: Any,
+    train_set: Dataset,
+    cache_dirs: Sequence[str | os.PathLike],
+    is_main: bool = True,
+) -> list[float]:
+    """``auto`` -> weights from the train split's pixel counts; a list is checked and passed on."""
+    num_classes = int(train_set.num_classes)
+    if value == "auto":
+        weights = enet_class_weights(class_pixel_counts(train_set, cache_dirs, is_main))
+        log.info("class weights (loss.class_weight=auto): %s", [round(w, 3) for w in weights])
+        return weights
+    if isinstance(value, ListConfig):
+        value = OmegaConf.to_container(value)
+    allowed = f"auto or a list of {num_classes} numbers > 0 (dataset.num_classes)"
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"loss.class_weight={value!r} must be {allowed}")
+    try:
+        weights = [float(w) for w in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"loss.class_weight={value!r} must be {allowed}") from None
+    if len(weights) != num_classes or not all(w > 0 and math.isfinite(w) for w in weights):
+        raise ConfigError(f"loss.class_weight has {len(weights)} values; it must be {allowed}")
+    return weights
+
+
+def build_loss(
+    loss_cfg: DictConfig,
+    train_set: Dataset,
+    run_dir: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    is_main: bool = True,
+) -> nn.Module:
+    """Instantiate ``cfg.loss`` on ``device``, resolving ``class_weight`` when the config has one.
+
+    ``train_set`` (its labels, split, ``num_classes``) is read only for ``class_weight: auto``;
+    the counts are cached in its root, else in ``run_dir``.
+    """
+    overrides: dict[str, Any] = {}
+    if loss_cfg.get("class_weight") is not None:
+        overrides["class_weight"] = resolve_class_weight(
+            loss_cfg.class_weight, train_set, [train_set.root, run_dir], is_main
+        )
+    return instantiate(loss_cfg, **overrides).to(device)

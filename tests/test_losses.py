@@ -1,0 +1,158 @@
+"""The loss group: reference cross-entropy, OHEM against a hand-computed case, class weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_entry, smoke_overrides
+from omegaconf import OmegaConf
+
+from semseg.engine.losses import (
+    OhemCrossEntropy,
+    SegCrossEntropy,
+    build_loss,
+    class_pixel_counts,
+    enet_class_weights,
+)
+from semseg.errors import ConfigError
+
+# One image, 2 classes, 6 pixels; the true class (0) has these softmax probabilities, one is ignored.
+PROBS = [0.9, 0.6, 0.8, 0.95, 0.3, 0.5]
+TARGET = torch.tensor([[[0, 0, 0], [0, 255, 0]]])
+
+
+def two_class_logits(probs: list[float]) -> torch.Tensor:
+    p = torch.tensor(probs, dtype=torch.float64).reshape(1, 1, 2, 3)
+    return torch.cat([p.log(), (1 - p).log()], dim=1).float()
+
+
+def test_ohem_keeps_the_pixels_mmseg_keeps():
+    # Valid probabilities sorted: 0.5 0.6 0.8 0.9 0.95. min_kept=1: p_k = sorted[1] = 0.6 < thresh 0.7,
+    # so the threshold is 0.7 and 0.5, 0.6 are kept. min_kept=3: p_k = sorted[3] = 0.9 wins, and
+    # 0.5, 0.6, 0.8 are kept (0.9 itself is not below it). mmseg divides by all 6 pixels.
+    logits = two_class_logits(PROBS)
+    nll = {p: -math.log(p) for p in PROBS}
+    cases = {1: (nll[0.5] + nll[0.6]) / 6, 3: (nll[0.5] + nll[0.6] + nll[0.8]) / 6}
+    for min_kept, expected in cases.items():
+        loss = OhemCrossEntropy(thresh=0.7, min_kept=min_kept)(logits, TARGET)
+        assert loss.item() == pytest.approx(expected, rel=1e-5), min_kept
+    valid = OhemCrossEntropy(thresh=0.7, min_kept=1, normalize="valid")(logits, TARGET)
+    assert valid.item() == pytest.approx((nll[0.5] + nll[0.6]) / 5, rel=1e-5)
+    # Only the kept pixels get a gradient.
+    logits.requires_grad_(True)
+    OhemCrossEntropy(thresh=0.7, min_kept=1)(logits, TARGET).backward()
+    touched = logits.grad.abs().sum(1).flatten().nonzero().flatten().tolist()
+    assert touched == [1, 5]
+
+
+def test_ohem_with_min_kept_above_the_pixels_warns_once_and_is_plain_ce(caplog):
+    logits = two_class_logits(PROBS)
+    ohem = OhemCrossEntropy(min_kept=100000)
+    with caplog.at_level(logging.WARNING):
+        first, second = ohem(logits, TARGET), ohem(logits, TARGET)
+    assert first.item() == pytest.approx(SegCrossEntropy()(logits, TARGET).item(), rel=1e-6)
+    assert second.item() == first.item()
+    warnings = [r for r in caplog.records if "loss.min_kept=100000" in r.getMessage()]
+    assert len(warnings) == 1 and "plain cross-entropy" in warnings[0].getMessage()
+
+
+def test_class_weights_follow_mmseg_normalisation():
+    logits = torch.randn(2, 3, 4, 5)
+    target = torch.randint(0, 3, (2, 4, 5))
+    target[0, 0] = 255
+    weight = [0.5, 2.0, 1.0]
+    per_pixel = torch.nn.functional.cross_entropy(
+        logits, target, ignore_index=255, reduction="none"
+    )
+    w = torch.tensor(weight)[target.clamp(max=2)] * (target != 255)
+    loss_all = SegCrossEntropy(class_weight=weight)(logits, target)
+    loss_valid = SegCrossEntropy(class_weight=weight, normalize="valid")(logits, target)
+    assert loss_all.item() == pytest.approx((per_pixel * w).sum().item() / target.numel(), rel=1e-5)
+    assert loss_valid.item() == pytest.approx(
+        (per_pixel * w).sum().item() / (target != 255).sum().item(), rel=1e-5
+    )
+
+
+def test_enet_weights_formula():
+    counts = [600, 300, 100, 0]
+    weights = enet_class_weights(counts)
+    raw = [1 / math.log(1.02 + c / 1000) for c in counts]
+    assert weights == pytest.approx([r * 4 / sum(raw) for r in raw])
+    assert (
+        np.mean(weights) == pytest.approx(1.0) and weights[0] < weights[1] < weights[2] < weights[3]
+    )
+
+
+def loss_cfg(name: str, **overrides: object):
+    cfg = OmegaConf.create(
+        {"dataset": {"ignore_index": 255}, "loss": OmegaConf.load(REPO / f"conf/loss/{name}.yaml")}
+    )
+    for key, value in overrides.items():
+        cfg.loss[key] = value
+    return cfg.loss
+
+
+def test_default_loss_is_the_reference():
+    loss = build_loss(loss_cfg("ce"), train_set=None, run_dir="/nowhere")
+    assert type(loss) is SegCrossEntropy and loss.normalize == "all" and loss.class_weight is None
+
+
+def test_auto_class_weights_count_the_train_split_once(toy_root, tmp_path):
+    from test_config import compose_train
+
+    from semseg.data import build_dataset
+
+    cfg = compose_train("experiment=smoke", f"dataset.root={toy_root}", "loss=ce_weighted")
+    train_set = build_dataset(cfg.dataset, "train", train=True)
+    cache = toy_root / "class_pixels_train.json"
+    cache.unlink(missing_ok=True)
+    loss = build_loss(cfg.loss, train_set, tmp_path)
+    # The counts are the masks' histograms, as the dataset checker computes them.
+    from semseg.data.transforms import mask_histogram
+
+    expected = sum(mask_histogram(train_set.read_label(i)[0]) for i in range(len(train_set)))
+    saved = json.loads(cache.read_text())
+    assert saved["class_pixels"] == expected[:19].tolist() and saved["images"] == len(train_set)
+    assert loss.class_weight.tolist() == pytest.approx(enet_class_weights(expected[:19]))
+    # A second build reads the cache (a changed cache shows that it is read, not recounted).
+    saved["class_pixels"] = [1] * 19
+    cache.write_text(json.dumps(saved))
+    assert class_pixel_counts(train_set, [toy_root]).tolist() == [1] * 19
+    cache.unlink()
+
+
+def test_class_weights_of_the_wrong_length_name_the_key(toy_root):
+    from test_config import compose_train
+
+    from semseg.data import build_dataset
+
+    cfg = compose_train("experiment=smoke", f"dataset.root={toy_root}", "loss=ce_weighted")
+    train_set = build_dataset(cfg.dataset, "train", train=True)
+    for bad in ([1.0, 2.0], [1.0] * 18 + [-1.0], "often"):
+        cfg.loss.class_weight = bad
+        with pytest.raises(ConfigError, match=r"loss.class_weight.*19 numbers > 0"):
+            build_loss(cfg.loss, train_set, "/nowhere")
+    cfg.loss.class_weight = [2.0] * 19
+    assert build_loss(cfg.loss, train_set, "/nowhere").class_weight.tolist() == [2.0] * 19
+
+
+def test_ohem_and_weighted_runs(toy_root: Path, tmp_path: Path):
+    """One short run each: OHEM that really mines (64x64 crops, min_kept 500) and auto weights."""
+    for name, extra in (("ohem", ["loss.min_kept=500"]), ("ce_weighted", [])):
+        run_dir = tmp_path / name
+        run_entry(
+            "train.py",
+            *smoke_overrides(
+                toy_root, run_dir, f"loss={name}", *extra, "trainer.eval_at_end=false"
+            ),
+        )
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [2, 4] and all(math.isfinite(r["loss"]) for r in rows)
+        assert "plain cross-entropy" not in (run_dir / "train.log").read_text()
+    assert (toy_root / "class_pixels_train.json").is_file()
