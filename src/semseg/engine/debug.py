@@ -98,7 +98,7 @@ class DebugSession:
         self.traced = True
         if self.rank != 0:
             return
-        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort_by = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = prof.key_averages().table(
             sort_by=sort_by, row_limit=int(self.profile_cfg.get("row_limit", 15))
         )
