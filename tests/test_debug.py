@@ -60,7 +60,16 @@ def test_anomaly_profile_and_fast_presets(toy_root, tmp_path):
     assert "profile of 3 steps" in profiled.stderr + profiled.stdout
 
     fast_dir = tmp_path / "fast"
-    run_entry("train.py", *smoke_overrides(toy_root, fast_dir, "debug=fast", "logger=tensorboard"))
+    run_entry(
+        "train.py",
+        *smoke_overrides(
+            toy_root,
+            fast_dir,
+            "debug=fast",
+            "logger=tensorboard",
+            "trainer.debug.eval_images=2",  # a subset of the 4 toy val images
+        ),
+    )
     rows = read_jsonl(fast_dir / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if "val/mIoU" in r] == [3, 6]
