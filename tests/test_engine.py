@@ -234,6 +234,9 @@ def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path):
     assert 3 <= stopped_at < 100000
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped_at
     assert "continue with trainer.resume=auto" in out
+    # An honest ending: where it stopped and why; "final" is kept for runs that finished.
+    assert f"stopped at iteration {stopped_at} of 100000 by signal SIGTERM" in out
+    assert "final val mIoU" not in out
 
     run_entry(
         "train.py",

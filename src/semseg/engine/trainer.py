@@ -9,14 +9,12 @@ import contextlib
 import functools
 import logging
 import math
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -28,6 +26,7 @@ from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint, pru
 from semseg.engine.debug import DebugSession, first_images, fixed_batches
 from semseg.engine.distributed import (
     DistEnv,
+    all_gather_object,
     all_reduce_max,
     barrier,
     broadcast_buffers,
@@ -36,6 +35,12 @@ from semseg.engine.distributed import (
 from semseg.engine.ema import EMA_PREFIX, build_ema, check_best_metric, restore_ema
 from semseg.engine.losses import build_loss
 from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
+from semseg.engine.resume import (
+    check_resume_config,
+    restore_rank_rng,
+    rng_state,
+    seed_everything,
+)
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
@@ -46,9 +51,13 @@ from semseg.models.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
-from semseg.runtime import PRECISIONS, autocast, configure_backends, resolve_precision  # noqa: F401 (re-exported)
+from semseg.runtime import (
+    autocast,
+    configure_backends,
+    resolve_channels_last,
+    resolve_precision,
+)
 from semseg.tracking import RunRecorder, build_logger
-from semseg.tracking.runs import save_eval_artifacts
 
 log = logging.getLogger(__name__)
 
@@ -59,34 +68,6 @@ class NonFiniteLossError(UserError):
 
 # --------------------------------------------------------------------------------------------
 # Small pieces
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-        "numpy_pos": np.random.get_state()[2],
-        "python": list(random.getstate()[1]),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(
-        ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
-    )
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class PreemptionFlag:
@@ -116,6 +97,7 @@ class TrainState:
     iteration: int = 0
     best_miou: float = -1.0
     metrics: dict[str, float] = field(default_factory=dict)
+    metrics_iteration: int | None = None  # the iteration ``metrics`` were evaluated at
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +159,9 @@ class Trainer:
         self.device = self.env.device
         self.run_dir = Path(cfg.paths.output_dir)
         self.precision = resolve_precision(cfg.trainer.precision, self.device)
+        self.channels_last = resolve_channels_last(
+            cfg.trainer.channels_last, self.device, self.precision
+        )
         self.accumulate = int(cfg.trainer.accumulate)
         self.global_batch = int(cfg.dataset.batch_size) * self.env.world_size * self.accumulate
         configure_backends(self.device)
@@ -193,7 +178,7 @@ class Trainer:
         self.meta = dataset_meta(data_cfg)  # class names and palette travel with every checkpoint
 
         self.model = build_model(cfg).to(self.device)
-        if cfg.trainer.channels_last:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.env.distributed and self.device.type == "cuda" and cfg.trainer.sync_bn:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -207,11 +192,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
+        if self.env.rank != 0:  # each rank its own dropout stream; a resume restores them all
+            torch.manual_seed(cfg.seed * 1000 + self.env.rank * 7919)
         self._resume()
-        if (
-            self.env.rank != 0
-        ):  # rank 0's RNG was restored; the others get their own dropout streams
-            torch.manual_seed(cfg.seed * 1000 + self.env.rank * 7919 + self.state.iteration)
 
         self.train_model: nn.Module = self.model
         if self.env.distributed:
@@ -243,23 +226,66 @@ class Trainer:
             )
             return
         ckpt = ckpt or load_checkpoint(path)
+        check_resume_config(
+            ckpt.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True), str(path)
+        )
         load_model_weights(self.model, ckpt["model"], source=f"trainer.resume={path}")
         restore_ema(self.ema, ckpt, self.model, f"trainer.resume={path}")
+        # Moments and step counts come from the checkpoint, hyper-parameters from this run's config.
+        config_hparams = [
+            {k: v for k, v in group.items() if k != "params"}
+            for group in self.optimizer.param_groups
+        ]
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        for group, hparams in zip(self.optimizer.param_groups, config_hparams):
+            group.update(hparams)
+        iteration = int(ckpt["iteration"])
+        # Rebuilt, not loaded: LambdaLR.load_state_dict would bring back the old schedule's fields.
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, start_iter=iteration)
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("rng"):
-            set_rng_state(ckpt["rng"])
+        if not restore_rank_rng(ckpt, self.env.rank, self.env.world_size):
+            log.warning(
+                "%s holds no RNG state for rank %d of %d processes: this rank's random streams "
+                "start fresh (the resumed run is not bit-exact)",
+                path,
+                self.env.rank,
+                self.env.world_size,
+            )
+        self._check_data_position(ckpt.get("data_position"), path)
         self.state = TrainState(
-            int(ckpt["iteration"]),
+            iteration,
             float(ckpt.get("best_miou", -1.0)),
             dict(ckpt.get("metrics", {})),
+            ckpt.get("metrics_iteration"),
         )
         log.info("resumed from %s at iteration %d", path, self.state.iteration)
 
+    def _data_position(self) -> dict[str, int]:
+        """Where each rank is in its data stream (a pure function of these numbers, data/loader.py)."""
+        return {
+            "batches": self.state.iteration * self.accumulate,
+            "batch_size": int(self.cfg.dataset.batch_size),
+            "world_size": self.env.world_size,
+            "seed": int(self.cfg.seed),
+        }
+
+    def _check_data_position(self, saved: dict[str, int] | None, path: Path) -> None:
+        if not saved:
+            return
+        now = {**self._data_position(), "batches": saved["batches"]}
+        changed = {k: (v, now[k]) for k, v in saved.items() if now.get(k) != v}
+        if changed:
+            log.warning(
+                "%s: the data stream differs from the checkpoint's (%s): the resumed run sees "
+                "other samples than an uninterrupted one would",
+                path,
+                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+            )
+
     def save(self, name: str, weights: nn.Module | None = None) -> Path | None:
         """Rank 0 writes ``checkpoints/<name>.pt`` atomically (``"model"``: ``weights``, default the model)."""
+        rng_per_rank = all_gather_object(rng_state())  # collective: every rank calls save()
         if not self.env.is_main:
             return None
         state = make_checkpoint(
@@ -272,8 +298,11 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            rng=rng_state(),
+            rng=rng_per_rank[0],
             ema=self.ema.module.state_dict() if self.ema is not None else None,
+            rng_per_rank=rng_per_rank,
+            data_position=self._data_position(),
+            metrics_iteration=self.state.metrics_iteration,
         )
         return save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
 
@@ -306,6 +335,9 @@ class Trainer:
                 "" if ema_miou is None else f"  EMA mIoU {100 * ema_miou:.2f}%",
             )
             if final:  # for the analysis notebook
+                # Here, not at the top: tracking.runs brings pandas, which start-up does without.
+                from semseg.tracking.runs import save_eval_artifacts
+
                 save_eval_artifacts(self.run_dir, result.confmat, result.examples)
         if self.best_metric not in metrics:
             raise ConfigError(
@@ -369,7 +401,7 @@ class Trainer:
         )
         step = functools.partial(
             train_step, self.train_model, batches, self.loss_fn, self.optimizer, self.scheduler,
-            self.scaler, self.device, self.precision, self.accumulate, cfg.trainer.channels_last,
+            self.scaler, self.device, self.precision, self.accumulate, self.channels_last,
             self.clipper,
         )  # fmt: skip
         preempt = PreemptionFlag()
@@ -430,14 +462,9 @@ class Trainer:
                     self._stop_if_non_finite(first_bad)
                     if not at_ckpt:
                         self.checkpoint()
-                    log.warning(
-                        "signal %s: saved checkpoints/last.pt at iteration %d; continue with "
-                        "trainer.resume=auto hydra.run.dir=%s",
-                        preempt.signum,
-                        it,
-                        self.run_dir,
+                    return self._finish(
+                        t_start, start_iter, params, gflops, last_loss, signum=preempt.signum
                     )
-                    return self._finish(t_start, start_iter, params, gflops, last_loss)
             return self._finish(t_start, start_iter, params, gflops, last_loss)
         finally:
             debug.close()
@@ -492,6 +519,7 @@ class Trainer:
         params: int,
         gflops: float,
         last_loss: float,
+        signum: int | None = None,
     ) -> dict[str, Any]:
         wall = time.perf_counter() - t_start
         steps = self.state.iteration - start_iter
@@ -507,13 +535,29 @@ class Trainer:
         if self.env.is_main:
             self.recorder.write_summary(summary)
             self.logger.log_summary(summary)
-            if "val/mIoU" in summary:
+            if signum is not None:
+                log.warning(self._stopped_message(signum))
+            elif "val/mIoU" in summary:
                 log.info(
                     "final val mIoU: %.2f%% (run folder %s)",
                     100 * summary["val/mIoU"],
                     self.run_dir,
                 )
         return summary
+
+    def _stopped_message(self, signum: int) -> str:
+        """The last line of a preempted run: where it stopped, its last evaluation, how to go on."""
+        state = self.state
+        last_eval = (
+            f"last val mIoU {100 * state.metrics['val/mIoU']:.2f}% (iteration {state.metrics_iteration})"
+            if "val/mIoU" in state.metrics
+            else "no evaluation yet"
+        )
+        return (
+            f"stopped at iteration {state.iteration} of {self.cfg.schedule.max_iters} by signal "
+            f"{signal.Signals(signum).name}; {last_eval}; checkpoints/last.pt saved; continue with "
+            f"trainer.resume=auto hydra.run.dir={self.run_dir}"
+        )
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
