@@ -53,6 +53,37 @@ def decode_scalabel_rle(
     return mask
 
 
+def encode_scalabel_frame(
+    image_name: str, mask: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
+    """The Scalabel frame of one HxW label map: a label per class present, its pixels as COCO RLE.
+
+    Values outside ``0..len(class_names)-1`` (255 = ignore) get no label, so they decode back to
+    the ignore index, as the toolkit does.
+    """
+    from pycocotools import mask as mask_utils
+
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"mask of {image_name} must be HxW, got shape {mask.shape}")
+    labels = []
+    for class_id in np.unique(mask).tolist():
+        if class_id >= len(class_names):
+            continue
+        rle = mask_utils.encode(np.asfortranarray(mask == class_id, dtype=np.uint8))
+        labels.append(
+            {
+                "id": str(len(labels)),
+                "category": class_names[class_id],
+                "rle": {
+                    "counts": rle["counts"].decode("ascii"),
+                    "size": list(map(int, rle["size"])),
+                },
+            }
+        )
+    return {"name": image_name, "labels": labels}
+
+
 class BDD100KDataset(SegmentationDataset):
     """BDD100K's layout; labels from the PNG masks (`labels="masks"`) or the RLE JSON ("rles")."""
 

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from semseg.data.bdd100k import IMAGE_DIR, MASK_DIR, RLE_FILE
+from semseg.data.bdd100k import IMAGE_DIR, MASK_DIR, RLE_FILE, encode_scalabel_frame
 from semseg.data.cityscapes import (
     CITYSCAPES_LABELS,
     ID_TO_TRAIN_ID,
@@ -81,7 +81,7 @@ class BDD100KToyLayout(ToyLayout):
         if split in self.frames:
             _imwrite(self.root / MASK_DIR / split / f"{name}.png", label)
             _imwrite(self.root / COLORMAP_DIR / split / f"{name}.png", self.colours[label])
-            self.frames[split].append(_encode_rle_frame(name, label, self.class_names))
+            self.frames[split].append(encode_scalabel_frame(f"{name}.jpg", label, self.class_names))
 
     def finish(self) -> None:
         for split, frames in self.frames.items():
@@ -119,28 +119,6 @@ class FolderToyLayout(ToyLayout):
         _imwrite(self.root / "images" / split / f"{name}.jpg", image, cv2.IMWRITE_JPEG_QUALITY, 92)
         if split != "test":
             _imwrite(self.root / "masks" / split / f"{name}.png", label)
-
-
-def _encode_rle_frame(name: str, mask: np.ndarray, class_names: Sequence[str]) -> dict:
-    """Scalabel frame: one label per present class with a COCO RLE of its pixels."""
-    from pycocotools import mask as mask_utils
-
-    labels = []
-    for cid in np.unique(mask):
-        if cid == IGNORE:
-            continue
-        rle = mask_utils.encode(np.asfortranarray((mask == cid).astype(np.uint8)))
-        labels.append(
-            {
-                "id": str(len(labels)),
-                "category": class_names[int(cid)],
-                "rle": {
-                    "counts": rle["counts"].decode("ascii"),
-                    "size": [int(v) for v in rle["size"]],
-                },
-            }
-        )
-    return {"name": f"{name}.jpg", "labels": labels}
 
 
 # Raw ids the Cityscapes toy gives its unlabelled blobs, in turn: every untrained id except the

@@ -23,39 +23,8 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from semseg.data.bdd100k import DatasetError, decode_scalabel_rle
+from semseg.data.bdd100k import DatasetError, decode_scalabel_rle, encode_scalabel_frame
 from semseg.evaluation.metrics import EvaluationError, SegmentationMetric, _read_mask, summarize
-
-
-def encode_scalabel_frame(
-    image_name: str, mask: np.ndarray, class_names: Sequence[str]
-) -> dict[str, Any]:
-    """The Scalabel frame of one HxW label map: a label per class present, its pixels as COCO RLE.
-
-    Values outside ``0..len(class_names)-1`` (255 = ignore) get no label, so they decode back to
-    the ignore index, as the toolkit does.
-    """
-    from pycocotools import mask as mask_utils
-
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask of {image_name} must be HxW, got shape {mask.shape}")
-    labels = []
-    for class_id in np.unique(mask).tolist():
-        if class_id >= len(class_names):
-            continue
-        rle = mask_utils.encode(np.asfortranarray(mask == class_id, dtype=np.uint8))
-        labels.append(
-            {
-                "id": str(len(labels)),
-                "category": class_names[class_id],
-                "rle": {
-                    "counts": rle["counts"].decode("ascii"),
-                    "size": list(map(int, rle["size"])),
-                },
-            }
-        )
-    return {"name": image_name, "labels": labels}
 
 
 class ScalabelWriter:
