@@ -112,7 +112,7 @@ def inference_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _memory_format(model: nn.Module) -> torch.memory_format:
+def model_memory_format(model: nn.Module) -> torch.memory_format:
     """channels_last if the model's conv weights are stored that way (inputs should match)."""
     for p in model.parameters():
         if p.dim() == 4:
@@ -154,7 +154,7 @@ def evaluate_model(
     was_training = net.training
     net.eval()
     kwargs = inference_kwargs(inference_cfg)
-    memory_format = _memory_format(net)
+    memory_format = model_memory_format(net)
     metric = SegmentationMetric(num_classes, ignore_index).to(device)
     examples: list[dict[str, Any]] = []
     try:

@@ -129,7 +129,7 @@ def summarize(
     return metrics
 
 
-def _read_mask(path: Path, what: str) -> np.ndarray:
+def read_mask(path: Path, what: str) -> np.ndarray:
     """A single-channel 8-bit PNG as an HxW uint8 array, or an :class:`EvaluationError`."""
     try:
         with Image.open(path) as img:
@@ -170,9 +170,9 @@ def evaluate_mask_folders(
     pred_files = _png_files(Path(pred_dir), "prediction", "pred_dir")
     metric = SegmentationMetric(num_classes, ignore_index, sync_on_compute=False)
     for name, gt_path in gt_files.items():
-        gt = _read_mask(gt_path, "ground truth")
+        gt = read_mask(gt_path, "ground truth")
         if name in pred_files:
-            pred = _read_mask(pred_files[name], "prediction")
+            pred = read_mask(pred_files[name], "prediction")
             if pred.shape != gt.shape:
                 raise EvaluationError(
                     f"prediction {pred_files[name]} has size {pred.shape[1]}x{pred.shape[0]} (WxH) "

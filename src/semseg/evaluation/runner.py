@@ -53,7 +53,9 @@ def _output_dir(cfg: DictConfig) -> Path:
         raise ConfigError("set output_dir=<folder> (no Hydra run folder to write into)") from e
 
 
-def _load_model(cfg: DictConfig, device: torch.device) -> tuple[torch.nn.Module, dict, DictConfig]:
+def load_inference_model(
+    cfg: DictConfig, device: torch.device
+) -> tuple[torch.nn.Module, dict, DictConfig]:
     """The checkpoint's model (eval mode, on ``device``), its meta (class names, palette) and the
     dataset config to read with: ``cfg.dataset`` resolved, its evaluation scale defaulting to the
     scale the checkpoint was trained at (an explicit ``dataset.test_pipeline.scale`` wins)."""
@@ -127,7 +129,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("checkpoint"):
         device = resolve_device(cfg.get("device", "auto"))
         configure_backends(device)
-        model, meta, dataset_cfg = _load_model(cfg, device)
+        model, meta, dataset_cfg = load_inference_model(cfg, device)
         class_names = list(meta["class_names"])
         _check_classes(cfg, class_names)
         scale = eval_scale(dataset_cfg)
@@ -233,7 +235,7 @@ def run_predict(cfg: DictConfig) -> Path:
     files = _image_files(Path(cfg.input_dir)) if cfg.get("input_dir") else None
     device = resolve_device(cfg.get("device", "auto"))
     configure_backends(device)
-    model, meta, dataset_cfg = _load_model(cfg, device)
+    model, meta, dataset_cfg = load_inference_model(cfg, device)
     scale = eval_scale(dataset_cfg)
     log.info("predicting at scale %s", "x".join(map(str, scale)) if scale else "native")
     if files is not None:

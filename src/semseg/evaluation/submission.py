@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from semseg.data.bdd100k import DatasetError, decode_scalabel_rle, encode_scalabel_frame
-from semseg.evaluation.metrics import EvaluationError, SegmentationMetric, _read_mask, summarize
+from semseg.evaluation.metrics import EvaluationError, SegmentationMetric, read_mask, summarize
 
 
 class ScalabelWriter:
@@ -100,7 +100,7 @@ def evaluate_rle_file(
     class_ids = {name: i for i, name in enumerate(class_names)}
     metric = SegmentationMetric(num_classes, ignore_index, sync_on_compute=False)
     for gt_path in gt_files:
-        gt = _read_mask(gt_path, "ground truth")  # read as evaluate_mask_folders reads it
+        gt = read_mask(gt_path, "ground truth")  # read as evaluate_mask_folders reads it
         frame = frames.get(gt_path.stem)
         if frame is None:
             pred = np.full_like(gt, num_classes)  # "ignored" everywhere: every pixel a miss

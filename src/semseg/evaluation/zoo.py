@@ -40,13 +40,13 @@ from semseg.data import eval_scale
 from semseg.errors import CheckpointError, ConfigError
 from semseg.evaluation.export import colorize, overlay
 from semseg.evaluation.inference import (
-    _memory_format,
     inference_kwargs,
+    model_memory_format,
     predict_logits,
     resize_bilinear,
 )
 from semseg.evaluation.metrics import SegmentationMetric, format_table, summarize
-from semseg.evaluation.runner import _load_model
+from semseg.evaluation.runner import load_inference_model
 from semseg.evaluation.submission import ScalabelWriter, zip_masks
 from semseg.runtime import autocast, configure_backends, resolve_device
 
@@ -138,7 +138,7 @@ def _predictions(
     """(batch, class ids NxHxW at :func:`_output_size`) per batch, with a progress bar; computed
     as :func:`semseg.evaluation.inference.evaluate_model` computes them, so the scores agree."""
     device = next(model.parameters()).device
-    memory_format = _memory_format(model)
+    memory_format = model_memory_format(model)
     kwargs = inference_kwargs(inference_cfg)
     bar = tqdm(total=len(loader.dataset), desc=desc, unit="img", disable=not progress)
     with torch.inference_mode(), autocast(device, inference_cfg.get("precision", "auto")):
@@ -285,7 +285,7 @@ def build_model_zoo_row(cfg: DictConfig) -> Path:
     device = resolve_device(cfg.get("device", "auto"))
     configure_backends(device)
     # Loaded as src/evaluate.py loads it (layout policy, evaluation scale): the same numbers.
-    model, meta, dataset_cfg = _load_model(
+    model, meta, dataset_cfg = load_inference_model(
         OmegaConf.create(
             {"checkpoint": str(ckpt_path), "inference": cfg.inference,
              "dataset": _dataset_config(config, cfg.get("dataset"))}
