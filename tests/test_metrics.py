@@ -151,6 +151,9 @@ def test_folder_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    # Forked from the test process: one intra-op thread, as in DataLoader's forked workers, because
+    # the parent's OpenMP pool does not survive a fork and a parallel kernel would wait for it.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         gt, pred = random_pair(np.random.default_rng(2), shape=(3, 16, 16))
@@ -164,9 +167,17 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_confmat_is_summed_across_gloo_ranks(tmp_path: Path) -> None:
+    SegmentationMetric(K)  # torchmetrics imported here once, not in each rank
     args = (2, str(tmp_path / "init"), str(tmp_path))
-    # spawn, not fork: a child forked after the parent ran OpenMP kernels can hang
-    mp.start_processes(_ddp_worker, args=args, nprocs=2, join=True, start_method="spawn")
+    # fork, not spawn: a spawned rank spends seconds importing torch and torchmetrics again
+    context = mp.start_processes(_ddp_worker, args=args, nprocs=2, join=False, start_method="fork")
+    for _ in range(12):  # a hang guard of 2 minutes, not a benchmark
+        if context.join(timeout=10):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the gloo ranks did not finish within 2 minutes")
     gt, pred = random_pair(np.random.default_rng(2), shape=(3, 16, 16))
     single = SegmentationMetric(K)
     single.update(torch.from_numpy(pred), torch.from_numpy(gt))

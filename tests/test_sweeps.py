@@ -1,6 +1,7 @@
 """Sweeps through the real entry point: multirun layout, one W&B run per job, Optuna, submitit_local.
 
-Every job is `experiment=smoke` (a few CPU iterations on the tiny generated dataset).
+Every job is `experiment=smoke` (a few CPU iterations on the tiny generated dataset) in fp32: what
+the jobs compute is not under test here, and fp32 runs the same on every CPU.
 """
 
 from __future__ import annotations
@@ -16,15 +17,26 @@ from conftest import REPO, run_entry
 from semseg.tracking import runs
 
 LRS = (0.01, 0.02)
+# One CPU iteration and no final evaluation: for the tests about folders and launchers.
+ONE_STEP = ("schedule.max_iters=1", "trainer.eval_at_end=false")
 
 
 def smoke_sweep(
     toy_root: Path, *overrides: str, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`python src/train.py -m experiment=smoke dataset.root=<toy> <overrides>`."""
-    return run_entry(
-        "train.py", "-m", "experiment=smoke", f"dataset.root={toy_root}", *overrides, env=env
-    )
+    return run_entry("train.py", *sweep_args(toy_root, *overrides), env=env)
+
+
+def sweep_args(toy_root: Path, *overrides: str) -> list[str]:
+    """The command-line arguments of a smoke sweep after `src/train.py`."""
+    return [
+        "-m",
+        "experiment=smoke",
+        f"dataset.root={toy_root}",
+        "trainer.precision=fp32",
+        *overrides,
+    ]
 
 
 def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path:
@@ -82,26 +94,30 @@ def test_multirun_one_folder_per_job(sweep_dir: Path) -> None:
 
 
 def test_two_sweeps_started_together_do_not_share_a_folder(toy_root: Path, tmp_path: Path) -> None:
-    # Default sweep folders (multirun/train/<date>/<time>_<pid>) under a temporary project root.
-    args = [
-        sys.executable,
-        str(REPO / "src" / "train.py"),
-        "-m",
-        "experiment=smoke",
-        f"dataset.root={toy_root}",
-        f"paths.root_dir={tmp_path}",
-        "schedule.max_iters=1",
-        "trainer.eval_at_end=false",
-    ]
-    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]  # fmt: skip
+    # Default sweep folders (multirun/train/<date>/<time>_<pid>) under a temporary project root; the
+    # second sweep goes through submitit_local, whose job process must resolve the folder as its
+    # launcher did.
+    common = [f"paths.root_dir={tmp_path}", *ONE_STEP]
+    launchers = ([], ["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10"])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "src" / "train.py"), *sweep_args(toy_root, *common, *extra)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for extra in launchers
+    ]  # fmt: skip
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out[-4000:]
-    sweeps = sorted(p.parents[2] for p in (tmp_path / "multirun").rglob(".hydra/config.yaml"))
+    run_dirs = runs.find_run_dirs(tmp_path / "multirun")
+    sweeps = sorted(run_dir.parent for run_dir in run_dirs)
     assert len(sweeps) == 2 and sweeps[0] != sweeps[1]
-    for sweep in sweeps:
-        assert sweep.parent.parent == tmp_path / "multirun" / "train"
-        assert (sweep / "0" / "metrics.jsonl").is_file()
+    for run_dir in run_dirs:
+        assert run_dir.name == "0"
+        assert run_dir.parent.parent.parent == tmp_path / "multirun" / "train"
+        assert (run_dir / "metrics.jsonl").is_file() and (run_dir / "summary.json").is_file()
+    # submitit's job logs beside the job folders, in exactly one of the two sweeps
+    assert [(sweep / ".submitit").is_dir() for sweep in sweeps].count(True) == 1
 
 
 def test_optuna_search_tiny_budget(toy_root: Path, tmp_path: Path) -> None:
@@ -110,6 +126,7 @@ def test_optuna_search_tiny_budget(toy_root: Path, tmp_path: Path) -> None:
         toy_root,
         "hparams_search=semantic_fpn_optuna",
         "hydra.sweeper.n_trials=2",
+        "schedule.max_iters=1",
         f"hydra.sweep.dir={sweep_dir}",
     )
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
@@ -124,14 +141,3 @@ def test_optuna_search_tiny_budget(toy_root: Path, tmp_path: Path) -> None:
     assert results["best_value"] == pytest.approx(df["val/mIoU"].max())
     assert df.loc[0, "optimizer.lr"] == pytest.approx(best["optimizer.lr"])  # sorted best first
     assert set(runs.swept_params(df)) == set(best)
-
-
-def test_submitit_local_launcher_runs_a_job(toy_root: Path, tmp_path: Path) -> None:
-    # Default sweep folder (not hydra.sweep.dir): the job process must resolve it like the launcher did.
-    smoke_sweep(toy_root, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", f"paths.root_dir={tmp_path}", "trainer.eval_at_end=false")  # fmt: skip
-    run_dirs = runs.find_run_dirs(tmp_path / "multirun")
-    assert len(run_dirs) == 1
-    run_dir = run_dirs[0]
-    assert run_dir.name == "0"
-    assert (run_dir / "summary.json").is_file()
-    assert (run_dir.parent / ".submitit").is_dir()  # submitit's job logs beside the job folders
