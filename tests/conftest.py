@@ -48,3 +48,113 @@ def run_entry(
 def smoke_overrides(toy_root: Path, run_dir: Path, *extra: str) -> list[str]:
     """A seconds-long CPU training run on the tiny dataset, writing into ``run_dir``."""
     return ["experiment=smoke", f"dataset.root={toy_root}", f"hydra.run.dir={run_dir}", *extra]
+
+
+def _global_state() -> dict:
+    """What a training run could leave behind in this process, for :func:`train_in_process`."""
+    import logging
+    import signal
+
+    import torch
+
+    root = logging.getLogger()
+    return {
+        "signal handlers": [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)],
+        "root log level": root.level,
+        "root log handlers": list(root.handlers),
+        "torch threads": torch.get_num_threads(),
+        "anomaly detection": torch.is_anomaly_enabled(),
+        "grad mode": torch.is_grad_enabled(),
+        "environment": dict(os.environ),
+    }
+
+
+def compose_smoke(toy_root: Path, run_dir: Path, *overrides: str):
+    """The smoke training config (as :func:`smoke_overrides`) composed here, writing into ``run_dir``."""
+    from semseg.cli import compose
+
+    cfg = compose("train", ["experiment=smoke", f"dataset.root={toy_root}", *overrides])
+    cfg.paths.output_dir = str(run_dir)  # what Hydra's run folder gives a launched run
+    return cfg
+
+
+def train_in_process(toy_root: Path, run_dir: Path, *overrides: str) -> dict:
+    """Train the smoke config in this process (no start-up, no Hydra files: no .hydra/, no
+    train.log; read log lines with caplog); returns the summary.
+
+    The run's seeding does not leak into later tests (the RNG states are put back), and a run that
+    leaves signal handlers, logging, thread or autograd settings changed fails the test.
+    """
+    import random
+
+    import numpy as np
+    import torch
+
+    from semseg.engine.trainer import train
+
+    cfg = compose_smoke(toy_root, run_dir, *overrides)
+    before = _global_state()
+    rng = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return train(cfg)
+    finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        after = _global_state()
+        leaked = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
+        assert not leaked, f"the training run changed the process's global state: {leaked}"
+
+
+SMOKE_ITERS = 2  # the fewest iterations that still write last.pt, best.pt and an evaluation
+
+
+@pytest.fixture(scope="session")
+def toy_layout(toy_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``toy_layout(name)``: the toy dataset in the ``bdd100k``, ``cityscapes`` or ``folder``
+    layout (8 / 4 / 2 scenes of 64x128), written once per session when first asked for."""
+    from semseg.data import make_toy_cityscapes, make_toy_folder
+
+    makers = {"cityscapes": make_toy_cityscapes, "folder": make_toy_folder}
+    roots = {"bdd100k": toy_root}
+
+    def root(layout: str) -> Path:
+        if layout not in roots:
+            roots[layout] = makers[layout](
+                tmp_path_factory.mktemp(f"toy_{layout}") / layout,
+                num_train=8, num_val=4, num_test=2, height=64, width=128, seed=0, progress=False,
+            )  # fmt: skip
+        return roots[layout]
+
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_run(toy_layout, tmp_path_factory: pytest.TempPathFactory):
+    """``smoke_run(layout="bdd100k")``: the run folder of a SMOKE_ITERS-iteration smoke training on
+    that toy layout (checkpoints/best.pt, last.pt, summary.json), trained in this process once per
+    session and shared by every test that needs a trained checkpoint: change nothing in it (evaluating
+    its checkpoints adds eval_<split>.json beside them)."""
+    runs: dict[str, Path] = {}
+
+    def run(layout: str = "bdd100k") -> Path:
+        if layout not in runs:
+            run_dir = tmp_path_factory.mktemp(f"smoke_{layout}")
+            train_in_process(
+                toy_layout(layout), run_dir, f"dataset=toy_{layout}",
+                f"schedule.max_iters={SMOKE_ITERS}",
+            )  # fmt: skip
+            runs[layout] = run_dir
+        return runs[layout]
+
+    return run
+
+
+def load_script(name: str):
+    """``scripts/<name>.py`` imported as a module, to call its ``main`` in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,5 @@
 """Dataset checker: exit 0 on good data, every problem reported on broken data."""
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -9,15 +8,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import load_script
 
 from semseg.data.checker import check_split
 from semseg.data.toy import make_toy_bdd100k
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("check_dataset", REPO / "scripts/check_dataset.py")
-check_dataset_script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(check_dataset_script)
-main = check_dataset_script.main
+main = load_script("check_dataset").main
 
 
 @pytest.fixture(scope="module")

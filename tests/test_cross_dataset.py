@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, run_entry, smoke_overrides
+from conftest import REPO, SMOKE_ITERS
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from semseg.data import build_dataset, make_toy_bdd100k, make_toy_cityscapes, make_toy_folder
+from semseg.data import build_dataset, make_toy_bdd100k
+from semseg.errors import ConfigError
 from semseg.evaluation.runner import run_evaluate, run_predict
 
 
@@ -21,29 +23,26 @@ def config(name: str, *overrides: str) -> DictConfig:
         return compose(config_name=name, overrides=list(overrides))
 
 
+LAYOUTS = ("bdd100k", "cityscapes", "folder")
+
+
 @pytest.fixture(scope="module")
-def roots(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def roots(toy_layout) -> dict[str, Path]:
     """The three toy layouts, 8 / 4 / 2 scenes of 64x128 each."""
-    base = tmp_path_factory.mktemp("layouts")
-    size = dict(num_train=8, num_val=4, num_test=2, height=64, width=128, seed=0, progress=False)
-    return {
-        "bdd100k": toy_root,
-        "cityscapes": make_toy_cityscapes(base / "cityscapes", **size),
-        "folder": make_toy_folder(base / "folder", **size),
-    }
+    return {layout: toy_layout(layout) for layout in LAYOUTS}
 
 
 @pytest.fixture(scope="module")
-def checkpoints(roots: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A 4-iteration smoke run on each layout (ending with its own evaluation)."""
-    out = {}
-    for layout, root in roots.items():
-        run_dir = tmp_path_factory.mktemp(f"train_{layout}")
-        run_entry("train.py", *smoke_overrides(root, run_dir, f"dataset=toy_{layout}"))
-        summary = json.loads((run_dir / "summary.json").read_text())
-        assert 0.0 <= summary["val/mIoU"] <= 1.0 and summary["steps"] == 4
-        out[layout] = run_dir / "checkpoints" / "last.pt"
-    return out
+def checkpoints(smoke_run) -> dict[str, Path]:
+    """last.pt of the session's smoke run on each layout."""
+    return {layout: smoke_run(layout) / "checkpoints" / "last.pt" for layout in LAYOUTS}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_smoke_training_on_each_layout(smoke_run, layout):
+    """Each layout trains end to end and ends with its own evaluation."""
+    summary = json.loads((smoke_run(layout) / "summary.json").read_text())
+    assert 0.0 <= summary["val/mIoU"] <= 1.0 and summary["steps"] == SMOKE_ITERS
 
 
 def labelled_pixels(dataset_cfg: DictConfig) -> int:
@@ -71,25 +70,28 @@ def test_evaluate_across_layouts(checkpoints, roots, tmp_path, trained_on, evalu
 
 
 def test_other_class_names_stop_with_the_differences(checkpoints, roots, tmp_path):
+    """One line naming only the differing classes (the exit code 2 of a ConfigError is checked
+    once for evaluate.py in test_evaluate_cli)."""
     names = ["road", "sidewalk", "building", "walls", "fence", "pole", "traffic light",
              "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car", "truck",
              "bus", "train", "motorcycle", "bike"]  # fmt: skip
-    proc = run_entry(
-        "evaluate.py", f"checkpoint={checkpoints['bdd100k']}", "dataset=toy_folder",
+    cfg = config(
+        "evaluate", f"checkpoint={checkpoints['bdd100k']}", "dataset=toy_folder",
         f"dataset.root={roots['folder']}", f"dataset.class_names=[{','.join(names)}]",
-        f"hydra.run.dir={tmp_path}", "device=cpu", check=False,
+        f"output_dir={tmp_path}", "device=cpu",
     )  # fmt: skip
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, proc.stderr
+    with pytest.raises(ConfigError) as error:
+        run_evaluate(cfg)
+    message = str(error.value)
+    assert "\n" not in message
     assert (
         "3: 'wall' (checkpoint) vs 'walls' (dataset); 18: 'bicycle' (checkpoint) vs 'bike'"
-        in lines[0]
+        in message
     )
-    assert "dataset=toy_folder" in lines[0] and "'road'" not in lines[0]
+    assert "dataset=toy_folder" in message and "'road'" not in message
 
 
-def test_evaluation_runs_at_the_training_scale(checkpoints, tmp_path):
+def test_evaluation_runs_at_the_training_scale(checkpoints, tmp_path, caplog):
     """Trained at 128x64, evaluated on 256x128 scenes: images are fitted into 128x64, the metric
     is computed at the labels' 256x128, and the scale is reported; an explicit scale wins."""
     root = make_toy_bdd100k(
@@ -97,9 +99,10 @@ def test_evaluation_runs_at_the_training_scale(checkpoints, tmp_path):
     )
     common = [f"checkpoint={checkpoints['bdd100k']}", "dataset=toy_bdd100k", f"dataset.root={root}",
               "dataset.num_workers=0", "device=cpu"]  # fmt: skip
-    proc = run_entry("evaluate.py", *common, f"hydra.run.dir={tmp_path / 'run'}")
-    assert "evaluating at scale 128x64" in proc.stdout + proc.stderr
-    report = json.loads((tmp_path / "run" / "eval_val.json").read_text())
+    with caplog.at_level(logging.INFO, logger="semseg"):
+        report = run_evaluate(config("evaluate", *common, f"output_dir={tmp_path / 'run'}"))
+    assert any("evaluating at scale 128x64" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "run" / "eval_val.json").read_text()) == report
     assert report["scale"] == [128, 64]
     masks = [
         cv2.imread(str(p), cv2.IMREAD_UNCHANGED)

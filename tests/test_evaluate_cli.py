@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -51,13 +52,15 @@ def config(name: str, *overrides: str) -> DictConfig:
         return compose(config_name=name, overrides=list(overrides))
 
 
-def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path) -> None:
-    proc = run_entry(
-        "evaluate.py", f"checkpoint={checkpoint}", *data_overrides(toy_root),
-        f"hydra.run.dir={tmp_path / 'run'}",
-    )  # fmt: skip
-    assert "traffic light" in proc.stdout and "mIoU" in proc.stdout
-    report = json.loads((tmp_path / "run" / "eval_val.json").read_text())
+def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path, caplog) -> None:
+    """evaluate.py's work, in this process (the command line itself: the tests below)."""
+    with caplog.at_level(logging.INFO, logger="semseg"):
+        report = run_evaluate(
+            config("evaluate", f"checkpoint={checkpoint}", *data_overrides(toy_root),
+                   f"output_dir={tmp_path / 'run'}")
+        )  # fmt: skip
+    assert "traffic light" in caplog.text and "mIoU" in caplog.text
+    assert report == json.loads((tmp_path / "run" / "eval_val.json").read_text())
     assert report == json.loads((checkpoint.parent / "eval_val.json").read_text())
     metrics = report["metrics"]
     assert set(metrics) >= {"mIoU", "pixel_acc", "fIoU", "IoU/road", "IoU/traffic light"}
@@ -71,11 +74,11 @@ def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path) -
                f"output_dir={tmp_path / 'pred'}")
     )  # fmt: skip
     gt_dir = toy_root / "labels" / "sem_seg" / "masks" / "val"
-    proc = run_entry(
-        "evaluate.py", f"gt_dir={gt_dir}", f"pred_dir={pred_dir / 'masks'}",
-        f"hydra.run.dir={tmp_path / 'folder'}",
+    folder = run_evaluate(
+        config("evaluate", f"gt_dir={gt_dir}", f"pred_dir={pred_dir / 'masks'}",
+               f"output_dir={tmp_path / 'folder'}")
     )  # fmt: skip
-    folder = json.loads((tmp_path / "folder" / "eval_folder.json").read_text())
+    assert json.loads((tmp_path / "folder" / "eval_folder.json").read_text()) == folder
     assert folder["confusion_matrix"] == report["confusion_matrix"]
     assert folder["metrics"] == pytest.approx(metrics, abs=1e-12)
 
@@ -83,11 +86,13 @@ def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path) -
 def test_predict_test_split_writes_bdd100k_files(
     checkpoint: Path, toy_root: Path, tmp_path: Path
 ) -> None:
-    run_entry(
+    """The command line: Hydra's run folder and its log lines on stdout."""
+    proc = run_entry(
         "predict.py", f"checkpoint={checkpoint}", *data_overrides(toy_root, "test"),
         "overlays=true", f"hydra.run.dir={tmp_path / 'run'}",
     )  # fmt: skip
     out = tmp_path / "run" / "predictions"
+    assert f"wrote 2 predictions to {out}" in proc.stdout
     stems = sorted(p.stem for p in (toy_root / "images" / "10k" / "test").glob("*.jpg"))
     for sub, ext, mode in [
         ("masks", "png", "L"),
@@ -106,8 +111,9 @@ def test_predict_any_image_folder(checkpoint: Path, toy_root: Path, tmp_path: Pa
     images.mkdir()
     Image.new("RGB", (40, 30), (90, 120, 200)).save(images / "street.png")
     cfg = config("predict", f"checkpoint={checkpoint}", f"input_dir={images}",
-                 f"output_dir={tmp_path / 'out'}", "inference=slide", "inference.crop_size=[16,16]",
-                 "inference.stride=[8,8]")  # fmt: skip
+                 f"output_dir={tmp_path / 'out'}", "inference=slide", "inference.crop_size=[64,64]",
+                 "inference.stride=[48,48]")  # fmt: skip
+    # the image is first fitted into the training scale 256x128: a dozen overlapping windows
     out = run_predict(cfg)
     with Image.open(out / "masks" / "street.png") as img:
         assert (img.mode, img.size) == ("L", (40, 30))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_entry, smoke_overrides
+from conftest import run_entry
 from PIL import Image
 
 from semseg.cli import compose
@@ -33,11 +33,9 @@ def stems(folder: Path, pattern: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def run_dir(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A few-iteration training run (checkpoints/best.pt, last.pt)."""
-    run = tmp_path_factory.mktemp("train") / "run"
-    run_entry("train.py", *smoke_overrides(toy_root, run))
-    return run
+def run_dir(smoke_run) -> Path:
+    """The session's smoke training run on the BDD100K layout (checkpoints/best.pt, last.pt)."""
+    return smoke_run("bdd100k")
 
 
 @pytest.fixture(scope="module")

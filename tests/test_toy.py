@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import load_script
 from omegaconf import OmegaConf
 
 from semseg.data.toy import default_classes, ensure_toy_dataset, make_toy_bdd100k
@@ -98,14 +99,27 @@ def test_ensure_generates_only_when_missing(tmp_path):
     assert len(list((root / "images/10k/train").glob("*.jpg"))) == 2
 
 
+def toy_cli_args(layout: str, root: Path) -> list[str]:
+    return ["--layout", layout, "--root", str(root), "--num-train", "2", "--num-val", "1",
+            "--num-test", "1", "--height", "32", "--width", "64"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("layout", "val_images"),
     [("bdd100k", "images/10k/val/*.jpg"), ("cityscapes", "leftImg8bit/val/*/*_leftImg8bit.png"),
      ("folder", "images/val/*.jpg")],
 )  # fmt: skip
-def test_cli(tmp_path, layout, val_images):
-    cmd = [sys.executable, str(REPO / "scripts/make_toy_dataset.py"), "--layout", layout,
-           "--root", str(tmp_path / "t"), "--num-train", "2", "--num-val", "1", "--num-test", "1",
-           "--height", "32", "--width", "64"]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True)
+def test_cli(tmp_path, monkeypatch, layout, val_images):
+    monkeypatch.setattr(sys, "argv", ["make_toy_dataset.py", *toy_cli_args(layout, tmp_path / "t")])
+    load_script("make_toy_dataset").main()
     assert len(list((tmp_path / "t").glob(val_images))) == 1
+
+
+def test_cli_entry_point(tmp_path):
+    """The script runs as a command (the layouts are checked in this process above)."""
+    script = REPO / "scripts/make_toy_dataset.py"
+    args = toy_cli_args("folder", tmp_path / "t")
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"toy dataset written to {tmp_path / 't'}" in proc.stdout
+    assert len(list((tmp_path / "t/images/val").glob("*.jpg"))) == 1
