@@ -14,7 +14,6 @@ from omegaconf import OmegaConf
 from semseg.cli import compose
 from semseg.data import DatasetError, FolderDataset, build_dataset, make_toy_folder
 from semseg.data.build import check_dataset_config
-from semseg.engine.trainer import train
 
 CONF = REPO / "conf" / "dataset"
 
@@ -87,13 +86,13 @@ def test_config_must_name_the_classes(tmp_path):
         DatasetError, match=r"dataset\.palette has 1 entries but dataset\.num_classes=3"
     ):
         check_dataset_config(cfg)
-    # what train.py stops with (as one `error:` line, exit code 2: see test_runtime)
+    # what train.py stops with when building its datasets (printed as one `error:` line, exit
+    # code 2: see test_runtime)
     cfg = compose("train", ["dataset=folder", f"dataset.root={tmp_path}"])
-    cfg.paths.output_dir = str(tmp_path / "run")
     with pytest.raises(
         DatasetError, match=r"^dataset\.class_names, dataset\.num_classes, dataset\.palette not set"
     ):
-        train(cfg)
+        build_dataset(cfg.dataset, cfg.dataset.train_split, train=True)
 
 
 def test_unpaired_files_get_the_bdd100k_diagnostics(copy):
