@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 
 from semseg.runtime import resolve_channels_last, resolve_precision
+from semseg_bench import runner
 from semseg_bench.cli import main
 from semseg_bench.options import parse_args
+from semseg_bench.timing import matmul_peak_flops
 from semseg_bench.train import auto_choice
 
 CPU = torch.device("cpu")
@@ -43,17 +46,21 @@ def test_parse_args_lists_and_overrides() -> None:
             parse_args(bad)
 
 
-def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_benchmark_tiny_run_writes_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each matmul peak is timed for 0.5 s by default; a few milliseconds still give a number.
+    monkeypatch.setattr(runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01))
     out = tmp_path / "bench.json"
     argv = [
         "--precision", "fp32,auto", "--channels-last", "on,off", "--batch-size", "2",
-        "--crop", "64", "128", "--steps", "1", "--warmup", "1",
-        "--workers", "0,1", "--data-images", "2", "--data-size", "72", "128",
+        "--crop", "32", "64", "--steps", "1", "--warmup", "1",
+        "--workers", "0,1", "--data-images", "2", "--data-size", "40", "64",
         "--data-samples", "2", "--loader-batches", "1",
-        "--infer-size", "64", "128", "--infer-batch", "1,2", "--infer-steps", "1",
-        "--infer-warmup", "0", "--matmul-size", "128", "--device", "cpu", "--output", str(out),
+        "--infer-size", "32", "64", "--infer-batch", "1,2", "--infer-steps", "1",
+        "--infer-warmup", "0", "--matmul-size", "64", "--device", "cpu", "--output", str(out),
         "backbone=resnet18", f"paths.data_dir={tmp_path / 'data'}",
-        "dataset.train_pipeline.scale=[128,72]",
+        "dataset.train_pipeline.scale=[64,40]",
     ]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(out.read_text())
@@ -78,7 +85,7 @@ def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFi
         (p, layout) for p in precisions for layout in (True, False)
     ]
     for row in train:
-        assert row["batch_size"] == 2 and row["crop"] == [64, 128]
+        assert row["batch_size"] == 2 and row["crop"] == [32, 64]
         for key in ("s_per_step", "img_per_s", "peak_mem_mb", "achieved_tflops", "peak_fraction",
                     "final_loss", "speedup_vs_fp32_nchw"):  # fmt: skip
             assert _positive(row[key]), key
@@ -103,19 +110,19 @@ def test_benchmark_tiny_run_writes_json(tmp_path: Path, capsys: pytest.CaptureFi
     assert "auto / fastest = " in printed
 
     data = result["data"]
-    assert data["image_size"] == [72, 128] and data["num_images"] == 2
+    assert data["image_size"] == [40, 64] and data["num_images"] == 2
     assert _positive(data["ours_vs_direct"])
     pipelines = [(r["pipeline"], r["workers"]) for r in data["rows"]]
     assert pipelines == [("ours", 1), ("direct_albumentations", 1), ("direct_stock_albumentations", 1),
                          ("ours_dataloader", 0), ("ours_dataloader", 1)]  # fmt: skip
     for row in data["rows"]:
         assert _positive(row["img_per_s"]) and _positive(row["img_per_s_per_worker"])
-    assert data["rows"][0]["output_shape"] == [3, 64, 128]  # cropped/padded to the crop
+    assert data["rows"][0]["output_shape"] == [3, 32, 64]  # cropped/padded to the crop
 
     infer = result["infer"]
     assert [r["batch_size"] for r in infer] == [1, 2] * 2 * len(precisions)
     for row in infer:
-        assert row["size"] == [64, 128]
+        assert row["size"] == [32, 64]
         for key in ("s_per_step", "img_per_s", "peak_mem_mb", "achieved_tflops"):
             assert _positive(row[key]), key
 

@@ -29,10 +29,10 @@ def export_main(*argv: str) -> int:
 def test_onnx_matches_pytorch_with_dynamic_size(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     onnx_path = tmp_path / "tiny.onnx"
-    assert export_main(str(ckpt), str(onnx_path), "--height", "64", "--width", "96") == 0
+    assert export_main(str(ckpt), str(onnx_path), "--height", "32", "--width", "64") == 0
     model, _, _ = model_from_checkpoint(ckpt)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for shape in [(1, 3, 64, 96), (2, 3, 96, 160)]:  # a second size and batch: axes are dynamic
+    for shape in [(1, 3, 32, 64), (2, 3, 64, 96)]:  # a second size and batch: axes are dynamic
         image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 255
         with torch.no_grad():
             expected = model(image).numpy()
