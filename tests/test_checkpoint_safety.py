@@ -197,7 +197,8 @@ def test_nothing_loadable_is_an_error_naming_last(tmp_path: Path) -> None:
 def smoke_config(toy_root: Path, run_dir: Path, *overrides: str):
     cfg = compose_train(
         "experiment=smoke", f"dataset.root={toy_root}", "schedule.max_iters=2",
-        "schedule.checkpoint_interval=1", "trainer.keep_last=5", *overrides,
+        "schedule.checkpoint_interval=1", "trainer.keep_last=5", "trainer.precision=fp32",
+        "trainer.eval_at_end=false", "model.fpn_channels=32", "model.head_channels=16", *overrides,
     )  # fmt: skip
     cfg.paths.output_dir = str(run_dir)
     return cfg
