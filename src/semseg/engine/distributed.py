@@ -114,3 +114,11 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 def destroy() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel when there are several processes, else itself."""
+    if not env.distributed:
+        return model
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,25 @@ _NOT_ARCHITECTURE = ("model.weights", "backbone.pretrained", "backbone.weights")
 
 class ResumeConfigError(UserError):
     """The run's config asks for a model the checkpoint cannot provide."""
+
+
+@dataclass
+class TrainState:
+    """The loop's counters that a checkpoint restores (weights and optimizer aside)."""
+
+    iteration: int = 0
+    best_miou: float = -1.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    metrics_iteration: int | None = None  # the iteration ``metrics`` were evaluated at
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any]) -> TrainState:
+        return cls(
+            int(ckpt["iteration"]),
+            float(ckpt.get("best_miou", -1.0)),
+            dict(ckpt.get("metrics", {})),
+            ckpt.get("metrics_iteration"),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,17 +88,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def restore_rank_rng(ckpt: Mapping[str, Any], rank: int, world_size: int) -> bool:
-    """Restore this rank's RNG streams from a checkpoint; False when it holds none for this rank
-    (an older checkpoint, or a different number of processes)."""
+def restore_rank_rng(
+    ckpt: Mapping[str, Any], rank: int, world_size: int, source: Path
+) -> str | None:
+    """Restore this rank's RNG streams from a checkpoint; the warning to log when it holds none
+    for this rank (an older checkpoint, or a different number of processes), else None."""
     per_rank = ckpt.get("rng_per_rank") or []
     if len(per_rank) == world_size:
         set_rng_state(per_rank[rank])
-        return True
+        return None
     if rank == 0 and ckpt.get("rng") and world_size == 1:
         set_rng_state(ckpt["rng"])
-        return True
-    return False
+        return None
+    return (
+        f"{source} holds no RNG state for rank {rank} of {world_size} processes: this rank's "
+        "random streams start fresh (the resumed run is not bit-exact)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,3 +161,47 @@ def check_resume_config(old: Mapping, new: Mapping, source: str) -> dict[str, tu
         "\n".join(lines),
     )
     return changes
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and data stream
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Moments and step counts from the checkpoint, hyper-parameters from this run's config."""
+    config_hparams = [
+        {k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups
+    ]
+    optimizer.load_state_dict(state)
+    for group, hparams in zip(optimizer.param_groups, config_hparams):
+        group.update(hparams)
+
+
+def data_position(
+    iteration: int, accumulate: int, batch_size: int, world_size: int, seed: int
+) -> dict[str, int]:
+    """Where each rank is in its data stream (a pure function of these numbers, data/loader.py)."""
+    return {
+        "batches": iteration * accumulate,
+        "batch_size": batch_size,
+        "world_size": world_size,
+        "seed": seed,
+    }
+
+
+def data_stream_change(
+    saved: Mapping[str, int] | None, now: Mapping[str, int], path: Path
+) -> str | None:
+    """The warning when the checkpoint's data stream (batch size, processes, seed) differs from
+    ``now``; None when it does not (the caller logs it, in the run's own log)."""
+    if not saved:
+        return None
+    now = {**now, "batches": saved["batches"]}
+    changed = {k: (v, now[k]) for k, v in saved.items() if now.get(k) != v}
+    if not changed:
+        return None
+    return (
+        f"{path}: the data stream differs from the checkpoint's "
+        f"({', '.join(f'{k} {a} -> {b}' for k, (a, b) in changed.items())}): the resumed run "
+        "sees other samples than an uninterrupted one would"
+    )

@@ -9,9 +9,7 @@ import contextlib
 import functools
 import logging
 import math
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +19,38 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from semseg.data import build_dataset, build_eval_loader, build_train_loader, ensure_toy_dataset
+from semseg.data import build_dataset, build_train_loader, ensure_toy_dataset
+from semseg.engine import report
 from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint, prune_checkpoints
 from semseg.engine.debug import DebugSession, first_images, fixed_batches
 from semseg.engine.distributed import (
     DistEnv,
     all_gather_object,
-    all_reduce_max,
     barrier,
-    broadcast_buffers,
     init_distributed,
+    wrap_ddp,
 )
 from semseg.engine.ema import EMA_PREFIX, build_ema, check_best_metric, restore_ema
 from semseg.engine.losses import build_loss
 from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
 from semseg.engine.resume import (
+    TrainState,
     check_resume_config,
+    data_position,
+    data_stream_change,
+    restore_optimizer,
     restore_rank_rng,
     rng_state,
     seed_everything,
 )
-from semseg.errors import ConfigError, UserError
-from semseg.evaluation.inference import evaluate_model
+from semseg.engine.stopping import (
+    NonFiniteGuard,
+    NonFiniteLossError,
+    PreemptionFlag,
+    out_of_memory_error,
+)
+from semseg.engine.validation import Validator, check_best_metric_present
+from semseg.errors import ConfigError
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
 from semseg.models.checkpoint import (
     copy_checkpoint,
@@ -57,47 +65,11 @@ from semseg.runtime import (
     resolve_channels_last,
     resolve_precision,
 )
-from semseg.tracking import RunRecorder, build_logger
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(UserError):
-    """The loss became NaN or inf; the last good checkpoint is left untouched."""
-
-
-# --------------------------------------------------------------------------------------------
-# Small pieces
-
-
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1 (SLURM, Kubernetes, ``kill``); the loop checks it after each step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. some launchers)
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class TrainState:
-    """Everything that a checkpoint restores."""
-
-    iteration: int = 0
-    best_miou: float = -1.0
-    metrics: dict[str, float] = field(default_factory=dict)
-    metrics_iteration: int | None = None  # the iteration ``metrics`` were evaluated at
+__all__ = ["NonFiniteLossError", "Trainer", "optimized_metric", "train", "train_step"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -196,21 +168,14 @@ class Trainer:
             torch.manual_seed(cfg.seed * 1000 + self.env.rank * 7919)
         self._resume()
 
-        self.train_model: nn.Module = self.model
-        if self.env.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.train_model: nn.Module = wrap_ddp(self.model, self.env)
         if cfg.trainer.compile:
             self.train_model = torch.compile(self.train_model)
 
-        self._eval_loader = None
-        self.recorder = RunRecorder(self.run_dir) if self.env.is_main else None
-        self.logger = build_logger(
-            cfg.get("logger") or {"_target_": "semseg.tracking.NullLogger"},
-            self.run_dir,
-            OmegaConf.to_container(cfg, resolve=True),
-            is_main=self.env.is_main,
+        self.validator = Validator(
+            self.val_set, cfg.dataset, cfg.inference, self.meta, self.env, self.precision
         )
+        self.reporter = report.RunReporter(cfg, self.run_dir, self.env.is_main, log)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -231,57 +196,30 @@ class Trainer:
         )
         load_model_weights(self.model, ckpt["model"], source=f"trainer.resume={path}")
         restore_ema(self.ema, ckpt, self.model, f"trainer.resume={path}")
-        # Moments and step counts come from the checkpoint, hyper-parameters from this run's config.
-        config_hparams = [
-            {k: v for k, v in group.items() if k != "params"}
-            for group in self.optimizer.param_groups
-        ]
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        for group, hparams in zip(self.optimizer.param_groups, config_hparams):
-            group.update(hparams)
-        iteration = int(ckpt["iteration"])
+        restore_optimizer(self.optimizer, ckpt["optimizer"])
         # Rebuilt, not loaded: LambdaLR.load_state_dict would bring back the old schedule's fields.
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.schedule, start_iter=iteration)
+        self.scheduler = build_scheduler(
+            self.optimizer, self.cfg.schedule, start_iter=int(ckpt["iteration"])
+        )
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        if not restore_rank_rng(ckpt, self.env.rank, self.env.world_size):
-            log.warning(
-                "%s holds no RNG state for rank %d of %d processes: this rank's random streams "
-                "start fresh (the resumed run is not bit-exact)",
-                path,
-                self.env.rank,
-                self.env.world_size,
-            )
-        self._check_data_position(ckpt.get("data_position"), path)
-        self.state = TrainState(
-            iteration,
-            float(ckpt.get("best_miou", -1.0)),
-            dict(ckpt.get("metrics", {})),
-            ckpt.get("metrics_iteration"),
-        )
+        for warning in (
+            restore_rank_rng(ckpt, self.env.rank, self.env.world_size, path),
+            data_stream_change(ckpt.get("data_position"), self._data_position(), path),
+        ):
+            if warning:
+                log.warning(warning)
+        self.state = TrainState.from_checkpoint(ckpt)
         log.info("resumed from %s at iteration %d", path, self.state.iteration)
 
     def _data_position(self) -> dict[str, int]:
-        """Where each rank is in its data stream (a pure function of these numbers, data/loader.py)."""
-        return {
-            "batches": self.state.iteration * self.accumulate,
-            "batch_size": int(self.cfg.dataset.batch_size),
-            "world_size": self.env.world_size,
-            "seed": int(self.cfg.seed),
-        }
-
-    def _check_data_position(self, saved: dict[str, int] | None, path: Path) -> None:
-        if not saved:
-            return
-        now = {**self._data_position(), "batches": saved["batches"]}
-        changed = {k: (v, now[k]) for k, v in saved.items() if now.get(k) != v}
-        if changed:
-            log.warning(
-                "%s: the data stream differs from the checkpoint's (%s): the resumed run sees "
-                "other samples than an uninterrupted one would",
-                path,
-                ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
-            )
+        return data_position(
+            self.state.iteration,
+            self.accumulate,
+            int(self.cfg.dataset.batch_size),
+            self.env.world_size,
+            int(self.cfg.seed),
+        )
 
     def save(self, name: str, weights: nn.Module | None = None) -> Path | None:
         """Rank 0 writes ``checkpoints/<name>.pt`` atomically (``"model"``: ``weights``, default the model)."""
@@ -316,63 +254,15 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """Evaluate the model (``val/*``) and its EMA (``val_ema/*``); ``best.pt`` follows ``trainer.best_metric``."""
-        result = self._evaluate_weights(self.model, int(self.cfg.trainer.log_images))
-        metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
-        if self.ema is not None:
-            ema_metrics = self._evaluate_weights(self.ema.module, 0).metrics
-            metrics.update({f"{EMA_PREFIX}{k}": float(v) for k, v in ema_metrics.items()})
+        ema_model = self.ema.module if self.ema is not None else None
+        metrics, result = self.validator(self.model, ema_model, int(self.cfg.trainer.log_images))
         self.state.metrics, self.state.metrics_iteration = metrics, self.state.iteration
-        if self.env.is_main:
-            self.recorder.log(self.state.iteration, metrics)
-            self.logger.log_metrics(metrics, self.state.iteration)
-            self.logger.log_predictions(result.examples, self.meta["palette"], self.state.iteration)
-            ema_miou = metrics.get(f"{EMA_PREFIX}mIoU")
-            log.info(
-                "iter %d: val mIoU %.2f%%  pixel acc %.2f%%%s",
-                self.state.iteration,
-                100 * metrics["val/mIoU"],
-                100 * metrics["val/pixel_acc"],
-                "" if ema_miou is None else f"  EMA mIoU {100 * ema_miou:.2f}%",
-            )
-            if final:  # for the analysis notebook
-                # Here, not at the top: tracking.runs brings pandas, which start-up does without.
-                from semseg.tracking.runs import save_eval_artifacts
-
-                save_eval_artifacts(self.run_dir, result.confmat, result.examples)
-        if self.best_metric not in metrics:
-            raise ConfigError(
-                f"trainer.best_metric={self.best_metric} is not an evaluation metric; "
-                f"available: {sorted(metrics)}"
-            )
+        self.reporter.evaluation(self.state.iteration, metrics, result, self.meta["palette"], final)
+        check_best_metric_present(self.best_metric, metrics)
         if metrics[self.best_metric] > self.state.best_miou:
             self.state.best_miou = metrics[self.best_metric]
-            self.save("best", self.ema.module if self.best_metric.startswith(EMA_PREFIX) else None)
+            self.save("best", ema_model if self.best_metric.startswith(EMA_PREFIX) else None)
         return metrics
-
-    def _evaluate_weights(self, model: nn.Module, num_examples: int) -> Any:
-        """The official metric of ``model`` on the validation set (every rank takes part)."""
-        data_cfg = self.cfg.dataset
-        broadcast_buffers(model)
-        if self._eval_loader is None:
-            self._eval_loader = build_eval_loader(
-                self.val_set,
-                data_cfg.eval_batch_size,
-                data_cfg.num_workers,
-                rank=self.env.rank,
-                world_size=self.env.world_size,
-            )
-        with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG stream
-            return evaluate_model(
-                model,
-                self._eval_loader,
-                self.meta["num_classes"],
-                self.meta["ignore_index"],
-                self.meta["class_names"],
-                self.device,
-                self.cfg.inference,
-                precision=self.precision,
-                num_examples=num_examples,
-            )
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -395,10 +285,11 @@ class Trainer:
             )
             batches = fixed_batches(batches, cfg.trainer.debug.overfit_batches)
         log.info(
-            f"model: {params / 1e6:.2f}M parameters, {gflops:.1f} GFLOPs forward at "
-            f"{crop_h}x{crop_w}; {self.device}, precision {self.precision}, {env.world_size} "
-            f"process(es), global batch {self.global_batch}"
-        )
+            report.start_line(
+                params, gflops, (crop_h, crop_w), self.device, self.precision, env.world_size,
+                self.global_batch,
+            )
+        )  # fmt: skip
         step = functools.partial(
             train_step, self.train_model, batches, self.loss_fn, self.optimizer, self.scheduler,
             self.scaler, self.device, self.precision, self.accumulate, self.channels_last,
@@ -408,8 +299,7 @@ class Trainer:
         preempt.install()
         debug = DebugSession(cfg.trainer.debug, self.run_dir, self.device, env.rank).start()
         self.train_model.train()
-        # The first iteration whose loss was NaN/inf, kept on the device (read at log steps only).
-        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        non_finite = NonFiniteGuard(self.device, self.run_dir / CHECKPOINT_DIR)
         loss_sum = torch.zeros((), device=self.device)
         n_logged, start_iter = 0, self.state.iteration
         t_log = t_start = time.perf_counter()
@@ -427,16 +317,12 @@ class Trainer:
                 try:
                     loss = step()
                 except torch.cuda.OutOfMemoryError as e:
-                    raise UserError(
-                        f"CUDA out of memory at iteration {it + 1} with dataset.batch_size={batch} and "
-                        f"crop {crop_h}x{crop_w}: lower dataset.batch_size (and raise trainer.accumulate "
-                        f"to keep the global batch) or use trainer.precision=bf16"
-                    ) from e
+                    raise out_of_memory_error(it + 1, batch, crop_h, crop_w) from e
                 self.state.iteration = it = it + 1
                 if self.ema is not None:
                     self.ema.update(self.model, step=it)
                 debug.step()
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), it, first_bad)
+                non_finite.see(loss, it)
                 loss_sum += loss
                 n_logged += 1
                 bar.update(1)
@@ -446,11 +332,15 @@ class Trainer:
                 at_ckpt = it % sched.checkpoint_interval == 0 or at_end
                 at_eval = it % sched.eval_interval == 0 or (at_end and cfg.trainer.eval_at_end)
                 if at_log or at_ckpt or at_eval:
-                    self._stop_if_non_finite(first_bad)
+                    non_finite.check()
                 if at_log:
-                    last_loss = self._log_train(
-                        it, loss_sum.item() / n_logged, n_logged, t_log, bar
-                    )
+                    last_loss = loss_sum.item() / n_logged
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    row = report.train_row(
+                        last_loss, lr, n_logged * self.global_batch, time.perf_counter() - t_log,
+                        self.clipper,
+                    )  # fmt: skip
+                    self.reporter.train(it, row, bar)
                     loss_sum.zero_()
                     n_logged, t_log = 0, time.perf_counter()
                 if at_eval:
@@ -458,8 +348,8 @@ class Trainer:
                     self.train_model.train()
                 if at_ckpt:
                     self.checkpoint()
-                if self._preempted(preempt, at_log):
-                    self._stop_if_non_finite(first_bad)
+                if preempt.agreed(env, at_log):
+                    non_finite.check()
                     if not at_ckpt:
                         self.checkpoint()
                     return self._finish(
@@ -470,47 +360,7 @@ class Trainer:
             debug.close()
             bar.close()
             preempt.restore()
-            self.logger.finish()
-
-    def _log_train(self, it: int, loss: float, steps: int, t_log: float, bar: tqdm) -> float:
-        """One ``metrics.jsonl`` row, W&B point, progress-bar update and log line (rank 0)."""
-        row = {
-            "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "img_per_s": steps * self.global_batch / (time.perf_counter() - t_log),
-        }
-        if self.clipper is not None:  # the mean pre-clip gradient norm since the last log step
-            row["grad_norm"] = self.clipper.mean_norm()
-        if self.env.is_main:
-            self.recorder.log(it, row)
-            self.logger.log_metrics({f"train/{k}": v for k, v in row.items()}, it)
-            bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.1f}"
-            )
-            log.info(
-                "iter %d/%d  loss %.4f  lr %.3e  %.1f img/s",
-                it,
-                self.cfg.schedule.max_iters,
-                loss,
-                row["lr"],
-                row["img_per_s"],
-            )
-        return loss
-
-    def _preempted(self, preempt: PreemptionFlag, at_log: bool) -> bool:
-        if not self.env.distributed:
-            return preempt.signum is not None
-        # Ranks agree (one tiny all-reduce) at log steps, so that all of them stop at the same step.
-        return at_log and all_reduce_max(float(preempt.signum or 0), self.device) > 0
-
-    def _stop_if_non_finite(self, first_bad: torch.Tensor) -> None:
-        bad = int(first_bad.item())
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"the loss became NaN/inf at iteration {bad}; stopped without writing a checkpoint "
-                f"(the last good one is in {self.run_dir / CHECKPOINT_DIR}). Lower optimizer.lr or use "
-                f"trainer.precision=fp32"
-            )
+            self.reporter.close()
 
     def _finish(
         self,
@@ -521,43 +371,13 @@ class Trainer:
         last_loss: float,
         signum: int | None = None,
     ) -> dict[str, Any]:
-        wall = time.perf_counter() - t_start
-        steps = self.state.iteration - start_iter
-        summary = {
-            **self.state.metrics,
-            "loss": last_loss,
-            "steps": self.state.iteration,
-            "wall_s": wall,
-            "img_per_s": steps * self.global_batch / wall if wall > 0 else float("nan"),
-            "params": params,
-            "gflops": gflops,
-        }
-        if self.env.is_main:
-            self.recorder.write_summary(summary)
-            self.logger.log_summary(summary)
-            if signum is not None:
-                log.warning(self._stopped_message(signum))
-            elif "val/mIoU" in summary:
-                log.info(
-                    "final val mIoU: %.2f%% (run folder %s)",
-                    100 * summary["val/mIoU"],
-                    self.run_dir,
-                )
-        return summary
-
-    def _stopped_message(self, signum: int) -> str:
-        """The last line of a preempted run: where it stopped, its last evaluation, how to go on."""
         state = self.state
-        last_eval = (
-            f"last val mIoU {100 * state.metrics['val/mIoU']:.2f}% (iteration {state.metrics_iteration})"
-            if "val/mIoU" in state.metrics
-            else "no evaluation yet"
-        )
-        return (
-            f"stopped at iteration {state.iteration} of {self.cfg.schedule.max_iters} by signal "
-            f"{signal.Signals(signum).name}; {last_eval}; checkpoints/last.pt saved; continue with "
-            f"trainer.resume=auto hydra.run.dir={self.run_dir}"
-        )
+        summary = report.run_summary(
+            state.metrics, last_loss, state.iteration, state.iteration - start_iter,
+            time.perf_counter() - t_start, self.global_batch, params, gflops,
+        )  # fmt: skip
+        self.reporter.finish(summary, signum, state.metrics_iteration)
+        return summary
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
