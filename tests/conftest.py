@@ -78,12 +78,17 @@ def compose_smoke(toy_root: Path, run_dir: Path, *overrides: str):
     return cfg
 
 
+# One compute thread for the tiny training runs: on a busy machine (a 2-core box shared with other
+# work) torch's threads spin-wait for each other and a 64x64 step gets several times slower.
+SINGLE_THREAD_ENV = {"OMP_NUM_THREADS": "1"}
+
+
 def train_in_process(toy_root: Path, run_dir: Path, *overrides: str) -> dict:
     """Train the smoke config in this process (no start-up, no Hydra files: no .hydra/, no
-    train.log; read log lines with caplog); returns the summary.
+    train.log; read log lines with caplog), with one compute thread; returns the summary.
 
     The run's seeding does not leak into later tests (the RNG states are put back), and a run that
-    leaves signal handlers, logging, thread or autograd settings changed fails the test.
+    leaves signal handlers, logging, thread, autograd or environment settings changed fails.
     """
     import random
 
@@ -93,15 +98,18 @@ def train_in_process(toy_root: Path, run_dir: Path, *overrides: str) -> dict:
     from semseg.engine.trainer import train
 
     cfg = compose_smoke(toy_root, run_dir, *overrides)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     before = _global_state()
     rng = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             return train(cfg)
     finally:
+        after = _global_state()
+        torch.set_num_threads(threads)
         random.setstate(rng[0])
         np.random.set_state(rng[1])
-        after = _global_state()
         leaked = {key: (before[key], after[key]) for key in before if before[key] != after[key]}
         assert not leaked, f"the training run changed the process's global state: {leaked}"
 

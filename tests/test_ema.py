@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, run_entry, smoke_overrides
+from conftest import REPO, train_in_process
 from omegaconf import OmegaConf
 from test_engine import read_jsonl
 
@@ -112,18 +112,15 @@ def test_clip_grad_norm_after_accumulation_and_unscaling():
 
 def test_ema_clip_and_many_loggers_in_one_short_run(toy_root, tmp_path):
     run_dir = tmp_path / "run"
-    run_entry(
-        "train.py",
-        *smoke_overrides(
-            toy_root,
-            run_dir,
-            "trainer.ema.decay=0.5",
-            "trainer.best_metric=val_ema/mIoU",
-            "trainer.clip_grad_norm=1.0",
-            "logger=many",
-            "schedule.eval_interval=2",
-            "trainer.precision=fp32",
-        ),
+    summary = train_in_process(
+        toy_root,
+        run_dir,
+        "trainer.ema.decay=0.5",
+        "trainer.best_metric=val_ema/mIoU",
+        "trainer.clip_grad_norm=1.0",
+        "logger=many",
+        "schedule.eval_interval=2",
+        "trainer.precision=fp32",
     )
     rows = read_jsonl(run_dir / "metrics.jsonl")
     train_rows = [r for r in rows if "loss" in r]
@@ -141,6 +138,6 @@ def test_ema_clip_and_many_loggers_in_one_short_run(toy_root, tmp_path):
         r["val_ema/mIoU"] for r in evals
     )
     assert all(torch.equal(best["model"][k], best["ema"][k]) for k in best["model"])
-    summary = json.loads((run_dir / "summary.json").read_text())
+    assert json.loads((run_dir / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert summary["val_ema/mIoU"] == evals[-1]["val_ema/mIoU"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))

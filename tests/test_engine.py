@@ -1,10 +1,12 @@
-"""The training engine: schedule, loss, checkpoints, the run folder, exact resume, preemption, NaN stop, DDP."""
+"""The training engine: schedule, loss, checkpoints, the run folder, preemption, NaN stop.
+
+Exact resume (one process and DDP) is in test_resume.py."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,12 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_entry, smoke_overrides
+from conftest import REPO, SINGLE_THREAD_ENV, run_entry, smoke_overrides, train_in_process
 from omegaconf import OmegaConf
 
 from semseg.engine.checkpoint import latest_checkpoint, prune_checkpoints
 from semseg.engine.losses import SegCrossEntropy
 from semseg.engine.optim import PolyLR, build_optimizer, build_scheduler
+from semseg.engine.trainer import NonFiniteLossError
 from semseg.models.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -125,6 +128,7 @@ def test_tiny_training_run_writes_the_run_folder(toy_root, tmp_path):
             "schedule.log_interval=5",
             "schedule.checkpoint_interval=10",
         ),
+        env=SINGLE_THREAD_ENV,
     )
     for name in (
         ".hydra/config.yaml",
@@ -173,42 +177,7 @@ def test_tiny_training_run_writes_the_run_folder(toy_root, tmp_path):
     ]
 
 
-def test_resume_is_bit_exact(toy_root, tmp_path):
-    common = [
-        "schedule.max_iters=8",
-        "schedule.checkpoint_interval=4",
-        "schedule.eval_interval=4",
-        "trainer.precision=fp32",
-        "trainer.eval_at_end=false",
-        "trainer.ema.decay=0.5",  # the EMA of the weights resumes exactly too
-    ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_entry("train.py", *smoke_overrides(toy_root, straight, *common))
-    # Train N (the checkpoint of iteration 4), stop, continue to 2N in a new process.
-    run_entry(
-        "train.py",
-        *smoke_overrides(
-            toy_root, resumed, *common, f"trainer.resume={straight / 'checkpoints/iter_000004.pt'}"
-        ),
-    )
-    a = load_checkpoint(straight / "checkpoints/last.pt")
-    b = load_checkpoint(resumed / "checkpoints/last.pt")
-    assert a["iteration"] == b["iteration"] == 8
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
-    mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
-    mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
-    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b, strict=True))
-    assert a["ema"].keys() == a["model"].keys()
-    for key, tensor in a["ema"].items():
-        assert torch.equal(tensor, b["ema"][key]), key
-    assert not all(torch.equal(t, a["model"][k]) for k, t in a["ema"].items())  # a real average
-    # ... and the resumed run did not start from scratch:
-    first = load_checkpoint(straight / "checkpoints/iter_000004.pt")
-    assert not all(torch.equal(t, b["model"][k]) for k, t in first["model"].items())
-
-
-def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path):
+def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path, caplog):
     run_dir = tmp_path / "run"
     args = [
         sys.executable,
@@ -218,7 +187,7 @@ def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path):
     proc = subprocess.Popen(
         args,
         cwd=REPO,
-        env={**os.environ, "WANDB_MODE": "disabled"},
+        env={**os.environ, "WANDB_MODE": "disabled", **SINGLE_THREAD_ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -238,40 +207,35 @@ def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path):
     assert f"stopped at iteration {stopped_at} of 100000 by signal SIGTERM" in out
     assert "final val mIoU" not in out
 
-    run_entry(
-        "train.py",
-        *smoke_overrides(
-            toy_root,
-            run_dir,
-            f"schedule.max_iters={stopped_at + 3}",
-            "schedule.log_interval=1",
-            "trainer.resume=auto",
-        ),
+    caplog.set_level(logging.INFO)
+    summary = train_in_process(
+        toy_root,
+        run_dir,
+        f"schedule.max_iters={stopped_at + 3}",
+        "schedule.log_interval=1",
+        "trainer.resume=auto",
     )
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == stopped_at + 3 and "val/mIoU" in summary
-    assert f"at iteration {stopped_at}" in (run_dir / "train.log").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == stopped_at + 3
+    assert f"resumed from {run_dir / 'checkpoints'}" in caplog.text
+    assert f"at iteration {stopped_at}" in caplog.text
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path):
+    """A UserError: train.py prints it as one line and exits 2 (test_missing_dataset_root...)."""
     run_dir = tmp_path / "run"
-    proc = run_entry(
-        "train.py",
-        *smoke_overrides(
+    with pytest.raises(NonFiniteLossError, match="NaN/inf at iteration 4") as info:
+        train_in_process(
             toy_root,
             run_dir,
             "schedule.max_iters=10",
             "schedule.checkpoint_interval=2",
             "loss._target_=faulty_loss.NaNAfter",
             "+loss.after=3",
-        ),
-        env={"PYTHONPATH": str(REPO / "tests")},
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "NaN/inf at iteration 4" in proc.stderr
-    assert "Traceback" not in proc.stderr
+        )
+    assert "\n" not in str(info.value) and str(run_dir / "checkpoints") in str(info.value)
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 2
+    assert not (run_dir / "checkpoints/iter_000004.pt").exists()
 
 
 def test_missing_dataset_root_is_one_clear_line(tmp_path):
@@ -287,60 +251,6 @@ def test_missing_dataset_root_is_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert str(missing) in proc.stderr and "dataset.root" in proc.stderr
-
-
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
-def test_ddp_two_processes_share_one_run_folder(toy_root, tmp_path):
-    log_dir = tmp_path / "outputs"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "src/train.py"),
-            "experiment=smoke",
-            f"dataset.root={toy_root}",
-            f"paths.log_dir={log_dir}",
-            "schedule.max_iters=4",
-            "dataset.eval_batch_size=1",
-            "trainer.precision=fp32",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    run_dirs = [p.parent for p in log_dir.rglob("summary.json")]
-    assert len(run_dirs) == 1
-    assert len([p for p in log_dir.rglob(".hydra") if p.is_dir()]) == 1
-    run_dir = run_dirs[0]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 4
-
-    # The 2-process evaluation equals a single-process one on the same checkpoint.
-    from semseg.data import build_dataset, build_eval_loader
-    from semseg.evaluation import evaluate_model
-    from semseg.models import model_from_checkpoint
-
-    model, meta, config = model_from_checkpoint(run_dir / "checkpoints/last.pt")
-    cfg = OmegaConf.create(config)
-    cfg.dataset.root = str(toy_root)
-    loader = build_eval_loader(build_dataset(cfg.dataset, "val", train=False), 1, 0)
-    cpu = torch.device("cpu")
-    result = evaluate_model(
-        model,
-        loader,
-        meta["num_classes"],
-        meta["ignore_index"],
-        meta["class_names"],
-        cpu,
-        cfg.inference,
-        precision=cfg.trainer.precision,
-    )
-    assert result.metrics["mIoU"] == pytest.approx(summary["val/mIoU"], abs=1e-12)
 
 
 def test_gradient_accumulation_matches_the_big_batch():

@@ -1,8 +1,11 @@
-"""Nothing lost, nothing silent: worker errors, changed configs on resume, exact resume under DDP."""
+"""Nothing lost, nothing silent: worker errors, exact resume (one process and DDP), changed configs
+on resume."""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -12,12 +15,22 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_entry, smoke_overrides
+from conftest import (
+    REPO,
+    SINGLE_THREAD_ENV,
+    compose_smoke,
+    run_entry,
+    smoke_overrides,
+    train_in_process,
+)
 from omegaconf import OmegaConf
 
 from semseg.cli import compose
 from semseg.data import build_dataset, build_eval_loader, build_train_loader
+from semseg.engine.resume import ResumeConfigError
 from semseg.errors import UserError
+from semseg.evaluation import evaluate_model
+from semseg.models import model_from_checkpoint
 from semseg.models.checkpoint import load_checkpoint
 
 
@@ -62,19 +75,21 @@ BREAKAGES = {
 }
 
 
-@pytest.fixture
-def broken_copy(toy_root: Path, tmp_path: Path):
-    def make(kind: str, split: str) -> tuple[Path, Path]:
-        root = tmp_path / kind
+@pytest.fixture(scope="module")
+def broken_roots(toy_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One copy of the toy dataset per kind of breakage, with one broken file in each split:
+    ``{kind: (root, {split: broken file})}``."""
+    roots = {}
+    for kind, breakage in BREAKAGES.items():
+        root = tmp_path_factory.mktemp("broken") / kind
         shutil.copytree(toy_root, root)
-        return root, BREAKAGES[kind](root, split)
+        roots[kind] = root, {split: breakage(root, split) for split in ("train", "val")}
+    return roots
 
-    return make
 
-
-def _dataset_cfg(root: Path):
-    cfg = compose("train", ["experiment=smoke", f"dataset.root={root}"])
-    return cfg.dataset
+@pytest.fixture(scope="module")
+def smoke_dataset_cfg():
+    return compose("train", ["experiment=smoke"]).dataset
 
 
 def _consume(dataset, train: bool) -> None:
@@ -89,27 +104,32 @@ def _consume(dataset, train: bool) -> None:
 
 @pytest.mark.parametrize("kind", sorted(BREAKAGES))
 @pytest.mark.parametrize(("split", "train"), [("train", True), ("val", False)])
-def test_worker_errors_arrive_as_the_one_line_user_error(broken_copy, kind, split, train):
+def test_worker_errors_arrive_as_the_one_line_user_error(
+    broken_roots, smoke_dataset_cfg, kind, split, train
+):
     """With 2 workers the train and eval loaders raise the dataset's own error, not a wrapper."""
-    root, bad_file = broken_copy(kind, split)
-    dataset = build_dataset(_dataset_cfg(root), split, train=train)
+    root, bad_files = broken_roots[kind]
+    data_cfg = smoke_dataset_cfg.copy()
+    data_cfg.root = str(root)
+    dataset = build_dataset(data_cfg, split, train=train)
     with pytest.raises(UserError) as info:
         _consume(dataset, train)
     message = str(info.value)
-    assert bad_file.name in message, message
+    assert bad_files[split].name in message, message
     assert "\n" not in message and "Caught" not in message and "Traceback" not in message
 
 
-def test_worker_error_through_train_py_is_one_line_exit_2(broken_copy, tmp_path):
-    root, bad_file = broken_copy("mask_value_37", "train")
+def test_worker_error_through_train_py_is_one_line_exit_2(broken_roots, tmp_path):
+    root, bad_files = broken_roots["mask_value_37"]
     proc = run_entry(
         "train.py",
         *smoke_overrides(root, tmp_path / "run", "dataset.num_workers=2", "schedule.max_iters=8"),
+        env=SINGLE_THREAD_ENV,
         check=False,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert errors[-1].startswith("error: ") and bad_file.name in errors[-1]
+    assert errors[-1].startswith("error: ") and bad_files["train"].name in errors[-1]
     assert "Traceback" not in proc.stderr and "Caught" not in proc.stderr
 
 
@@ -118,53 +138,83 @@ def _lrs(run_dir: Path) -> dict[int, float]:
     return {row["step"]: row["lr"] for row in rows if "lr" in row}
 
 
-def test_resume_with_new_max_iters_follows_the_new_schedule(toy_root, tmp_path):
+# 8 iterations with a checkpoint at 4, which the resume tests below continue from.
+EIGHT_ITERATIONS = (
+    "schedule.max_iters=8",
+    "schedule.checkpoint_interval=4",
+    "schedule.log_interval=1",
+    "trainer.precision=fp32",
+    "trainer.eval_at_end=false",
+    "trainer.ema.decay=0.5",  # the EMA of the weights resumes exactly too
+)
+
+
+@pytest.fixture(scope="module")
+def straight_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight")
+    train_in_process(toy_root, run_dir, *EIGHT_ITERATIONS)
+    return run_dir
+
+
+def test_resume_is_bit_exact(toy_root, tmp_path, straight_run):
+    """Train 8 == train 4 (the checkpoint of iteration 4), stop, continue to 8 in a new run."""
+    first_half = straight_run / "checkpoints/iter_000004.pt"
+    resumed = tmp_path / "resumed"
+    train_in_process(toy_root, resumed, *EIGHT_ITERATIONS, f"trainer.resume={first_half}")
+    a = load_checkpoint(straight_run / "checkpoints/last.pt")
+    b = load_checkpoint(resumed / "checkpoints/last.pt")
+    assert a["iteration"] == b["iteration"] == 8
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    mom_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    mom_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b, strict=True))
+    assert a["ema"].keys() == a["model"].keys()
+    for key, tensor in a["ema"].items():
+        assert torch.equal(tensor, b["ema"][key]), key
+    assert not all(torch.equal(t, a["model"][k]) for k, t in a["ema"].items())  # a real average
+    # ... and the resumed run did not start from scratch:
+    first = load_checkpoint(first_half)
+    assert not all(torch.equal(t, b["model"][k]) for k, t in first["model"].items())
+
+
+def test_resume_with_new_max_iters_follows_the_new_schedule(
+    toy_root, tmp_path, straight_run, caplog
+):
     run_dir = tmp_path / "run"
-    common = ["schedule.log_interval=1", "trainer.precision=fp32", "trainer.eval_at_end=false"]
-    run_entry("train.py", *smoke_overrides(toy_root, run_dir, "schedule.max_iters=4", *common))
-    proc = run_entry(
-        "train.py",
-        *smoke_overrides(
-            toy_root,
-            run_dir,
-            "schedule.max_iters=8",
-            "optimizer.lr=0.02",
-            "trainer.resume=auto",
-            *common,
-        ),
-    )
-    cfg = OmegaConf.load(run_dir / ".hydra/config.yaml")
+    first_half = straight_run / "checkpoints/iter_000004.pt"
+    caplog.set_level(logging.INFO)
+    overrides = [*EIGHT_ITERATIONS, "schedule.max_iters=6", "optimizer.lr=0.02"]
+    train_in_process(toy_root, run_dir, *overrides, f"trainer.resume={first_half}")
+    cfg = compose_smoke(toy_root, run_dir, *overrides)
     lr0, min_lr, power = 0.02, cfg.schedule.min_lr, cfg.schedule.power
     # The lr logged at step 5 is the one the 6th update will use: poly(5) on the new curve.
-    expected = (lr0 - min_lr) * (1 - 5 / 8) ** power + min_lr
-    assert _lrs(run_dir)[5] == pytest.approx(expected, rel=1e-9)
-    log = (run_dir / "train.log").read_text()
-    assert "config change(s)" in log
-    assert "schedule.max_iters: 4 -> 8" in log and "optimizer.lr: 0.01 -> 0.02" in log
-    assert "final val mIoU" not in proc.stderr + log
+    expected = (lr0 - min_lr) * (1 - 5 / 6) ** power + min_lr
+    assert _lrs(run_dir) == {5: pytest.approx(expected, rel=1e-9), 6: pytest.approx(min_lr)}
+    assert "config change(s)" in caplog.text
+    assert "schedule.max_iters: 8 -> 6" in caplog.text
+    assert "optimizer.lr: 0.01 -> 0.02" in caplog.text
+    assert "final val mIoU" not in caplog.text
 
 
-def test_resume_with_another_model_stops_with_one_line(toy_root, tmp_path):
-    run_dir = tmp_path / "run"
-    run_entry("train.py", *smoke_overrides(toy_root, run_dir, "schedule.max_iters=2"))
-    proc = run_entry(
-        "train.py",
-        *smoke_overrides(
+def test_resume_with_another_model_stops_with_one_line(toy_root, tmp_path, straight_run):
+    """The refusal is a UserError (one line ``error: ...``, exit 2 from train.py, as above)."""
+    first_half = straight_run / "checkpoints/iter_000004.pt"
+    with pytest.raises(ResumeConfigError) as info:
+        train_in_process(
             toy_root,
-            run_dir,
-            "schedule.max_iters=4",
-            "trainer.resume=auto",
+            tmp_path / "run",
+            *EIGHT_ITERATIONS,
+            f"trainer.resume={first_half}",
             "model.fpn_channels=64",
-        ),
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
-    assert last.startswith("error: cannot resume from") and "model.fpn_channels: 256 -> 64" in last
-    assert "Traceback" not in proc.stderr
+        )
+    message = str(info.value)
+    assert message.startswith("cannot resume from") and "model.fpn_channels: 256 -> 64" in message
+    assert "\n" not in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def _torchrun(run_dir: Path, *extra: str) -> None:
+def _torchrun(*overrides: str) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -173,11 +223,10 @@ def _torchrun(run_dir: Path, *extra: str) -> None:
             "--standalone",
             "--nproc_per_node=2",
             str(REPO / "src/train.py"),
-            *extra,
-            f"hydra.run.dir={run_dir}",
+            *overrides,
         ],
         cwd=REPO,
-        env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -185,8 +234,9 @@ def _torchrun(run_dir: Path, *extra: str) -> None:
     assert proc.returncode == 0, proc.stderr[-5000:]
 
 
-def test_ddp_resume_is_bit_exact_on_every_rank(toy_root, tmp_path):
-    """2 processes (gloo): 8 iterations straight == 4, stop, resume to 8, weights and momenta.
+def test_ddp_two_processes_share_one_run_folder_and_resume_bit_exact(toy_root, tmp_path):
+    """2 processes (gloo): one run folder, an evaluation equal to a single-process one, and
+    8 iterations straight == 4, stop, resume to 8 (weights and momenta).
 
     Dropout draws a different stream on each rank; both ranks' gradients enter every update,
     so a rank that did not get its RNG state back would change the weights.
@@ -194,15 +244,24 @@ def test_ddp_resume_is_bit_exact_on_every_rank(toy_root, tmp_path):
     common = [
         "experiment=smoke",
         f"dataset.root={toy_root}",
+        "schedule.max_iters=8",
         "schedule.checkpoint_interval=4",
         "trainer.precision=fp32",
-        "trainer.eval_at_end=false",
         "dataset.batch_size=1",
+        "dataset.eval_batch_size=1",
     ]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _torchrun(straight, *common, "schedule.max_iters=8")
+    log_dir = tmp_path / "outputs"
+    _torchrun(*common, f"paths.log_dir={log_dir}")  # the run folder Hydra names
+    run_dirs = [p.parent for p in log_dir.rglob("summary.json")]
+    assert len(run_dirs) == 1
+    assert len([p for p in log_dir.rglob(".hydra") if p.is_dir()]) == 1
+    straight = run_dirs[0]
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["steps"] == 8
+
     first_half = straight / "checkpoints/iter_000004.pt"
-    _torchrun(resumed, *common, "schedule.max_iters=8", f"trainer.resume={first_half}")
+    resumed = tmp_path / "resumed"
+    _torchrun(*common, f"hydra.run.dir={resumed}", f"trainer.resume={first_half}")
     a = load_checkpoint(straight / "checkpoints/last.pt")
     b = load_checkpoint(resumed / "checkpoints/last.pt")
     assert a["iteration"] == b["iteration"] == 8
@@ -217,3 +276,20 @@ def test_ddp_resume_is_bit_exact_on_every_rank(toy_root, tmp_path):
     assert not all(
         torch.equal(t, b["model"][k]) for k, t in load_checkpoint(first_half)["model"].items()
     )
+
+    # The 2-process evaluation equals a single-process one on the same checkpoint.
+    model, meta, config = model_from_checkpoint(straight / "checkpoints/last.pt")
+    cfg = OmegaConf.create(config)
+    cfg.dataset.root = str(toy_root)
+    loader = build_eval_loader(build_dataset(cfg.dataset, "val", train=False), 1, 0)
+    result = evaluate_model(
+        model,
+        loader,
+        meta["num_classes"],
+        meta["ignore_index"],
+        meta["class_names"],
+        torch.device("cpu"),
+        cfg.inference,
+        precision=cfg.trainer.precision,
+    )
+    assert result.metrics["mIoU"] == pytest.approx(summary["val/mIoU"], abs=1e-12)
