@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_entry
+from conftest import REPO, run_entry, train_in_process
 
 from semseg import runtime
-from semseg.errors import ConfigError
+from semseg.errors import ConfigError, UserError
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
 
@@ -90,17 +90,25 @@ def test_bad_values_name_the_allowed_ones(monkeypatch):
         runtime.resolve_device("tpu")
 
 
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("trainer.channels_last=maybe", "trainer.channels_last must be one of auto, true, false"),
-        ("trainer.precision=fp8", "precision must be one of auto, fp32, bf16, fp16"),
-        ("trainer.device=cuda", "torch sees no CUDA device"),
-    ],
-)
-def test_bad_trainer_settings_are_one_line_exit_2(tmp_path, override, expected):
+BAD_TRAINER_SETTINGS = [
+    ("trainer.channels_last=maybe", "trainer.channels_last must be one of auto, true, false"),
+    ("trainer.precision=fp8", "precision must be one of auto, fp32, bf16, fp16"),
+    ("trainer.device=cuda", "torch sees no CUDA device"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), BAD_TRAINER_SETTINGS)
+def test_bad_trainer_settings_are_one_line_user_errors(toy_root, tmp_path, override, expected):
     if override.endswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    with pytest.raises(UserError) as info:
+        train_in_process(toy_root, tmp_path, override)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_trainer_setting_through_train_py_is_one_line_exit_2(tmp_path):
+    """What train.py makes of such a UserError (each of the settings above takes this path)."""
+    override, expected = BAD_TRAINER_SETTINGS[1]
     proc = run_entry(
         "train.py", "experiment=smoke", f"hydra.run.dir={tmp_path}", override, check=False
     )
