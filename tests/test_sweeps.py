@@ -6,13 +6,14 @@ the jobs compute is not under test here, and fp32 runs the same on every CPU.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, run_entry
+from conftest import REPO, SINGLE_THREAD_ENV, run_entry
 
 from semseg.tracking import runs
 
@@ -25,7 +26,9 @@ def smoke_sweep(
     toy_root: Path, *overrides: str, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """`python src/train.py -m experiment=smoke dataset.root=<toy> <overrides>`."""
-    return run_entry("train.py", *sweep_args(toy_root, *overrides), env=env)
+    return run_entry(
+        "train.py", *sweep_args(toy_root, *overrides), env={**SINGLE_THREAD_ENV, **(env or {})}
+    )
 
 
 def sweep_args(toy_root: Path, *overrides: str) -> list[str]:
@@ -102,7 +105,8 @@ def test_two_sweeps_started_together_do_not_share_a_folder(toy_root: Path, tmp_p
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "src" / "train.py"), *sweep_args(toy_root, *common, *extra)],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO, env={**os.environ, **SINGLE_THREAD_ENV},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for extra in launchers
     ]  # fmt: skip
