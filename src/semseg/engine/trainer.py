@@ -286,8 +286,9 @@ class Trainer:
             batches = fixed_batches(batches, cfg.trainer.debug.overfit_batches)
         log.info(
             report.start_line(
-                params, gflops, (crop_h, crop_w), self.device, self.precision, env.world_size,
-                self.global_batch,
+                params, gflops, (crop_h, crop_w), self.device,
+                f"{self.precision}, {'channels_last' if self.channels_last else 'NCHW'}",
+                env.world_size, self.global_batch,
             )
         )  # fmt: skip
         step = functools.partial(
