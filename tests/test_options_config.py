@@ -67,6 +67,9 @@ def test_local_config_is_loaded_when_present(tmp_path):
         assert cfg.backbone.weights == "/w/r50.safetensors"
         # The command line still wins.
         assert compose("train", overrides=["paths.data_dir=/x"]).dataset.root == "/x/bdd100k"
+        # evaluate.py and predict.py read the same machine paths.
+        for entry in ("evaluate", "predict"):
+            assert compose(entry).dataset.root == "/mnt/datasets/bdd100k", entry
 
 
 def test_local_config_is_git_ignored():
