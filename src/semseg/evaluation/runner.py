@@ -100,14 +100,22 @@ def _check_classes(cfg: DictConfig, trained: list[str]) -> None:
     )
 
 
-def _build_loader(cfg: DictConfig, dataset_cfg: DictConfig) -> torch.utils.data.DataLoader:
+def split_loader(
+    dataset_cfg: DictConfig, split: str, batch_size: int, rank: int = 0, world_size: int = 1
+) -> torch.utils.data.DataLoader:
+    """The eval loader of ``split`` (generated toy data is written on first use); a missing or
+    empty split is a one-line DatasetError."""
     from semseg.data import build_dataset, build_eval_loader, ensure_toy_dataset
 
-    rank, world = _rank_world()
-    ensure_toy_dataset(dataset_cfg)  # generated data (dataset=toy_*) on first use
-    dataset = build_dataset(dataset_cfg, dataset_cfg.split, train=False)
+    ensure_toy_dataset(dataset_cfg)
+    dataset = build_dataset(dataset_cfg, split, train=False)
+    num_workers = int(dataset_cfg.get("num_workers", 0))
+    return build_eval_loader(dataset, batch_size, num_workers, rank, world_size)
+
+
+def _build_loader(cfg: DictConfig, dataset_cfg: DictConfig) -> torch.utils.data.DataLoader:
     batch_size = cfg.inference.get("batch_size") or dataset_cfg.get("eval_batch_size", 1)
-    return build_eval_loader(dataset, batch_size, dataset_cfg.get("num_workers", 0), rank, world)
+    return split_loader(dataset_cfg, dataset_cfg.split, batch_size, *_rank_world())
 
 
 def _write_json(data: dict[str, Any], *paths: Path) -> None:

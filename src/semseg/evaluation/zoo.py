@@ -46,7 +46,7 @@ from semseg.evaluation.inference import (
     resize_bilinear,
 )
 from semseg.evaluation.metrics import SegmentationMetric, format_table, summarize
-from semseg.evaluation.runner import load_inference_model
+from semseg.evaluation.runner import load_inference_model, split_loader
 from semseg.evaluation.submission import ScalabelWriter, zip_masks
 from semseg.runtime import autocast, configure_backends, resolve_device
 
@@ -84,15 +84,6 @@ def _dataset_config(run_config: Mapping[str, Any], overrides: DictConfig | None)
     )
 
 
-def _loader(dataset_cfg: DictConfig, split: str, batch_size: int) -> DataLoader:
-    """The eval loader of ``split``; a missing or empty split is a one-line DatasetError here."""
-    from semseg.data import build_dataset, build_eval_loader, ensure_toy_dataset
-
-    ensure_toy_dataset(dataset_cfg)
-    dataset = build_dataset(dataset_cfg, split, train=False)
-    return build_eval_loader(dataset, batch_size, int(dataset_cfg.get("num_workers", 0)))
-
-
 def _sample(names: list[str], count: int, seed: int) -> set[str]:
     """A fixed, seeded choice of ``count`` names: the same images for the same split and seed."""
     rng = np.random.default_rng(seed)
@@ -100,11 +91,8 @@ def _sample(names: list[str], count: int, seed: int) -> set[str]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_weights(state: Mapping[str, Any], model: torch.nn.Module, out: Path) -> str:
@@ -296,12 +284,12 @@ def build_model_zoo_row(cfg: DictConfig) -> Path:
     test_split = cfg.get("test_split")
     batch_size = int(cfg.inference.get("batch_size") or dataset_cfg.get("eval_batch_size", 1))
     # Every split is opened before any work: a missing or empty one stops here, in one line.
-    val_loader = _loader(dataset_cfg, val_split, batch_size)
+    val_loader = split_loader(dataset_cfg, val_split, batch_size)
     if not val_loader.dataset.has_labels:
         raise ConfigError(
             f"split {val_split!r} has no labels to score: set val_split=<labelled split>"
         )
-    test_loader = _loader(dataset_cfg, test_split, batch_size) if test_split else None
+    test_loader = split_loader(dataset_cfg, test_split, batch_size) if test_split else None
     server = dataset_cfg.get("test_server") or dict(cfg.get("test_servers") or {}).get(
         dataset_cfg.get("name")
     )
