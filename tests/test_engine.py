@@ -18,7 +18,7 @@ import torch
 from conftest import REPO, SINGLE_THREAD_ENV, run_entry, smoke_overrides, train_in_process
 from omegaconf import OmegaConf
 
-from semseg.engine.checkpoint import latest_checkpoint, prune_checkpoints
+from semseg.engine.checkpoint import load_latest_checkpoint, prune_checkpoints
 from semseg.engine.losses import SegCrossEntropy
 from semseg.engine.optim import PolyLR, build_optimizer, build_scheduler
 from semseg.engine.trainer import NonFiniteLossError
@@ -103,7 +103,7 @@ def test_checkpoint_helpers(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
     for it in (2, 4, 6, 8):
         save_checkpoint({"model": {}, "iteration": it}, ckpt_dir / f"iter_{it:06d}.pt")
-    assert latest_checkpoint(tmp_path).name == "iter_000008.pt"
+    assert load_latest_checkpoint(tmp_path)[0].name == "iter_000008.pt"
     prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter_000006.pt", "iter_000008.pt"]
     with pytest.raises(Exception, match="not found"):

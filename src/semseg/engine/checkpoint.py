@@ -24,16 +24,6 @@ def _iter_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob("iter_*.pt"), key=lambda p: int(_ITER_RE.search(p.name).group(1)))
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint to resume a run folder from: ``last.pt`` if present, else the newest ``iter_*.pt``."""
-    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
-    last = ckpt_dir / "last.pt"
-    if last.is_file():
-        return last
-    iters = _iter_checkpoints(ckpt_dir)
-    return iters[-1] if iters else None
-
-
 def load_latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, dict | None]:
     """``(path, state)`` of the checkpoint to resume a run folder from, ``(None, None)`` if there
     is none. A damaged ``last.pt`` (zero bytes, truncated) falls back to the newest loadable
