@@ -240,6 +240,7 @@ class Trainer:
             rng_per_rank=rng_per_rank,
             data_position=self._data_position(),
             metrics_iteration=self.state.metrics_iteration,
+            precision=self.precision,  # what validation ran in: evaluate.py's default for this run
         )
         return save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
 

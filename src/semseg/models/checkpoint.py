@@ -54,7 +54,8 @@ def make_checkpoint(
     **training_state: Any,
 ) -> dict[str, Any]:
     """A checkpoint dict with every entry of :data:`CHECKPOINT_KEYS`, plus ``training_state``:
-    what the trainer needs beyond them to resume exactly (EMA weights, per-rank RNG, ...)."""
+    what the trainer adds (EMA weights, per-rank RNG, ``precision``: the autocast precision its
+    validation ran in, which evaluation defaults to)."""
     return training_state | {
         "format_version": FORMAT_VERSION,
         "model": model_state,
