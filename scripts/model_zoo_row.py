@@ -1,8 +1,9 @@
-"""Publish a training run as a BDD100K model-zoo row: config, stripped weights with their SHA-256,
-val scores, val/test predictions, the test-server submission, visuals and the README row.
+"""Publish a training run as a BDD100K model-zoo row, in a folder that is a Hugging Face Hub model
+repository: model card (README.md), model.safetensors + config.yaml, weights.pt with its SHA-256,
+val scores, val/test predictions, the test-server submission and visuals.
 
 ``python scripts/model_zoo_row.py run_dir=outputs/train/<run> dataset.root=/data/bdd100k``
-``[checkpoint=last.pt] [output_dir=...] [overwrite=true] [inference=slide]``
+``[checkpoint=last.pt] [output_dir=...] [overwrite=true] [inference=slide] [repo_id=org/name]``
 """
 
 from pathlib import Path
@@ -18,9 +19,12 @@ semseg.cli.prepare(Path(__file__).resolve().parents[1])
 @hydra.main(config_path="../conf", config_name="model_zoo", version_base="1.3")
 @semseg.cli.report_user_errors
 def main(cfg: DictConfig) -> None:
-    from semseg.evaluation.zoo import build_model_zoo_row
+    from semseg.apps.zoo import build_model_zoo_row, zoo_source
+    from semseg.data import ensure_toy_dataset
 
-    build_model_zoo_row(cfg)
+    source = zoo_source(cfg)
+    ensure_toy_dataset(source.dataset_cfg)  # generated toy data: written on first use
+    build_model_zoo_row(cfg, source)
 
 
 if __name__ == "__main__":

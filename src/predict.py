@@ -1,6 +1,7 @@
 """Write BDD100K-format masks and colour maps from a checkpoint.
 
 ``python src/predict.py checkpoint=PATH input_dir=IMAGES`` or ``dataset.root=... [dataset.split=test]``
+(PATH: a checkpoint file, a model folder or ``hf://<org>/<name>[@<revision>]``)
 """
 
 from pathlib import Path
@@ -16,8 +17,11 @@ semseg.cli.prepare(Path(__file__).resolve().parents[1])
 @hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
 @semseg.cli.report_user_errors
 def main(cfg: DictConfig) -> None:
-    from semseg.evaluation.runner import run_predict
+    from semseg.apps.predict import run_predict
+    from semseg.data import ensure_toy_dataset
 
+    if not cfg.get("input_dir"):
+        ensure_toy_dataset(cfg.dataset)  # generated toy data: written on first use
     run_predict(cfg)
 
 

@@ -165,6 +165,34 @@ def smoke_run(toy_layout, tmp_path_factory: pytest.TempPathFactory):
     return run
 
 
+def entry_config(name: str, *overrides: str):
+    """An entry point's config (``conf/<name>.yaml``) composed in this process, with ``overrides``."""
+    from semseg.cli import compose
+
+    return compose(name, list(overrides))
+
+
+def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:
+    """A checkpoint of a small Semantic FPN (resnet18, no pretrained weights, narrow FPN/head)."""
+    import torch
+
+    from semseg.cli import compose_groups
+    from semseg.data import dataset_meta
+    from semseg.models import build_model
+    from semseg.models.checkpoint import save_checkpoint
+
+    groups = {"model": "semantic_fpn", "backbone": "resnet18", "dataset": "toy_bdd100k"}
+    overrides = ["backbone.pretrained=false", "model.fpn_channels=32", "model.head_channels=16"]
+    if num_classes is not None:
+        overrides.append(f"model.num_classes={num_classes}")
+    config = compose_groups(groups, overrides)
+    torch.manual_seed(0)
+    model = build_model(config)
+    meta = dataset_meta(config["dataset"]) | {"num_classes": config["model"]["num_classes"]}
+    state = {"model": model.state_dict(), "iteration": 0, "metrics": {}}
+    return save_checkpoint(state | {"config": config, "meta": meta}, path)
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` imported as a module, to call its ``main`` in this process."""
     import importlib.util

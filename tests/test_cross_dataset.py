@@ -9,19 +9,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import REPO, SMOKE_ITERS
-from hydra import compose, initialize_config_dir
+from conftest import SMOKE_ITERS
+from conftest import entry_config as config
 from omegaconf import DictConfig, OmegaConf
 
+from semseg.apps.evaluate import run_evaluate
+from semseg.apps.predict import run_predict
 from semseg.data import build_dataset, make_toy_bdd100k
 from semseg.errors import ConfigError
-from semseg.evaluation.runner import run_evaluate, run_predict
-
-
-def config(name: str, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
-
 
 LAYOUTS = ("bdd100k", "cityscapes", "folder")
 

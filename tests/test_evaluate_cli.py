@@ -9,32 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from conftest import REPO, run_entry
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from conftest import entry_config as config
+from conftest import run_entry, tiny_checkpoint
 from PIL import Image
 
-from semseg.cli import compose_groups as compose_config
-from semseg.data import dataset_meta
+from semseg.apps.evaluate import run_evaluate
+from semseg.apps.predict import run_predict
 from semseg.errors import ConfigError, UserError
-from semseg.evaluation.runner import run_evaluate, run_predict
-from semseg.models import build_model
-from semseg.models.checkpoint import save_checkpoint
-
-
-def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:
-    """A checkpoint of a small Semantic FPN (resnet18, no pretrained weights, narrow FPN/head)."""
-    groups = {"model": "semantic_fpn", "backbone": "resnet18", "dataset": "toy_bdd100k"}
-    overrides = ["backbone.pretrained=false", "model.fpn_channels=32", "model.head_channels=16"]
-    if num_classes is not None:
-        overrides.append(f"model.num_classes={num_classes}")
-    config = compose_config(groups, overrides)
-    torch.manual_seed(0)
-    model = build_model(config)
-    meta = dataset_meta(config["dataset"]) | {"num_classes": config["model"]["num_classes"]}
-    state = {"model": model.state_dict(), "iteration": 0, "metrics": {}}
-    return save_checkpoint(state | {"config": config, "meta": meta}, path)
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +26,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def data_overrides(toy_root: Path, split: str = "val") -> list[str]:
     return ["dataset=toy_bdd100k", f"dataset.root={toy_root}", f"dataset.split={split}",
             "dataset.num_workers=0", "device=cpu"]  # fmt: skip
-
-
-def config(name: str, *overrides: str) -> DictConfig:
-    """The entry point's config composed in this process (for quick checks of the runner)."""
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
 
 
 def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path, caplog) -> None:

@@ -15,12 +15,12 @@ import torch
 from conftest import run_entry
 from PIL import Image
 
+from semseg.apps.evaluate import run_evaluate
+from semseg.apps.zoo import build_model_zoo_row
 from semseg.cli import compose
 from semseg.data.bdd100k import decode_scalabel_rle
 from semseg.errors import UserError
-from semseg.evaluation.runner import run_evaluate
 from semseg.evaluation.submission import ScalabelWriter, encode_scalabel_frame, read_scalabel_frames
-from semseg.evaluation.zoo import build_model_zoo_row
 from semseg.models import model_from_checkpoint
 
 SCRIPT = "../scripts/model_zoo_row.py"  # run_entry runs src/<script>

@@ -13,12 +13,13 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from semseg.errors import UserError
+from semseg.errors import ConfigError, UserError
 
 # Prefix and suffix of the temporary files: a writer killed mid-write (SIGKILL) leaves one behind,
 # which :func:`remove_stale_temp_files` finds by these.
@@ -116,6 +117,36 @@ def write_json(
 ) -> Path:
     """``data`` as JSON into ``path``, atomically."""
     return write_text(path, json.dumps(data, indent=indent) + "\n", what, advice)
+
+
+def write_folder_atomically(
+    folder: str | os.PathLike,
+    write: Callable[[Path], Any],
+    what: str = "folder",
+    overwrite: bool = False,
+) -> Path:
+    """Run ``write(tmp)`` on a temporary folder next to ``folder``, then rename it to ``folder``
+    (replacing an existing one only with ``overwrite``): an interrupted or failed write leaves the
+    old folder or the new one, never half of one, and no temporary folder. Files inside need no
+    atomic writes of their own, but a refused write there is still one :class:`WriteError` line
+    (use :func:`reporting_write_errors` or the writers above)."""
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise ConfigError(f"output folder {folder} exists: pass overwrite=true to replace it")
+    tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}.{os.getpid()}{TEMP_SUFFIX}")
+    old = folder.with_name(f"{TEMP_PREFIX}{folder.name}.{os.getpid()}.old{TEMP_SUFFIX}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with reporting_write_errors(tmp, what):
+            tmp.mkdir(parents=True)
+        write(tmp)
+        if folder.exists():
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

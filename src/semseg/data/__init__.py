@@ -1,11 +1,11 @@
 """Datasets (one interface, a class per folder layout), augmentation recipe, loaders, toy data, checker."""
 
-from semseg.data.base import DatasetError, SegmentationDataset
+from semseg.data.base import DatasetError, SegmentationDataset, read_rgb
 from semseg.data.bdd100k import BDD100KDataset
 from semseg.data.build import build_dataset, check_dataset_config, dataset_meta, eval_scale
 from semseg.data.checker import class_pixel_counts
 from semseg.data.cityscapes import CityscapesDataset
-from semseg.data.folder import FolderDataset
+from semseg.data.folder import FolderDataset, ImageFolder
 from semseg.data.loader import build_eval_loader, build_train_loader
 from semseg.data.toy import (
     ensure_toy_dataset,
@@ -21,6 +21,7 @@ __all__ = [
     "CityscapesDataset",
     "DatasetError",
     "FolderDataset",
+    "ImageFolder",
     "SegmentationDataset",
     "build_dataset",
     "build_eval_loader",
@@ -36,4 +37,5 @@ __all__ = [
     "make_toy_cityscapes",
     "make_toy_dataset",
     "make_toy_folder",
+    "read_rgb",
 ]

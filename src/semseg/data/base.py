@@ -64,6 +64,12 @@ def read_image_file(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
     return img
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as RGB (HxWx3 uint8), decoded as every dataset decodes it (one decoder for
+    training, evaluation, prediction and visuals: the same file gives the same pixels everywhere)."""
+    return cv2.cvtColor(read_image_file(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
 @functools.lru_cache(maxsize=8)
 def _invalid_value_lut(num_classes: int, ignore_index: int) -> np.ndarray:
     """1 for mask values that are neither a class id nor the ignore index (built once, not per load)."""
@@ -209,8 +215,7 @@ class SegmentationDataset(Dataset, ABC):
 
     def read_image(self, index: int) -> np.ndarray:
         """RGB image (HxWx3 uint8) of item `index`, checked, untransformed."""
-        image = read_image_file(self.image_paths[index], cv2.IMREAD_COLOR)
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return read_rgb(self.image_paths[index])
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Checked RGB image (HxWx3) and label map (HxW, or None) of item `index`, untransformed."""

@@ -1,9 +1,10 @@
-"""A user's own data: image and mask folders matched by file name.
+"""A user's own data: image and mask folders matched by file name, or one folder of images.
 
     <root>/<image_dir>/<split>/<name><image suffix>     (default images/<split>/*.jpg or *.png)
     <root>/<mask_dir>/<split>/<name><mask suffix>       (default masks/<split>/*.png: train ids, 255 = ignore)
 
 Class names, palette and the number of classes come from the dataset config.
+:class:`ImageFolder` is any folder of images, unlabelled (``src/predict.py input_dir=``).
 """
 
 from __future__ import annotations
@@ -50,3 +51,31 @@ class FolderDataset(SegmentationDataset):
         if not folder.is_dir():
             return None, str(folder)
         return files_by_name(folder, (self.mask_suffix,)), f"{folder} (*{self.mask_suffix})"
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ImageFolder(SegmentationDataset):
+    """The images directly in `root` (any of :data:`IMAGE_SUFFIXES`, any case), unlabelled, read
+    and resized exactly as a dataset split is; `what` names the folder in messages."""
+
+    def __init__(self, root: str | Path, *args: Any, what: str = "image folder", **kwargs: Any):
+        self.what = what
+        self.root_hint = f"set {what}=<a folder of images>"
+        super().__init__(root, "", *args, **kwargs)
+
+    def _list_images(self) -> tuple[dict[str, Path], str]:
+        images = {
+            p.stem: p
+            for p in sorted(self.root.iterdir())
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        }
+        if not images:
+            raise DatasetError(
+                f"{self.what} {self.root} contains no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
+        return images, str(self.root)
+
+    def _list_labels(self) -> tuple[dict[str, Any] | None, str]:
+        return None, str(self.root)

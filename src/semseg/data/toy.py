@@ -10,9 +10,11 @@ that BDD100K uses too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -207,34 +209,48 @@ def make_toy_folder(root: str | Path, *args: Any, **kwargs: Any) -> Path:
     return make_toy_dataset(root, FolderToyLayout, *args, **kwargs)
 
 
+def _has_files(root: Path) -> bool:
+    return root.is_dir() and any(root.iterdir())
+
+
 def ensure_toy_dataset(dataset_cfg: Mapping[str, Any]) -> Path:
     """Generate the toy data at `dataset_cfg.root` when it is missing (or empty) and `generate`
     is set. `generate._target_` names the layout's generator (default: make_toy_bdd100k); the
-    dataset's class names and palette are passed to it."""
+    dataset's class names and palette are passed to it.
+
+    Safe to call from every rank (and node) at once: each caller writes into its own temporary
+    sibling and renames it into place; the first rename wins, the others drop their copy, and no
+    reader ever sees half a dataset (an interrupted run leaves none either).
+    """
     root = Path(dataset_cfg["root"])
     gen = dataset_cfg.get("generate")
-    if gen is None or (root.is_dir() and any(root.iterdir())):
+    if gen is None or _has_files(root):
         return root
     gen = OmegaConf.merge({"_target_": f"{__name__}.make_toy_bdd100k"}, gen)
     names, palette = dataset_cfg.get("class_names"), dataset_cfg.get("palette")
-    # Write into a temporary sibling and rename, so an interrupted run leaves no half dataset
-    # that the check above would take for complete (and concurrent callers do not collide).
-    target = root if root.exists() else root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
-        with reporting_write_errors(target, "toy dataset", "free space there or set dataset.root"):
+        with reporting_write_errors(tmp, "toy dataset", "free space there or set dataset.root"):
             instantiate(
                 gen,
-                root=target,
+                root=tmp,
                 class_names=list(names) if names is not None else None,
                 palette=[list(c) for c in palette] if palette is not None else None,
             )
-    except BaseException:
-        if target != root:
-            shutil.rmtree(target, ignore_errors=True)
-        raise
-    if target != root:
-        try:
-            target.rename(root)
-        except OSError:  # another process finished first: keep its copy
-            shutil.rmtree(target, ignore_errors=True)
+            _move_into_place(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # still there: another caller's copy won
     return root
+
+
+def _move_into_place(tmp: Path, root: Path) -> None:
+    """Rename the finished `tmp` to `root` (an empty `root` folder is replaced)."""
+    with contextlib.suppress(OSError):  # absent, or not empty (another caller's copy)
+        root.rmdir()
+    try:
+        tmp.rename(root)
+    except OSError:
+        if _has_files(root):  # another caller finished first: keep its copy
+            return
+        # An empty folder that cannot be replaced (a mount point): fill it instead.
+        shutil.copytree(tmp, root, dirs_exist_ok=True)

@@ -1,8 +1,20 @@
-"""Evaluation: the official BDD100K metric, inference modes (whole / slide / TTA), prediction files,
-ONNX export, and what ``src/evaluate.py`` / ``src/predict.py`` run."""
+"""Evaluation: the official BDD100K metric, inference modes (whole / slide / TTA), the one
+prediction loop, prediction files and ONNX export. The applications built on them (evaluate,
+predict, the model-zoo folder) are :mod:`semseg.apps`."""
 
-from semseg.evaluation.export import colorize, export_onnx, overlay, save_prediction
-from semseg.evaluation.inference import EvalResult, evaluate_model, predict_logits
+from semseg.evaluation.export import (
+    colorize,
+    export_onnx,
+    overlay,
+    save_image,
+    save_prediction,
+)
+from semseg.evaluation.inference import (
+    EvalResult,
+    evaluate_model,
+    predict_batches,
+    predict_logits,
+)
 from semseg.evaluation.metrics import (
     EvaluationError,
     SegmentationMetric,
@@ -10,7 +22,6 @@ from semseg.evaluation.metrics import (
     format_table,
     summarize,
 )
-from semseg.evaluation.runner import run_evaluate, run_predict
 
 __all__ = [
     "EvalResult",
@@ -22,9 +33,9 @@ __all__ = [
     "export_onnx",
     "format_table",
     "overlay",
+    "predict_batches",
     "predict_logits",
-    "run_evaluate",
-    "run_predict",
+    "save_image",
     "save_prediction",
     "summarize",
 ]

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from semseg.files import write_atomically
+
 
 def _lut(palette: Sequence[Sequence[int]]) -> np.ndarray:
     """256x3 colour lookup table: class c -> palette[c], everything else (255 ignore) -> black."""
@@ -38,6 +40,19 @@ def overlay(
     return np.where(labelled, blend.round(), image).astype(np.uint8)
 
 
+def save_image(path: str | os.PathLike, image: np.ndarray, what: str) -> Path:
+    """Write an HxW (mode L) or HxWxC uint8 array as a PNG, or a JPEG (quality 90) for ``.jpg``:
+    atomically, a refused write being one :class:`semseg.files.WriteError` line naming the folder.
+
+    Not fsynced: thousands of them are written per split, the rename already keeps half files out
+    of sight, and a power cut costs at most the last few, which the same command writes again."""
+    path = Path(path)
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    options = {"format": "JPEG", "quality": 90} if jpeg else {"format": "PNG"}
+    return write_atomically(path, lambda tmp: img.save(tmp, **options), what, fsync=False)
+
+
 def save_prediction(
     out_dir: str | os.PathLike,
     name: str,
@@ -54,43 +69,44 @@ def save_prediction(
         raise ValueError(f"prediction for {name} must be HxW, got shape {pred.shape}")
     pred = pred.astype(np.uint8)
     images = {
-        "mask": ("masks", ".png", Image.fromarray(pred, mode="L")),
-        "colormap": ("colormaps", ".png", Image.fromarray(colorize(pred, palette), mode="RGB")),
+        "mask": (out_dir / "masks" / f"{name}.png", pred, "prediction mask"),
+        "colormap": (out_dir / "colormaps" / f"{name}.png", colorize(pred, palette), "colour map"),
     }
     if overlays:
         if image is None:
             raise ValueError(f"overlays=True needs the image of {name}")
-        images["overlay"] = ("overlays", ".jpg", Image.fromarray(overlay(image, pred, palette)))
-    paths = {}
-    for key, (sub, ext, img) in images.items():
-        path = out_dir / sub / f"{name}{ext}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path, quality=90) if ext == ".jpg" else img.save(path)
-        paths[key] = path
-    return paths
+        images["overlay"] = (
+            out_dir / "overlays" / f"{name}.jpg",
+            overlay(image, pred, palette),
+            "overlay",
+        )
+    return {key: save_image(path, array, what) for key, (path, array, what) in images.items()}
 
 
 def export_onnx(
     model: nn.Module, path: str | os.PathLike, height: int = 720, width: int = 1280, opset: int = 18
 ) -> Path:
     """Export ``model`` (float RGB 0..255 Nx3xHxW -> logits NxCxHxW) to ONNX with dynamic batch,
-    height and width; ``height``/``width`` only size the example input used for tracing."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    height and width; ``height``/``width`` only size the example input used for tracing, which is
+    made on the model's device."""
     model = model.eval()
-    example = torch.rand(1, 3, height, width) * 255
+    device = next(model.parameters()).device
+    example = torch.rand(1, 3, height, width, device=device) * 255
     dynamic = torch.export.Dim.DYNAMIC  # errors (instead of silently fixing a size) if not dynamic
-    with torch.no_grad():
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},),
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-    return path
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (example,),
+                str(tmp),
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},),
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+
+    return write_atomically(path, write, "ONNX model")

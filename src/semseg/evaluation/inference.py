@@ -1,8 +1,10 @@
-"""Inference modes (whole image, sliding window, flip / multi-scale TTA) and the evaluation loop."""
+"""Inference modes (whole image, sliding window, flip / multi-scale TTA), the one prediction loop
+and the evaluation built on it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,30 +150,18 @@ def evaluate_model(
     ``num_examples`` of this rank's predictions as numpy arrays: {name, image HxWx3, pred HxW, gt HxW}.
     """
     device = resolve_device(device)
-    # DDP: run the wrapped module itself; DDP's forward may broadcast buffers, a collective that
-    # hangs when ranks hold different numbers of eval batches.
     net = getattr(model, "module", model)
     was_training = net.training
     net.eval()
-    kwargs = inference_kwargs(inference_cfg)
-    memory_format = model_memory_format(net)
     metric = SegmentationMetric(num_classes, ignore_index).to(device)
     examples: list[dict[str, Any]] = []
+    predictions = predict_batches(
+        net, _labelled(loader), device, inference_cfg, precision, num_classes
+    )
     try:
-        with torch.inference_mode(), autocast(device, precision):
-            for batch in loader:
-                if "mask" not in batch:
-                    raise ConfigError(
-                        "the evaluation split has no labels (no 'mask' in the batch): evaluate a "
-                        "labelled split (dataset.split=val) or use predict.py for the test split"
-                    )
-                images = batch["image"].to(device, non_blocking=True)
-                images = images.contiguous(memory_format=memory_format)
+        with torch.inference_mode():
+            for batch, pred in predictions:
                 target = batch["mask"].to(device, non_blocking=True)
-                logits = predict_logits(net, images, num_classes=num_classes, **kwargs)
-                # The image may have been resized to the evaluation scale: the metric is computed
-                # at the label's own size.
-                pred = resize_bilinear(logits, target.shape[-2:]).argmax(1)
                 metric.update(pred, target)
                 for i in range(min(num_examples - len(examples), len(pred))):
                     image = resize_bilinear(batch["image"][i : i + 1].float(), target.shape[-2:])
@@ -185,5 +175,90 @@ def evaluate_model(
                     )
             confmat = metric.compute().cpu().numpy()
     finally:
+        predictions.close()
         net.train(was_training)
     return EvalResult(summarize(confmat, class_names), confmat, examples)
+
+
+def _labelled(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for batch in loader:
+        if "mask" not in batch:
+            raise ConfigError(
+                "the evaluation split has no labels (no 'mask' in the batch): evaluate a "
+                "labelled split (dataset.split=val) or use predict.py for the test split"
+            )
+        yield batch
+
+
+def predict_batches(
+    model: nn.Module,
+    loader: Iterable[dict[str, Any]],
+    device: str | torch.device,
+    inference_cfg: Mapping[str, Any] | None = None,
+    precision: str = "fp32",
+    num_classes: int | None = None,
+) -> Iterator[tuple[dict[str, Any], torch.Tensor]]:
+    """The one prediction loop, behind evaluation, training's validation, prediction files and
+    the model-zoo folder, so that all of them give the same class ids for the same image.
+
+    Yields ``(batch, class ids NxHxW)`` (on ``device``) for the batches of ``loader``, at each
+    item's output size: its label's size, else the size it was read at (``batch["size"]``). A
+    batch of unlabelled images read at different sizes comes back one item at a time. Inputs
+    follow the model's memory format; ``precision`` is the autocast precision.
+    """
+    device = resolve_device(device)
+    # DDP: run the wrapped module itself; DDP's forward may broadcast buffers, a collective that
+    # hangs when ranks hold different numbers of eval batches.
+    net = getattr(model, "module", model)
+    kwargs = inference_kwargs(inference_cfg)
+    memory_format = model_memory_format(net)
+    with autotune_while_sizes_repeat(device) as see_size:
+        for batch in loader:
+            see_size(batch["image"].shape[-2:])
+            # Entered and left per batch: the caller's code between batches runs without them.
+            with torch.inference_mode(), autocast(device, precision):
+                images = batch["image"].to(device, non_blocking=True)
+                images = images.contiguous(memory_format=memory_format)
+                logits = predict_logits(net, images, num_classes=num_classes, **kwargs)
+                # The image may have been resized to the evaluation scale: the class ids are
+                # computed at the label's (or the original image's) own size.
+                outputs = [
+                    (part, resize_bilinear(logits[rows], size).argmax(1))
+                    for part, rows, size in _output_sizes(batch)
+                ]
+            yield from outputs
+
+
+def _output_sizes(batch: dict[str, Any]) -> list[tuple[dict[str, Any], slice, list[int]]]:
+    """(items, their rows of the batch, their output size (h, w)) of a batch."""
+    if "mask" in batch:  # collated: every label of the batch has the same size
+        return [(batch, slice(None), list(batch["mask"].shape[-2:]))]
+    sizes = batch["size"].tolist()
+    if all(size == sizes[0] for size in sizes):
+        return [(batch, slice(None), sizes[0])]
+    return [
+        ({key: value[i : i + 1] for key, value in batch.items()}, slice(i, i + 1), size)
+        for i, size in enumerate(sizes)
+    ]
+
+
+@contextlib.contextmanager
+def autotune_while_sizes_repeat(
+    device: torch.device,
+) -> Iterator[Callable[[Sequence[int]], None]]:
+    """Yields ``see(size)``, to be called with each input's (h, w). On CUDA, cuDNN autotuning
+    (switched on by ``configure_backends``) is switched off once a second size shows up: it tunes
+    every new shape again, which costs more than it saves on images of mixed sizes. The setting
+    is put back at the end."""
+    previous = torch.backends.cudnn.benchmark
+    sizes: set[tuple[int, ...]] = set()
+
+    def see(size: Sequence[int]) -> None:
+        sizes.add(tuple(int(v) for v in size))
+        if device.type == "cuda" and len(sizes) > 1:
+            torch.backends.cudnn.benchmark = False
+
+    try:
+        yield see
+    finally:
+        torch.backends.cudnn.benchmark = previous

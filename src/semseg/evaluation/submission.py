@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import zipfile
@@ -25,12 +26,15 @@ import torch
 
 from semseg.data.bdd100k import DatasetError, decode_scalabel_rle, encode_scalabel_frame
 from semseg.evaluation.metrics import EvaluationError, SegmentationMetric, read_mask, summarize
+from semseg.files import reporting_write_errors, write_atomically
 
 
 class ScalabelWriter:
     """Writes ``{"frames": [...]}`` to ``path`` one frame at a time (memory stays flat).
 
-    Use as a context manager; the file is complete (valid JSON) once the block exits.
+    Use as a context manager; the file is complete (valid JSON) once the block exits normally. A
+    refused write (full disk, file-size limit) is one :class:`semseg.files.WriteError` line; the
+    half-written file is then removed.
     """
 
     def __init__(self, path: str | os.PathLike, class_names: Sequence[str]) -> None:
@@ -39,10 +43,15 @@ class ScalabelWriter:
         self.count = 0
         self._file: TextIO | None = None
 
+    def _write(self, text: str) -> None:
+        with reporting_write_errors(self.path, "RLE predictions"):
+            self._file.write(text)
+
     def __enter__(self) -> ScalabelWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("w", encoding="utf-8")
-        self._file.write('{"frames": [')
+        with reporting_write_errors(self.path, "RLE predictions"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = self.path.open("w", encoding="utf-8")
+        self._write('{"frames": [')
         return self
 
     def add(self, image_name: str, mask: np.ndarray) -> None:
@@ -50,7 +59,7 @@ class ScalabelWriter:
         if self._file is None:
             raise RuntimeError("ScalabelWriter.add outside its `with` block")
         frame = encode_scalabel_frame(image_name, mask, self.class_names)
-        self._file.write(("\n" if self.count == 0 else ",\n") + json.dumps(frame))
+        self._write(("\n" if self.count == 0 else ",\n") + json.dumps(frame))
         self.count += 1
 
     def __exit__(
@@ -59,10 +68,23 @@ class ScalabelWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._file is not None:
-            self._file.write("\n]}\n")
-            self._file.close()
-            self._file = None
+        if self._file is None:
+            return
+        file, self._file = self._file, None
+        if exc_type is not None:  # an unfinished file is no file
+            with contextlib.suppress(OSError):
+                file.close()
+            self.path.unlink(missing_ok=True)
+            return
+        with reporting_write_errors(self.path, "RLE predictions"):
+            try:
+                file.write("\n]}\n")
+                file.close()  # flushes: a full disk shows here
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    file.close()
+                self.path.unlink(missing_ok=True)
+                raise
 
 
 def read_scalabel_frames(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -120,11 +142,14 @@ def evaluate_rle_file(
 
 
 def zip_masks(mask_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:
-    """Zip the ``*.png`` masks of ``mask_dir`` flat (no folder inside the archive), file by file."""
-    mask_dir, zip_path = Path(mask_dir), Path(zip_path)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    # PNGs are already deflated: storing them keeps the archive as small and is much faster.
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_STORED) as archive:
-        for png in sorted(mask_dir.glob("*.png")):
-            archive.write(png, arcname=png.name)
-    return zip_path
+    """Zip the ``*.png`` masks of ``mask_dir`` flat (no folder inside the archive), file by file;
+    written atomically (a refused write is one WriteError line, and no half archive is left)."""
+    mask_dir = Path(mask_dir)
+
+    def write(tmp: Path) -> None:
+        # PNGs are already deflated: storing them keeps the archive as small and is much faster.
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+            for png in sorted(mask_dir.glob("*.png")):
+                archive.write(png, arcname=png.name)
+
+    return write_atomically(zip_path, write, "submission archive")

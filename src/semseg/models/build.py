@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from semseg.errors import CheckpointError, UserError
-from semseg.models.checkpoint import load_checkpoint
+from semseg.models.hub import load_model_checkpoint
 
 # Prefixes that wrappers add to state-dict keys: DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -95,18 +95,21 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], sourc
 
 
 def model_from_checkpoint(
-    path_or_state: str | os.PathLike | Mapping[str, Any], map_location: str | torch.device = "cpu"
+    path_or_state: str | os.PathLike | Mapping[str, Any],
+    map_location: str | torch.device = "cpu",
+    source: str | None = None,
 ) -> tuple[nn.Module, dict, dict]:
-    """Rebuild the model stored in a checkpoint of this project: ``(model, meta, config)``.
+    """Rebuild the model stored in a checkpoint of this project (a file, a model folder or
+    ``hf://<org>/<name>[@<revision>]``, see :mod:`semseg.models.hub`): ``(model, meta, config)``.
 
     The architecture comes from the checkpoint's config (backbone without pretrained weights);
     the weights are loaded strictly. The model is returned in eval mode.
     """
-    if isinstance(path_or_state, Mapping):
-        state, source = path_or_state, "the given checkpoint"
+    if isinstance(path_or_state, Mapping):  # ``source`` names it in messages
+        state, source = path_or_state, source or "the given checkpoint"
     else:
         state, source = (
-            load_checkpoint(path_or_state, map_location=map_location),
+            load_model_checkpoint(path_or_state, map_location=map_location),
             str(path_or_state),
         )
     config = state.get("config") or {}
@@ -121,6 +124,7 @@ def model_from_checkpoint(
             "backbone": {**config["backbone"], "pretrained": False, "weights": None},
         }
     )
+    check_buildable(cfg, source)
     model = build_model(cfg)
     load_model_weights(model, state["model"], source=source)
     if not state.get("meta"):
@@ -130,3 +134,52 @@ def model_from_checkpoint(
         )
     meta = dict(state["meta"])
     return model.to(map_location).eval(), meta, dict(config)
+
+
+def check_buildable(cfg: DictConfig, source: str) -> None:
+    """Refuse a model config read from a file whose ``_target_`` entries name anything but a layer:
+    an ``nn.Module`` class of torch.nn or of this project's models, or a function of this project's
+    models declared to return one. Building runs what they name, and a file must not be able to
+    make the loader call any other function (write a file, start a process)."""
+    for where, target in _targets(OmegaConf.to_container(cfg, resolve=False)):
+        if not _builds_a_layer(target):
+            raise CheckpointError(
+                f"{source}: {where}._target_={target} is not a model class of this project or a "
+                "torch.nn layer, so the model is not built from it (the file may not be what it "
+                "claims to be)"
+            )
+
+
+def _targets(tree: Any, where: str = "") -> list[tuple[str, str]]:
+    if isinstance(tree, Mapping):
+        found = [(where or "config", str(tree["_target_"]))] if "_target_" in tree else []
+        for key, value in tree.items():
+            found += _targets(value, f"{where}.{key}" if where else str(key))
+        return found
+    if isinstance(tree, list):
+        return [t for i, value in enumerate(tree) for t in _targets(value, f"{where}[{i}]")]
+    return []
+
+
+def _builds_a_layer(target: str) -> bool:
+    import inspect
+    import typing
+
+    from hydra.utils import get_object
+
+    # Checked by name first: importing a module outside these packages could run its code.
+    if not target.startswith(("semseg.models.", "torch.nn.")):
+        return False
+    try:
+        obj = get_object(target)
+    except Exception:  # not importable: instantiate would fail too, say so here
+        return False
+    if inspect.isclass(obj):
+        return issubclass(obj, nn.Module)
+    if not target.startswith("semseg.models.") or not inspect.isfunction(obj):
+        return False
+    try:
+        returned = typing.get_type_hints(obj).get("return")
+    except Exception:  # unresolvable annotations: not declared to build a layer
+        return False
+    return inspect.isclass(returned) and issubclass(returned, nn.Module)

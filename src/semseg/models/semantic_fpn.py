@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from semseg.models.build import load_model_weights
-from semseg.models.checkpoint import load_checkpoint
+from semseg.models.hub import load_model_checkpoint
 
 # ImageNet statistics on the 0..255 scale (the usual dataset config values).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -115,11 +115,11 @@ def semantic_fpn(
     backbone: nn.Module, num_classes: int, weights: str | os.PathLike | None = None, **kwargs: Any
 ) -> SemanticFPN:
     """Build a :class:`SemanticFPN` (``kwargs`` as its constructor); ``weights``: a checkpoint of
-    this project to start from (fine-tuning, ``model.weights=PATH``)."""
+    this project to start from (fine-tuning, ``model.weights=PATH``, a model folder or hf://)."""
     model = SemanticFPN(backbone, int(num_classes), **kwargs)
     if weights is not None:
         load_model_weights(
-            model, load_checkpoint(weights)["model"], source=f"model.weights={weights}"
+            model, load_model_checkpoint(weights)["model"], source=f"model.weights={weights}"
         )
     return model
 

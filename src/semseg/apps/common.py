@@ -1,0 +1,200 @@
+"""What every application does before it predicts: join the process group for its device, load
+the model as its training run validated it, and open a split."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from semseg.data import build_dataset, build_eval_loader, check_dataset_config, eval_scale
+from semseg.distributed import DistEnv, destroy, get_rank, init_distributed
+from semseg.errors import ConfigError
+from semseg.models import model_from_checkpoint
+from semseg.models.hub import HF_SCHEME, load_model_checkpoint
+from semseg.runtime import configure_backends, resolve_channels_last, resolve_precision
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[DistEnv]:
+    """This process's rank and device, inside the torchrun process group when there is one. The
+    group is joined only once ``device`` is resolved (gloo for the CPU, NCCL for CUDA: a
+    ``device=cpu`` run on a GPU host gets no NCCL) and left on every exit path."""
+    env = init_distributed(device)
+    try:
+        configure_backends(env.device)
+        yield env
+    finally:
+        destroy()
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """``output_dir`` if set, else the Hydra run folder (``paths.output_dir``)."""
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception as e:  # outside a Hydra run the ${hydra:...} resolver has nothing to say
+        raise ConfigError("set output_dir=<folder> (no Hydra run folder to write into)") from e
+
+
+def is_checkpoint_file(reference: str) -> bool:
+    """Whether ``checkpoint=`` names a file (not ``hf://`` or a model folder): only then do
+    results go next to it too."""
+    return not reference.startswith(HF_SCHEME) and Path(reference).is_file()
+
+
+# --------------------------------------------------------------------------------------------
+# Precision and memory layout: as the checkpoint's run validated, unless told otherwise
+
+
+def precision_supported(precision: str, device: torch.device) -> bool:
+    """Whether autocast runs ``precision`` on ``device``: fp32 everywhere; CUDA fp16, and bf16 on
+    GPUs that have it; the CPU both (emulated where the CPU lacks them: slower, same rounding);
+    on MPS only fp32, as the device policy there."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or torch.cuda.is_bf16_supported()
+    return device.type == "cpu"
+
+
+def inference_precision(
+    setting: str, recorded: str | None, device: torch.device
+) -> tuple[str, str]:
+    """(precision, why). ``auto`` takes the precision the checkpoint's run validated in when this
+    device supports it, so that evaluation reproduces the run's number; an explicit setting wins;
+    checkpoints that do not record one (older or converted ones) get this device's default."""
+    if setting != "auto":
+        return resolve_precision(setting, device), f"inference.precision={setting}"
+    if recorded is None:
+        return resolve_precision("auto", device), "auto: this device's default"
+    if precision_supported(recorded, device):
+        return recorded, "auto: the precision its training run validated in"
+    chosen = resolve_precision("auto", device)
+    return chosen, f"auto: its run's {recorded} does not run on {device.type}, so this device's"
+
+
+def inference_layout(
+    setting: str | bool, config: Mapping[str, Any], device: torch.device, precision: str
+) -> tuple[bool, str]:
+    """(channels_last, why). ``auto`` follows the run's ``trainer.channels_last`` (the layout
+    changes the rounding of reduced-precision convolutions), else this device's default."""
+    run_setting = (config.get("trainer") or {}).get("channels_last")
+    if str(setting).lower() == "auto" and run_setting is not None:
+        chosen = resolve_channels_last(run_setting, device, precision)
+        return chosen, f"its run's trainer.channels_last={run_setting}"
+    return resolve_channels_last(setting, device, precision), f"inference.channels_last={setting}"
+
+
+# --------------------------------------------------------------------------------------------
+# The model and the data
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint loaded for inference, and how to run it."""
+
+    model: nn.Module  # eval mode, on ``device``, in its memory layout
+    state: dict[str, Any]  # the checkpoint's entries (weights, config, meta, precision, ...)
+    meta: dict[str, Any]  # class names, palette, ...
+    dataset_cfg: DictConfig  # what to read with: cfg.dataset, at the run's evaluation scale
+    device: torch.device
+    precision: str
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return dict(self.state.get("config") or {})
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+
+def load_inference_model(
+    cfg: DictConfig, device: torch.device, state: Mapping[str, Any] | None = None
+) -> InferenceModel:
+    """The checkpoint ``cfg.checkpoint`` (a file, model folder or hf://; ``state`` if already
+    loaded) ready to predict ``cfg.dataset`` as its training run validated: the run's
+    evaluation scale (an explicit ``dataset.test_pipeline.scale`` wins), precision and memory
+    layout (explicit ``inference.precision`` / ``inference.channels_last`` win)."""
+    check_dataset_config(cfg.dataset)
+    source = str(cfg.checkpoint)
+    state = dict(state) if state is not None else load_model_checkpoint(source)
+    model, meta, config = model_from_checkpoint(state, source=source)
+    num_classes = int(meta["num_classes"])
+    if "num_classes" in cfg.dataset and int(cfg.dataset.num_classes) != num_classes:
+        raise ConfigError(
+            f"checkpoint {source} predicts {num_classes} classes but "
+            f"dataset.num_classes={cfg.dataset.num_classes}: pick the dataset it was trained on"
+        )
+    dataset_cfg = OmegaConf.create(OmegaConf.to_container(cfg.dataset, resolve=True))
+    run_scale = eval_scale(config["dataset"]) if config.get("dataset") else None
+    if OmegaConf.select(dataset_cfg, "test_pipeline.scale") is None and run_scale is not None:
+        dataset_cfg.test_pipeline = {"scale": run_scale}
+    precision, why = inference_precision(
+        cfg.inference.get("precision", "auto"), state.get("precision"), device
+    )
+    channels_last, why_layout = inference_layout(
+        cfg.inference.get("channels_last", "auto"), config, device, precision
+    )
+    if get_rank() == 0:
+        log.info(
+            "inference on %s in %s (%s), %s memory layout (%s)",
+            device, precision, why, "channels_last" if channels_last else "NCHW", why_layout,
+        )  # fmt: skip
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=layout).eval()
+    return InferenceModel(model, state, meta, dataset_cfg, device, precision)
+
+
+def check_classes(cfg: DictConfig, trained: list[str]) -> None:
+    """Stop with one line listing how the checkpoint's classes differ from the dataset's."""
+    wanted = list(cfg.dataset.class_names)
+    if trained == wanted:
+        return
+    differences = [
+        f"{i}: {a!r} (checkpoint) vs {b!r} (dataset)"
+        for i, (a, b) in enumerate(zip(trained, wanted, strict=True))
+        if a != b
+    ]
+    raise ConfigError(
+        f"checkpoint {cfg.checkpoint} was trained on other classes than "
+        f"dataset={cfg.dataset.get('name')}: class {'; '.join(differences)}. Evaluate on a "
+        "dataset with the checkpoint's classes (same names, same order)"
+    )
+
+
+def batch_size(cfg: DictConfig, dataset_cfg: DictConfig) -> int:
+    """``inference.batch_size``, else the dataset's ``eval_batch_size``."""
+    return int(cfg.inference.get("batch_size") or dataset_cfg.get("eval_batch_size", 1))
+
+
+def split_loader(dataset_cfg: DictConfig, split: str, size: int, env: DistEnv) -> DataLoader:
+    """The eval loader of ``split`` (this rank's share of it); a missing or empty split is a
+    one-line DatasetError."""
+    return eval_loader(build_dataset(dataset_cfg, split, train=False), dataset_cfg, size, env)
+
+
+def eval_loader(dataset: Dataset, dataset_cfg: DictConfig, size: int, env: DistEnv) -> DataLoader:
+    """This rank's share of ``dataset`` in batches of ``size``, pinned for a CUDA device only (on
+    a GPU host, pinning for a CPU run would create a CUDA context for nothing)."""
+    # No more workers than batches: a folder of three images needs no four processes.
+    batches = -(-len(dataset) // size)
+    num_workers = min(int(dataset_cfg.get("num_workers", 0)), batches)
+    pin = env.device.type == "cuda"
+    return build_eval_loader(dataset, size, num_workers, env.rank, env.world_size, pin)
