@@ -1,6 +1,7 @@
 """Export a checkpoint of this project to ONNX (dynamic batch, height and width).
 
     python scripts/export_onnx.py outputs/.../checkpoints/best.pt model.onnx [--height 720 --width 1280]
+    python scripts/export_onnx.py hf://<org>/<name> model.onnx
 
 The ONNX model takes ``image``: float32 Nx3xHxW RGB in 0..255 (normalisation is inside) and
 returns ``logits``: float32 NxCxHxW at the input size; argmax over C gives the class ids.
@@ -23,7 +24,9 @@ from semseg.models import model_from_checkpoint
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path, help="checkpoint of this project (.pt)")
+    parser.add_argument(
+        "checkpoint", help="checkpoint of this project: a .pt file, a model folder or hf://org/name"
+    )
     parser.add_argument("output", type=Path, help="ONNX file to write")
     parser.add_argument("--height", type=int, default=720, help="height of the tracing input")
     parser.add_argument("--width", type=int, default=1280, help="width of the tracing input")

@@ -32,20 +32,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="checkpoint (.pt), model folder or hf://<org>/<name>")
     parser.add_argument("output", type=Path, help="the folder to write")
-    parser.add_argument("--source", help="where the weights came from (default: the converted file)")
+    parser.add_argument(
+        "--source", help="where the weights came from (default: the converted file)"
+    )
     parser.add_argument("--reported-miou-val", type=float, help="val mIoU the source reported (%%)")
     parser.add_argument("--reported-miou-test", type=float, help="test mIoU it reported (%%)")
     parser.add_argument("--reported-by", default=ZOO, help=f"who reported them (default: {ZOO})")
     parser.add_argument("--reported-url", default=ZOO_URL, help="where they are published")
     parser.add_argument("--scores", type=Path, help="eval_<split>.json of src/evaluate.py")
     parser.add_argument("--dataset", help="dataset name on the card (default: the config's)")
-    parser.add_argument("--license", default="apache-2.0", help="license id (the zoo's: Apache-2.0)")
+    parser.add_argument(
+        "--license", default="apache-2.0", help="license id (the zoo's: Apache-2.0)"
+    )
     parser.add_argument("--repo-id", help="<org>/<name> it will be uploaded to (for the card)")
     parser.add_argument("--name", help="model-index name (default: method-backbone-dataset)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
     reported = [
-        Score(split, value / 100, f"{args.reported_by}, reported (not measured here)", args.reported_url)
+        Score(
+            split,
+            value / 100,
+            f"{args.reported_by}, reported (not measured here)",
+            args.reported_url,
+        )
         for split, value in (("val", args.reported_miou_val), ("test", args.reported_miou_test))
         if value is not None
     ]

@@ -12,6 +12,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# Tests of what only a GPU host shows (skipped on machines without one).
+requires_cuda = pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA GPU")
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 train / 4 val / 2 test street scenes of 64x128, written once per test session."""
@@ -266,3 +276,38 @@ def fill_up(folder: Path, leave_bytes: int) -> None:
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
     with open(folder / "filler", "wb") as f:
         f.write(b"\0" * max(0, free - leave_bytes))
+
+
+# --------------------------------------------------------------------------------------------
+# A Hugging Face Hub cache, laid out as huggingface_hub's downloads lay it out (no network)
+
+
+def hub_cache_repo(
+    cache: Path, repo_id: str, folder: Path, files: list[str], tags: tuple[str, ...] = ()
+) -> str:
+    """Put ``files`` of ``folder`` into the Hub cache ``cache`` as revision ``main`` (and
+    ``tags``) of model repo ``repo_id``, exactly as ``hf_hub_download`` stores a download: blobs
+    named by the file's Hub ETag (sha256 for LFS files such as weights, the git blob hash for
+    the others), ``snapshots/<commit>/<file>`` relative links to them, ``refs/<revision>``
+    holding the commit. Returns the commit hash."""
+    import hashlib
+
+    from huggingface_hub.file_download import repo_folder_name
+    from huggingface_hub.utils.sha import git_hash
+
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    contents = {name: (folder / name).read_bytes() for name in files}
+    commit = hashlib.sha1(repr(sorted(contents.items())).encode()).hexdigest()
+    for name, data in contents.items():
+        lfs = name.endswith((".safetensors", ".pt"))
+        etag = hashlib.sha256(data).hexdigest() if lfs else git_hash(data)
+        blob = storage / "blobs" / etag
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        pointer = storage / "snapshots" / commit / name
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.symlink_to(os.path.relpath(blob, pointer.parent))
+    for ref in ("main", *tags):
+        (storage / "refs").mkdir(parents=True, exist_ok=True)
+        (storage / "refs" / ref).write_text(commit)
+    return commit

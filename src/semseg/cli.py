@@ -36,15 +36,12 @@ def _share_stamp_across_ranks() -> None:
     """Under torchrun every rank composes its own config: rank 0 picks the run stamp for all."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _STAMP_ENV in os.environ:
         return
-    from semseg.distributed import broadcast_object, destroy, init_process_group
+    from semseg.distributed import broadcast_object, init_process_group
 
-    # A CPU (gloo) group just for this, left again: the entry point joins once it knows its
-    # device (device=cpu on a GPU host must not get NCCL).
-    init_process_group("cpu")
+    init_process_group()
     os.environ[_STAMP_ENV] = broadcast_object(
         run_stamp() if os.environ.get("RANK") == "0" else None
     )
-    destroy()
 
 
 def prepare(project_root: str | os.PathLike) -> None:

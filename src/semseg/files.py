@@ -137,12 +137,14 @@ def write_folder_atomically(
     old = folder.with_name(f"{TEMP_PREFIX}{folder.name}.{os.getpid()}.old{TEMP_SUFFIX}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with reporting_write_errors(tmp, what):
+        with reporting_write_errors(folder, what):
             tmp.mkdir(parents=True)
         write(tmp)
         if folder.exists():
             os.replace(folder, old)
         os.replace(tmp, folder)
+    except WriteError as e:  # named after the folder asked for, not its temporary twin
+        raise WriteError(str(e).replace(str(tmp), str(folder))) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -236,9 +236,25 @@ def _hub_file(
         if offline_reason is None:
             raise CheckpointError(f"{reference}: {repo_id} has no file {name}") from e
         raise CheckpointError(
-            f"{reference}: {name} of {repo_id}@{revision or 'main'} is not in the Hugging Face "
-            f"cache {cache} and {offline_reason}: download it once with network "
-            f"access (e.g. `hf download {repo_id}`), or set HF_HUB_CACHE to a cache holding it"
+            f"{reference}: {_not_cached(cache, repo_id, revision, name)} in the Hugging Face cache "
+            f"{cache}, and {offline_reason}: download it once with network access (`hf download "
+            f"{repo_id}{f' --revision {revision}' if revision else ''}`), or set HF_HUB_CACHE to "
+            "a cache holding it"
         ) from None
     except HfHubHTTPError as e:
         raise CheckpointError(f"{reference}: downloading {name} failed: {e}") from None
+
+
+def _not_cached(cache: Path, repo_id: str, revision: str | None, name: str) -> str:
+    """What of ``repo_id@revision``'s ``name`` the cache lacks: the repository, the revision or
+    the file."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = cache / repo_folder_name(repo_id=repo_id, repo_type="model")
+    if not storage.is_dir():
+        return f"there is no model repository {repo_id}"
+    revisions = sorted(p.name for p in (storage / "refs").glob("*"))
+    revision = revision or "main"
+    if revision not in revisions and not (storage / "snapshots" / revision).is_dir():
+        return f"{repo_id} has no revision {revision!r} (cached: {', '.join(revisions) or 'none'})"
+    return f"{repo_id}@{revision} has no {name}"
