@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         Score(
             split,
             value / 100,
-            f"{args.reported_by}, reported (not measured here)",
+            f"reported by {args.reported_by}, not measured here",
             args.reported_url,
         )
         for split, value in (("val", args.reported_miou_val), ("test", args.reported_miou_test))

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_entry
+from conftest import hub_cache_repo, run_entry
+from huggingface_hub import ModelCard, metadata_load, scan_cache_dir
 from PIL import Image
 
 from semseg.apps.evaluate import run_evaluate
@@ -146,6 +147,19 @@ def test_zoo_folder(zoo: Path, run_dir: Path, toy_root: Path, tmp_path: Path) ->
     assert SERVER in readme and "sem_seg_test_masks.zip" in readme
     assert f"root: {toy_root}" in (zoo / "config.yaml").read_text()
 
+    # the README is a model card: huggingface_hub parses its front matter, whose model-index
+    # holds scores-val.json's mIoU (measured here: no other source named)
+    card = ModelCard.load(zoo / "README.md")
+    assert (card.data.library_name, card.data.pipeline_tag) == ("semseg", "image-segmentation")
+    assert card.data.license == "mit" and card.data.datasets == ["toy_bdd100k"]
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.dataset_split) == ("mean_iou", "val")
+    assert result.metric_value == scores["metrics"]["mIoU"] and result.source_name is None
+    index = metadata_load(zoo / "README.md")["model-index"][0]
+    assert index["results"][0]["metrics"][0]["value"] == scores["metrics"]["mIoU"]
+    sha_st = hashlib.sha256((zoo / "model.safetensors").read_bytes()).hexdigest()
+    assert f"`{sha_st[:8]}`" in row and f"| model.safetensors | `{sha_st}` |" in readme
+
 
 def test_missing_best_checkpoint_and_last(
     run_dir: Path, toy_root: Path, tmp_path: Path, caplog
@@ -167,8 +181,21 @@ def test_missing_best_checkpoint_and_last(
     (out / "marker").touch()
     with pytest.raises(UserError, match="exists: pass overwrite=true"):
         build_model_zoo_row(zoo_config(only_last, toy_root, "checkpoint=last.pt"))
-    build_model_zoo_row(zoo_config(only_last, toy_root, "checkpoint=last.pt", "overwrite=true"))
+    build_model_zoo_row(
+        zoo_config(only_last, toy_root, "checkpoint=last.pt", "overwrite=true", "test_miou=0.4321",
+                   f"dataset.test_server={SERVER}")
+    )  # fmt: skip
     assert not (out / "marker").exists() and (out / "scores-val.json").is_file()
+    assert (out / "submission").is_dir()  # with a server: the submission files too
+    # the server's mIoU-test, once known: in the row and in the card's model-index
+    test = next(r for r in ModelCard.load(out / "README.md").data.eval_results
+                if r.dataset_split == "test")  # fmt: skip
+    assert (test.metric_value, test.source_name, test.source_url) == (
+        0.4321, "the evaluation server", SERVER
+    )  # fmt: skip
+    row = next(line for line in (out / "README.md").read_text().splitlines()
+               if line.startswith("| semantic_fpn"))  # fmt: skip
+    assert row.strip("|").split(" | ")[5].strip() == "43.21"
     assert sorted(p.name for p in only_last.iterdir()) == ["checkpoints", "model_zoo"]
 
 
@@ -187,3 +214,33 @@ def test_bad_splits_leave_no_folder(run_dir: Path, toy_root: Path, tmp_path: Pat
     with pytest.raises(UserError, match=broken.name):
         build_model_zoo_row(zoo_config(run_dir, root, f"output_dir={out}"))
     assert list(tmp_path.iterdir()) == [root]
+
+
+def test_zoo_folder_through_a_hub_cache(zoo: Path, run_dir: Path, toy_root: Path, tmp_path: Path):
+    """The folder as uploaded and downloaded again: a Hugging Face cache laid out as
+    huggingface_hub lays it out (built here from the folder, no network), read through
+    hf://org/name@tag by evaluate.py: the mIoU of the folder itself and of the checkpoint."""
+    cache = tmp_path / "hub"
+    files = ["README.md", "config.yaml", "model.safetensors"]
+    hub_cache_repo(cache, "semseg-test/fpn-toy", zoo, files, tags=("v1",))
+    (repo,) = scan_cache_dir(cache).repos  # huggingface_hub's own check of the layout
+    assert repo.repo_id == "semseg-test/fpn-toy" and set(repo.refs) == {"main", "v1"}
+    assert {f.file_name for f in repo.refs["v1"].files} == set(files)
+    common = ["dataset=toy_bdd100k", f"dataset.root={toy_root}", "dataset.eval_batch_size=2",
+              "dataset.num_workers=0", "device=cpu"]  # fmt: skip
+    run_entry(
+        "evaluate.py", "checkpoint=hf://semseg-test/fpn-toy@v1", *common,
+        f"hydra.run.dir={tmp_path / 'hub_eval'}",
+        env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    hub = json.loads((tmp_path / "hub_eval" / "eval_val.json").read_text())
+    reports = [
+        run_evaluate(
+            compose("evaluate", [f"checkpoint={ref}", *common, f"output_dir={tmp_path / n}"])
+        )
+        for n, ref in (("folder", zoo), ("pt", run_dir / "checkpoints/best.pt"))
+    ]
+    for report in reports:
+        assert hub["metrics"] == report["metrics"]
+        assert hub["confusion_matrix"] == report["confusion_matrix"]
+    assert not list(cache.rglob("eval_*.json")) and not (zoo / "eval_val.json").exists()

@@ -13,8 +13,8 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -90,11 +90,7 @@ def write_atomically(
     path = Path(path)
     with reporting_write_errors(path, what, advice):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent
-        )
-        os.close(fd)
-        tmp = Path(tmp_name)
+        tmp = _new_temp_file(path)
         try:
             write(tmp)
             if fsync:  # the data is on disk before the rename makes it the file
@@ -105,6 +101,18 @@ def write_atomically(
             tmp.unlink(missing_ok=True)
             raise
     return path
+
+
+def _new_temp_file(path: Path) -> Path:
+    """An empty, new temporary file next to ``path``, with the permissions a plain write would
+    give it (the umask's; ``tempfile.mkstemp`` would make every written file private, 0600)."""
+    while True:
+        tmp = path.with_name(f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def write_text(path: str | os.PathLike, text: str, what: str = "file", advice: str = "") -> Path:

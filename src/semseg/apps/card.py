@@ -47,11 +47,18 @@ def card_header(
     name: str | None = None,
 ) -> str:
     """The card's YAML front matter (between ``---`` lines) for a model of ``config`` on
-    ``dataset`` with ``scores``; ``name`` is the model-index name (default method-backbone-dataset)."""
+    ``dataset`` with ``scores`` (per split, a measured one before a reported one); ``name`` is the
+    model-index name (default method-backbone-dataset)."""
     from huggingface_hub import EvalResult, ModelCardData
 
     method, backbone = describe_model(config)
     name = name or f"{method}-{backbone}-{dataset}".replace("_", "-")
+    # One model-index entry per split (the Hub merges entries of the same split and keeps one
+    # source): a measured score takes the place of a reported one; the body lists both.
+    by_split: dict[str, Score] = {}
+    for score in scores:
+        if score.split not in by_split or (score.measured and not by_split[score.split].measured):
+            by_split[score.split] = score
     results = [
         EvalResult(
             task_type=PIPELINE_TAG,
@@ -65,7 +72,7 @@ def card_header(
             source_name=score.source_name,
             source_url=score.source_url,
         )
-        for score in scores
+        for score in by_split.values()
     ]
     data = ModelCardData(
         license=license,
@@ -83,7 +90,7 @@ def score_table(scores: Sequence[Score]) -> list[str]:
     """Markdown lines: each score in percent, with where it comes from."""
     lines = ["| split | mIoU (%) | source |", "|---|---|---|"]
     for s in scores:
-        where = "measured with this project" if s.measured else f"reported by {s.source_name}"
+        where = "measured with this project" if s.measured else s.source_name
         if s.source_url:
             where += f" ({s.source_url})"
         lines.append(f"| {s.split} | {100 * s.miou:.2f} | {where} |")

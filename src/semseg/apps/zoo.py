@@ -168,6 +168,11 @@ def build_model_zoo_row(cfg: DictConfig, source: ZooSource | None = None) -> Pat
         server = dataset_cfg.get("test_server") or dict(cfg.get("test_servers") or {}).get(
             dataset_cfg.get("name")
         )
+        if cfg.get("test_miou") is not None and not server:
+            raise ConfigError(
+                "test_miou is the evaluation server's number: name the server too "
+                "(dataset.test_server=<url>)"
+            )
         if test_loader is not None and not server:
             log.info(
                 "submission/ skipped: dataset %r has no test server (dataset.test_server=<url> "
@@ -310,8 +315,8 @@ class _Row:
         test_miou = cfg.get("test_miou")
         card_scores = [Score(self.val_split, metrics["mIoU"])]
         if test_miou is not None:
-            server = self.server or "the evaluation server"
-            card_scores.append(Score(self.test_split or "test", float(test_miou), server))
+            split = self.test_split or "test"
+            card_scores.append(Score(split, float(test_miou), "the evaluation server", self.server))
         base = cfg.link_base or ""
 
         def link(text: str, target: str) -> str:
