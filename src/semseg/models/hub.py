@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,18 +71,29 @@ def save_model_folder(
 ) -> Path:
     """Write ``model.safetensors`` (``state["model"]`` as contiguous CPU tensors, the entries of
     :data:`METADATA_ENTRIES` in its metadata) and ``config.yaml`` (``config``) into ``out_dir``."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
     entries = {"format_version": FORMAT_VERSION}
     entries |= {k: state[k] for k in METADATA_ENTRIES if state.get(k) is not None}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(entries)}
     write_atomically(
-        out_dir / WEIGHTS_FILE, lambda tmp: save_file(tensors, str(tmp), metadata), "weights"
+        out_dir / WEIGHTS_FILE, lambda tmp: _save_safetensors(tensors, tmp, metadata), "weights"
     )
     write_text(out_dir / CONFIG_FILE, OmegaConf.to_yaml(OmegaConf.create(dict(config))), "config")
     return out_dir
+
+
+def _save_safetensors(tensors: dict, path: Path, metadata: dict[str, str]) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata)
+    except SafetensorError as e:  # its writer reports a refused write as text: "(os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1]))) from e
 
 
 def load_model_folder(
