@@ -203,6 +203,18 @@ def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:
     return save_checkpoint(state | {"config": config, "meta": meta}, path)
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's :func:`tiny_checkpoint` (evaluating it adds eval_<split>.json beside it)."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+def data_overrides(toy_root: Path, split: str = "val") -> list[str]:
+    """evaluate.py / predict.py overrides reading ``split`` of the toy data on the CPU."""
+    return ["dataset=toy_bdd100k", f"dataset.root={toy_root}", f"dataset.split={split}",
+            "dataset.num_workers=0", "device=cpu"]  # fmt: skip
+
+
 def load_script(name: str):
     """``scripts/<name>.py`` imported as a module, to call its ``main`` in this process."""
     import importlib.util

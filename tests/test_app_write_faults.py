@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import entry_config, fill_up, run_entry, run_python, tiny_checkpoint
+from conftest import data_overrides, entry_config, fill_up, run_entry, run_python
 from PIL import Image
 
 from semseg.apps.predict import run_predict
@@ -15,16 +15,6 @@ from semseg.apps.zoo import build_model_zoo_row
 from semseg.files import TEMP_SUFFIX, WriteError
 
 NO_SPACE = "No space left on device"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-def _data(toy_root: Path, split: str = "val") -> list[str]:
-    return ["dataset=toy_bdd100k", f"dataset.root={toy_root}", f"dataset.split={split}",
-            "dataset.num_workers=0", "device=cpu"]  # fmt: skip
 
 
 def _no_temporary_files(folder: Path) -> bool:
@@ -44,7 +34,7 @@ except WriteError as e:
 
 def test_evaluation_json_under_a_file_size_limit(checkpoint, toy_root, tmp_path) -> None:
     out = tmp_path / "out"
-    overrides = [f"checkpoint={checkpoint}", *_data(toy_root), f"output_dir={out}"]
+    overrides = [f"checkpoint={checkpoint}", *data_overrides(toy_root), f"output_dir={out}"]
     proc = run_python(EVALUATE.format(overrides=overrides), limit_bytes=4096)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[-1] == (
@@ -60,7 +50,7 @@ def test_evaluation_json_on_a_full_disk_through_evaluate_py(
     disk = small_tmpfs(1)
     fill_up(disk, leave_bytes=0)
     proc = run_entry(
-        "evaluate.py", f"checkpoint={checkpoint}", *_data(toy_root), f"output_dir={disk}",
+        "evaluate.py", f"checkpoint={checkpoint}", *data_overrides(toy_root), f"output_dir={disk}",
         f"hydra.run.dir={tmp_path / 'run'}", check=False,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -76,7 +66,9 @@ def test_predictions_on_a_full_disk(checkpoint, toy_root, small_tmpfs) -> None:
     disk = small_tmpfs(1)
     fill_up(disk, leave_bytes=3 * 4096)  # room for about three files (tmpfs counts 4 KiB pages)
     out = disk / "pred"
-    cfg = entry_config("predict", f"checkpoint={checkpoint}", *_data(toy_root), f"output_dir={out}")
+    cfg = entry_config(
+        "predict", f"checkpoint={checkpoint}", *data_overrides(toy_root), f"output_dir={out}"
+    )
     with pytest.raises(WriteError) as error:
         run_predict(cfg)
     message = str(error.value)

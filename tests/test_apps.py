@@ -21,7 +21,6 @@ from conftest import (
     requires_cuda,
     run_entry,
     run_python,
-    tiny_checkpoint,
     train_in_process,
 )
 from conftest import entry_config as config
@@ -41,11 +40,6 @@ CPU = torch.device("cpu")
 TOY_AS_IN_CONFTEST = ["dataset.generate.num_train=8", "dataset.generate.num_val=4",
                       "dataset.generate.num_test=2", "dataset.generate.height=64",
                       "dataset.generate.width=128", "dataset.generate.seed=0"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
 
 
 def test_evaluate_py_reproduces_the_runs_val_miou(smoke_run, tmp_path: Path) -> None:

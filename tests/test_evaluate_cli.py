@@ -9,23 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_overrides, run_entry, tiny_checkpoint
 from conftest import entry_config as config
-from conftest import run_entry, tiny_checkpoint
 from PIL import Image
 
 from semseg.apps.evaluate import run_evaluate
 from semseg.apps.predict import run_predict
 from semseg.errors import ConfigError, UserError
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-
-
-def data_overrides(toy_root: Path, split: str = "val") -> list[str]:
-    return ["dataset=toy_bdd100k", f"dataset.root={toy_root}", f"dataset.split={split}",
-            "dataset.num_workers=0", "device=cpu"]  # fmt: skip
 
 
 def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path, caplog) -> None:

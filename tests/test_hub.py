@@ -27,7 +27,7 @@ FILES = ["config.yaml", "model.safetensors"]
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny checkpoint as the converter leaves one (``converted_from`` in its meta)."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     state = load_checkpoint(tiny_checkpoint(path))
@@ -37,8 +37,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def folder(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    state = load_checkpoint(checkpoint)
+def folder(converted: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    state = load_checkpoint(converted)
     return save_model_folder(state, state["config"], tmp_path_factory.mktemp("model") / "tiny")
 
 
@@ -56,18 +56,18 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_folder_holds_tensors_and_plain_metadata(checkpoint: Path, folder: Path) -> None:
+def test_folder_holds_tensors_and_plain_metadata(converted: Path, folder: Path) -> None:
     with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
         entries = json.loads(f.metadata()["semseg"])
     assert entries["meta"]["class_names"][6] == "traffic light"
     assert (entries["iteration"], entries["precision"], entries["format_version"]) == (0, "fp32", 1)
-    original, loaded = load_checkpoint(checkpoint), load_model_checkpoint(folder)
+    original, loaded = load_checkpoint(converted), load_model_checkpoint(folder)
     assert _same_weights(loaded["model"], original["model"])
     assert loaded["config"] == original["config"] and loaded["meta"] == original["meta"]
 
 
-def test_every_reader_takes_folders_and_hub_references(checkpoint, folder, hub_cache, tmp_path):
-    original = load_checkpoint(checkpoint)["model"]
+def test_every_reader_takes_folders_and_hub_references(converted, folder, hub_cache, tmp_path):
+    original = load_checkpoint(converted)["model"]
     for ref in (folder, f"hf://{REPO_ID}", f"hf://{REPO_ID}@v1"):
         model, meta, _ = model_from_checkpoint(ref)
         assert _same_weights(model.state_dict(), original) and meta["num_classes"] == 19
@@ -162,10 +162,10 @@ def test_an_unreachable_hub_falls_back_to_the_cache_at_once(folder: Path, tmp_pa
     assert cached.startswith("LOADED ")
 
 
-def test_a_config_that_names_other_code_is_refused(checkpoint: Path, tmp_path: Path) -> None:
+def test_a_config_that_names_other_code_is_refused(converted: Path, tmp_path: Path) -> None:
     """Building runs what ``_target_`` names: a file may only name model classes (or functions
     of this project's models that return one) and torch.nn layers, and nothing else runs."""
-    state = load_checkpoint(checkpoint)
+    state = load_checkpoint(converted)
     victim = tmp_path / "written.pt"
     attacks = {
         "model": {"_target_": "semseg.models.checkpoint.save_checkpoint",
@@ -182,12 +182,12 @@ def test_a_config_that_names_other_code_is_refused(checkpoint: Path, tmp_path: P
         assert not victim.exists()
 
 
-def test_hub_folder_of_a_converted_checkpoint(checkpoint, toy_root, tmp_path, capsys) -> None:
+def test_hub_folder_of_a_converted_checkpoint(converted, toy_root, tmp_path, capsys) -> None:
     """scripts/hub_folder.py: the card names where the weights came from and the zoo's scores as
     reported (not measured here); with --scores (evaluate.py's JSON) the measured one too."""
     script = load_script("hub_folder")
     out = tmp_path / "hub_folder"
-    args = [str(checkpoint), str(out), "--reported-miou-val", "59.24", "--reported-miou-test",
+    args = [str(converted), str(out), "--reported-miou-val", "59.24", "--reported-miou-test",
             "52.89", "--repo-id", "semseg-test/fpn-r50"]  # fmt: skip
     assert script.main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
@@ -202,7 +202,7 @@ def test_hub_folder_of_a_converted_checkpoint(checkpoint, toy_root, tmp_path, ca
     assert card.data.license == "apache-2.0" and card.data.library_name == "semseg"
     assert "Weights from `fpn_r50_512x1024_40k_sem_seg_bdd100k.pth`" in card.text
     assert "Not measured here yet" in card.text and "hf://semseg-test/fpn-r50" in card.text
-    assert _same_weights(load_model_checkpoint(out)["model"], load_checkpoint(checkpoint)["model"])
+    assert _same_weights(load_model_checkpoint(out)["model"], load_checkpoint(converted)["model"])
 
     # measured: evaluate the folder, then write the card again with its scores
     report = run_evaluate(entry_config("evaluate", f"checkpoint={out}", "dataset=toy_bdd100k",
