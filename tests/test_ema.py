@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
-from conftest import REPO, train_in_process
+from conftest import REPO, read_jsonl, train_in_process
 from omegaconf import OmegaConf
-from test_engine import read_jsonl
 
-from semseg.engine.ema import build_ema, check_best_metric, restore_ema
+from semseg.engine.trainer import build_ema, check_best_metric, restore_ema
 from semseg.errors import ConfigError
 from semseg.models.checkpoint import load_checkpoint
 
@@ -100,8 +99,9 @@ def test_clip_grad_norm_after_accumulation_and_unscaling():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     batches = iter([{"image": images[i : i + 1], "mask": masks[i : i + 1]} for i in range(2)])
     train_step(
-        model, batches, loss_fn, opt, sched, scaler, torch.device("cpu"), "fp32", 2, False, clipper
-    )
+        model, batches, loss_fn, opt, sched, scaler, device=torch.device("cpu"),
+        precision="fp32", accumulate=2, channels_last=False, clip=clipper,
+    )  # fmt: skip
     for got, want in zip(conv.parameters(), expected):
         assert torch.allclose(got.detach(), want, atol=1e-6)
     assert clipper.mean_norm() == pytest.approx(float(norm), rel=1e-5)
