@@ -7,11 +7,18 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from semseg.errors import ConfigError
+
+
+def _weight_decay_split(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's ``param_groups_weight_decay``: no decay for 1-D tensors and ``.bias`` (no-decay group
+    first). Imported here, on first use: importing timm loads wandb, seconds of start-up."""
+    from timm.optim import param_groups_weight_decay
+
+    return param_groups_weight_decay(model, weight_decay)
 
 
 def param_groups(
@@ -21,7 +28,7 @@ def param_groups(
     and biases get no weight decay: timm's rule, every 1-D tensor and every ``.bias``."""
     if not no_decay_norm_and_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return param_groups_weight_decay(model, weight_decay)[::-1]
+    return _weight_decay_split(model, weight_decay)[::-1]
 
 
 class LayerDecay:
@@ -57,7 +64,7 @@ class LayerDecay:
         top = self.num_layers + 1
         names = {id(p): name for name, p in model.named_parameters()}
         groups: dict[tuple[int, float], dict[str, Any]] = {}
-        for by_decay in param_groups_weight_decay(model, weight_decay):
+        for by_decay in _weight_decay_split(model, weight_decay):
             for p in by_decay["params"]:
                 name = names[id(p)]
                 lid = (
