@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -108,6 +109,23 @@ def test_clip_grad_norm_after_accumulation_and_unscaling():
     for bad in (0, -1.0, "big"):
         with pytest.raises(ConfigError, match=r"trainer.clip_grad_norm=.* must be a number > 0"):
             build_grad_clipper(bad, "cpu")
+
+
+def test_overflowed_fp16_steps_stay_out_of_the_logged_norm():
+    """A GradScaler that overflowed skips its update; its inf norm must not enter grad_norm."""
+    from semseg.engine.optim import build_grad_clipper
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    clipper = build_grad_clipper(10.0, "cpu")
+    for grad in ([3.0, 4.0], [float("inf"), 0.0], [6.0, 8.0]):
+        param.grad = torch.tensor(grad)
+        clipper(opt, scaler)
+    assert clipper.mean_norm() == pytest.approx(7.5)  # (5 + 10) / 2
+    param.grad = torch.tensor([float("nan"), 0.0])
+    clipper(opt, scaler)
+    assert math.isnan(clipper.mean_norm())  # nothing finite to report
 
 
 def test_ema_clip_and_many_loggers_in_one_short_run(toy_root, tmp_path):

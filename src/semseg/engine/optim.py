@@ -159,13 +159,14 @@ class GradClipper:
 
     Called once per update, after the last micro-batch's backward (so after gradient accumulation
     and, under DDP, after the all-reduce) and after unscaling fp16 gradients. The pre-clip norms stay
-    on the device and are summed; :meth:`mean_norm` reads them at log steps only.
+    on the device and are summed; :meth:`mean_norm` reads them at log steps only. Steps whose
+    fp16 gradients overflowed (an inf/NaN norm: the GradScaler skips their update) stay out of it.
     """
 
     def __init__(self, max_norm: float, device: torch.device | str = "cpu") -> None:
         self.max_norm = float(max_norm)
         self._norm_sum = torch.zeros((), device=device)
-        self._count = 0
+        self._count = torch.zeros((), dtype=torch.long, device=device)
 
     def __call__(
         self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
@@ -175,16 +176,17 @@ class GradClipper:
             p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
         ]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
-        self._norm_sum += norm.detach()
-        self._count += 1
+        finite = torch.isfinite(norm)
+        self._norm_sum += torch.where(finite, norm.detach(), 0.0)
+        self._count += finite
         return norm
 
     def mean_norm(self) -> float:
-        """Mean pre-clip norm since the last call (one host read), then start over."""
-        mean = self._norm_sum.item() / max(self._count, 1)
+        """Mean pre-clip norm of the finite steps since the last call (NaN: none), then start over."""
+        total, count = self._norm_sum.item(), int(self._count.item())
         self._norm_sum.zero_()
-        self._count = 0
-        return mean
+        self._count.zero_()
+        return total / count if count else float("nan")
 
 
 def build_grad_clipper(max_norm: float | None, device: torch.device | str) -> GradClipper | None:
