@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             f"hydra.run.dir={work / 'evaluate'}",
         ],
         timeout=120,
-        mIoU=lambda out: _percent(r"mIoU: ([0-9.]+)", out),
+        mIoU=lambda _: _eval_miou(work / "evaluate" / "eval_val.json"),
         run_mIoU=lambda _: summary(toy).get("val/mIoU"),
     )
     step(
@@ -254,9 +254,8 @@ def _float(pattern: str, text: str) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def _percent(pattern: str, text: str) -> float | None:
-    value = _float(pattern, text)
-    return None if value is None else value / 100
+def _eval_miou(path: Path) -> float | None:
+    return json.loads(path.read_text())["metrics"]["mIoU"] if path.is_file() else None
 
 
 if __name__ == "__main__":
