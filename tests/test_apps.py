@@ -18,7 +18,7 @@ import torch
 from conftest import (
     REPO,
     SINGLE_THREAD_ENV,
-    requires_cuda,
+    needs_cuda,
     run_entry,
     run_python,
     train_in_process,
@@ -35,6 +35,7 @@ from semseg.data import DatasetError, ImageFolder, build_dataset, ensure_toy_dat
 from semseg.distributed import DistEnv
 from semseg.evaluation import predict_batches
 from semseg.evaluation.inference import autotune_while_sizes_repeat
+from semseg.runtime import cuda_precision
 
 CPU = torch.device("cpu")
 # The generator settings of the session's toy data (conftest.toy_root): the same bytes again.
@@ -96,9 +97,9 @@ def test_precision_choice() -> None:
     assert inference_precision("auto", "fp16", CPU)[0] == "fp16"  # the CPU runs every precision
     mps = inference_precision("auto", "bf16", torch.device("mps"))
     assert mps == ("fp32", "auto: its run's bf16 does not run on mps, so this device's")
-    if not torch.cuda.is_available():  # asking about bf16 support needs a GPU
+    if not torch.cuda.is_available():  # asking a GPU what it runs needs one
         return
-    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    expected = cuda_precision(torch.cuda.get_device_capability(cuda))  # bf16 only where native
     assert inference_precision("auto", "bf16", cuda)[0] == expected
 
 
@@ -255,7 +256,7 @@ def test_evaluate_under_torchrun_on_cpu(checkpoint: Path, toy_root: Path, tmp_pa
 # On a GPU host (skipped elsewhere)
 
 
-@requires_cuda
+@needs_cuda
 def test_cpu_evaluation_on_a_gpu_host_leaves_cuda_alone(checkpoint: Path, toy_root: Path, tmp_path):
     code = f"""
 import torch
@@ -270,7 +271,7 @@ print("CUDA initialised:", torch.cuda.is_initialized())
     assert "CUDA initialised: False" in proc.stdout
 
 
-@requires_cuda
+@needs_cuda
 def test_gpu_prediction_of_mixed_sizes(checkpoint: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -285,7 +286,7 @@ def test_gpu_prediction_of_mixed_sizes(checkpoint: Path, tmp_path: Path) -> None
             assert mask.size == size
 
 
-@requires_cuda
+@needs_cuda
 def test_onnx_export_of_a_gpu_model(checkpoint: Path, tmp_path: Path) -> None:
     from semseg.evaluation import export_onnx
     from semseg.models import model_from_checkpoint

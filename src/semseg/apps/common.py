@@ -20,7 +20,12 @@ from semseg.distributed import DistEnv, destroy, get_rank, init_distributed
 from semseg.errors import ConfigError
 from semseg.models import model_from_checkpoint
 from semseg.models.hub import HF_SCHEME, load_model_checkpoint
-from semseg.runtime import configure_backends, resolve_channels_last, resolve_precision
+from semseg.runtime import (
+    configure_backends,
+    cuda_precision,
+    resolve_channels_last,
+    resolve_precision,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +64,14 @@ def is_checkpoint_file(reference: str) -> bool:
 
 
 def precision_supported(precision: str, device: torch.device) -> bool:
-    """Whether autocast runs ``precision`` on ``device``: fp32 everywhere; CUDA fp16, and bf16 on
-    GPUs that have it; the CPU both (emulated where the CPU lacks them: slower, same rounding);
-    on MPS only fp32, as the device policy there."""
+    """Whether ``precision`` runs on ``device`` as the device policy has it: fp32 everywhere;
+    CUDA fp16, and bf16 on GPUs that run it natively (:func:`semseg.runtime.cuda_precision`); the
+    CPU both (emulated where the CPU lacks them: slower, same rounding); on MPS only fp32."""
     if precision == "fp32":
         return True
     if device.type == "cuda":
-        return precision == "fp16" or torch.cuda.is_bf16_supported()
+        native = cuda_precision(torch.cuda.get_device_capability(device))
+        return precision == "fp16" or native == "bf16"
     return device.type == "cpu"
 
 

@@ -167,12 +167,10 @@ def build_eval_loader(
     num_workers: int,
     rank: int = 0,
     world_size: int = 1,
-    pin_memory: bool = True,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Deterministic eval loader; rank r gets items r, r + world_size, ... (each exactly once).
-
-    ``pin_memory=False`` for a CPU run on a GPU host: pinning would create a CUDA context there
-    for nothing."""
+    ``pin_memory``: for a model on a GPU (on the CPU it would only create a CUDA context)."""
     return SegmentationLoader(
         dataset,
         batch_size=batch_size,

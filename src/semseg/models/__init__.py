@@ -19,6 +19,7 @@ from semseg.models.semantic_fpn import (
 
 __all__ = [
     "BackboneStrideError",
+    "ConvNeXtBackbone",
     "SemanticFPN",
     "TimmBackbone",
     "WeightsError",
@@ -34,6 +35,7 @@ __all__ = [
 
 _LAZY = {
     "BackboneStrideError": "semseg.models.backbone",
+    "ConvNeXtBackbone": "semseg.models.convnext",
     "TimmBackbone": "semseg.models.backbone",
     "WeightsError": "semseg.models.backbone_weights",
 }

@@ -38,6 +38,16 @@ def _pick_out_indices(
     return [by_reduction[s] for s in out_strides]
 
 
+def enable_grad_checkpointing(features: nn.Module) -> None:
+    """timm's activation checkpointing for a features_only model: per block inside the stages that
+    support it (ConvNeXt, Swin, ...), else per top-level module of the wrapper (ResNet's layers)."""
+    stages = [m for m in features.children() if hasattr(m, "grad_checkpointing")]
+    for stage in stages:
+        stage.grad_checkpointing = True
+    if not stages:
+        features.set_grad_checkpointing(True)
+
+
 class TimmBackbone(nn.Module):
     """timm ``features_only`` model returning the feature maps at ``out_strides`` (default C2..C5).
 
@@ -47,6 +57,8 @@ class TimmBackbone(nn.Module):
         weights: local ``.safetensors``/``.pth`` file with the timm model's state dict; with
             ``pretrained=True`` and no file, the hub is used (only its cache under HF_HUB_OFFLINE=1).
         out_strides: strides of the returned maps.
+        grad_checkpointing: recompute activations in the backward pass instead of keeping them
+            (less memory, about a third more compute): see :func:`enable_grad_checkpointing`.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
     """
 
@@ -56,10 +68,12 @@ class TimmBackbone(nn.Module):
         pretrained: bool = False,
         weights: str | os.PathLike | None = None,
         out_strides: Sequence[int] = (4, 8, 16, 32),
+        grad_checkpointing: bool = False,
         **timm_kwargs,
     ) -> None:
         super().__init__()
         self.name = name
+        self.timm_kwargs = dict(timm_kwargs)  # what rebuilds the same model (weights loading)
         out_strides = [int(s) for s in out_strides]
         # All taps' reductions, read from a model built on the meta device (no memory, no init).
         probe = build_timm_model(name, meta=True, features_only=True, **timm_kwargs)
@@ -73,6 +87,8 @@ class TimmBackbone(nn.Module):
             load_hub_weights(self.model, name, timm_kwargs)
         elif weights is not None:
             log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
+        if grad_checkpointing:
+            enable_grad_checkpointing(self.model)
         self.out_channels: list[int] = list(self.model.feature_info.channels())
         self.out_strides: list[int] = list(self.model.feature_info.reduction())
 
