@@ -96,7 +96,7 @@ def test_precision_choice() -> None:
     assert inference_precision("fp16", "bf16", CPU) == ("fp16", "inference.precision=fp16")
     assert inference_precision("auto", "fp16", CPU)[0] == "fp16"  # the CPU runs every precision
     mps = inference_precision("auto", "bf16", torch.device("mps"))
-    assert mps == ("fp32", "auto: its run's bf16 does not run on mps, so this device's")
+    assert mps == ("fp32", "auto: its run's bf16 does not run on mps: this device's default")
     if not torch.cuda.is_available():  # asking a GPU what it runs needs one
         return
     expected = cuda_precision(torch.cuda.get_device_capability(cuda))  # bf16 only where native

@@ -66,7 +66,7 @@ def is_checkpoint_file(reference: str) -> bool:
 def precision_supported(precision: str, device: torch.device) -> bool:
     """Whether ``precision`` runs on ``device`` as the device policy has it: fp32 everywhere;
     CUDA fp16, and bf16 on GPUs that run it natively (:func:`semseg.runtime.cuda_precision`); the
-    CPU both (emulated where the CPU lacks them: slower, same rounding); on MPS only fp32."""
+    CPU both (emulated, and slower, where the CPU lacks them); on MPS only fp32."""
     if precision == "fp32":
         return True
     if device.type == "cuda":
@@ -88,7 +88,10 @@ def inference_precision(
     if precision_supported(recorded, device):
         return recorded, "auto: the precision its training run validated in"
     chosen = resolve_precision("auto", device)
-    return chosen, f"auto: its run's {recorded} does not run on {device.type}, so this device's"
+    return (
+        chosen,
+        f"auto: its run's {recorded} does not run on {device.type}: this device's default",
+    )
 
 
 def inference_layout(

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -226,7 +227,10 @@ def ensure_toy_dataset(dataset_cfg: Mapping[str, Any]) -> Path:
     gen = dataset_cfg.get("generate")
     if gen is None or _has_files(root):
         return root
-    gen = OmegaConf.merge({"_target_": f"{__name__}.make_toy_bdd100k"}, gen)
+    # A progress bar for a person at a terminal only: not in logs, and not before the one line of
+    # an error that follows on stderr.
+    defaults = {"_target_": f"{__name__}.make_toy_bdd100k", "progress": sys.stderr.isatty()}
+    gen = OmegaConf.merge(defaults, gen)
     names, palette = dataset_cfg.get("class_names"), dataset_cfg.get("palette")
     tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
