@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from semseg.cli import compose_groups, report_user_errors
+from semseg.data import dataset_meta
 from semseg.models.checkpoint import save_checkpoint, torch_load_weights_only
 from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS, mmseg_to_checkpoint
 
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         state = torch_load_weights_only(args.input, trust_hint=hint)
     config = compose_groups({**MMSEG_CONFIG_GROUPS, "dataset": args.dataset})
     checkpoint = mmseg_to_checkpoint(
-        state, source=str(args.input), config=config, num_classes=args.num_classes
+        state,
+        source=str(args.input),
+        config=config,
+        meta=dataset_meta(config["dataset"]),
+        num_classes=args.num_classes,
     )
     save_checkpoint(checkpoint, args.output)
     print(f"wrote {args.output} ({len(checkpoint['model'])} tensors, backbone=resnet50c)")

@@ -25,9 +25,15 @@ def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_entry(
-    script: str, *overrides: str, timeout: float = 300, env: dict | None = None, check: bool = True
+    script: str,
+    *overrides: str,
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+    limit_bytes: int | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``src/<script>`` with Hydra overrides in a subprocess; fail the test with its output."""
+    """Run ``src/<script>`` with Hydra overrides in a subprocess (optionally under a file-size
+    limit, see :func:`file_size_limit_preexec`); fail the test with its output."""
     full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(REPO / "src" / script), *overrides],
@@ -36,6 +42,7 @@ def run_entry(
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=None if limit_bytes is None else file_size_limit_preexec(limit_bytes),
     )
     if check and proc.returncode != 0:
         pytest.fail(
@@ -166,3 +173,68 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# --------------------------------------------------------------------------------------------
+# Real write faults: the kernel's own errors, not a patched library function
+
+
+def file_size_limit_preexec(limit_bytes: int):
+    """A ``preexec_fn`` for subprocesses: files larger than ``limit_bytes`` cannot be written
+    (RLIMIT_FSIZE; SIGXFSZ ignored, so ``write()`` fails with EFBIG, "File too large")."""
+
+    def limit() -> None:
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return limit
+
+
+def run_python(
+    code: str, *, limit_bytes: int | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python -c code`` in a subprocess (optionally under a file-size limit), output captured."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=None if limit_bytes is None else file_size_limit_preexec(limit_bytes),
+    )
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """``small_tmpfs(megabytes)``: a freshly mounted tmpfs of that size (a real full disk:
+    ENOSPC, "No space left on device"), unmounted after the test; skips where mounting is not
+    allowed (needs root or CAP_SYS_ADMIN)."""
+    mounted: list[Path] = []
+
+    def mount(megabytes: int) -> Path:
+        point = tmp_path / f"tmpfs{len(mounted)}"
+        point.mkdir()
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or proc.returncode})")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def fill_up(folder: Path, leave_bytes: int) -> None:
+    """Write a filler file into ``folder`` until only about ``leave_bytes`` stay free."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave_bytes))

@@ -3,7 +3,6 @@ disk leaves the previous checkpoint intact, a damaged last.pt falls back to an i
 
 from __future__ import annotations
 
-import errno
 import importlib.util
 import logging
 import sys
@@ -12,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_config import compose_train
+from conftest import compose_smoke, fill_up, run_entry
 
 from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint
 from semseg.engine.trainer import Trainer
 from semseg.errors import CheckpointError
 from semseg.models import TimmBackbone, WeightsError, model_from_checkpoint
-from semseg.models.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
+from semseg.models.checkpoint import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -139,34 +138,6 @@ def test_converter_refuses_in_one_line_and_trust_pickle_converts(
     assert load_checkpoint(out)["config"]["backbone"]["name"] == "resnet50c"
 
 
-def test_disk_full_leaves_the_previous_checkpoint(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ckpt_dir = tmp_path / CHECKPOINT_DIR
-    save_checkpoint({"model": {"w": torch.ones(2)}, "iteration": 1}, ckpt_dir / "last.pt")
-    save_checkpoint({"model": {"w": torch.ones(2)}, "iteration": 2}, ckpt_dir / "iter_2.pt")
-
-    def disk_full(obj, f, *args, **kwargs) -> None:
-        f.write(b"the first bytes")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError) as e:
-        save_checkpoint({"model": {"w": torch.zeros(2)}, "iteration": 3}, ckpt_dir / "last.pt")
-    assert str(ckpt_dir) in str(e.value) and "No space left on device" in str(e.value)
-    assert "\n" not in str(e.value)
-
-    def copy_until_full(src: Path, dst: Path) -> None:
-        with open(dst, "wb") as f:
-            disk_full(None, f)
-
-    monkeypatch.setattr("shutil.copyfile", copy_until_full)
-    with pytest.raises(CheckpointError, match="No space left on device"):
-        copy_checkpoint(ckpt_dir / "iter_2.pt", ckpt_dir / "last.pt")
-    assert load_checkpoint(ckpt_dir / "last.pt")["iteration"] == 1
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter_2.pt", "last.pt"]  # no temp file
-
-
 @pytest.mark.parametrize("damage", ["zero_bytes", "truncated"])
 def test_damaged_last_falls_back_to_newest_loadable_iter(
     tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
@@ -194,36 +165,45 @@ def test_nothing_loadable_is_an_error_naming_last(tmp_path: Path) -> None:
     assert load_latest_checkpoint(tmp_path / "empty") == (None, None)
 
 
+SMALL_SMOKE = (
+    "experiment=smoke", "schedule.checkpoint_interval=1", "trainer.keep_last=5",
+    "trainer.precision=fp32", "trainer.eval_at_end=false", "model.fpn_channels=32",
+    "model.head_channels=16",
+)  # fmt: skip
+
+
 def smoke_config(toy_root: Path, run_dir: Path, *overrides: str):
-    cfg = compose_train(
-        "experiment=smoke", f"dataset.root={toy_root}", "schedule.max_iters=2",
-        "schedule.checkpoint_interval=1", "trainer.keep_last=5", "trainer.precision=fp32",
-        "trainer.eval_at_end=false", "model.fpn_channels=32", "model.head_channels=16", *overrides,
+    return compose_smoke(toy_root, run_dir, *SMALL_SMOKE[1:], "schedule.max_iters=2", *overrides)
+
+
+def _resume_cannot_write(toy_root: Path, run_dir: Path, reason: str, **limits) -> None:
+    """A resumed run whose checkpoints cannot be written: exit 2, one line, nothing lost."""
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    proc = run_entry(
+        "train.py", *SMALL_SMOKE, f"dataset.root={toy_root}", f"hydra.run.dir={run_dir}",
+        "schedule.max_iters=2", "trainer.resume=auto", check=False, **limits,
     )  # fmt: skip
-    cfg.paths.output_dir = str(run_dir)
-    return cfg
-
-
-def test_trainer_disk_full_and_damaged_last(
-    toy_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    ckpt_dir = tmp_path / CHECKPOINT_DIR
-    real_save, calls = torch.save, []
-
-    def full_after_first(obj, f, *args, **kwargs) -> None:
-        calls.append(1)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", full_after_first)
-    with pytest.raises(CheckpointError, match="No space left on device") as e:
-        Trainer(smoke_config(toy_root, tmp_path)).fit()
-    assert str(ckpt_dir) in str(e.value)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot write checkpoint iter_000002.pt into {ckpt_dir}: ")
+    assert line.split(": ")[2].startswith(reason)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter_000001.pt", "last.pt"]
     assert load_checkpoint(ckpt_dir / "last.pt")["iteration"] == 1
-    monkeypatch.setattr(torch, "save", real_save)
+
+
+def test_trainer_file_size_limit_and_damaged_last(toy_root: Path, tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / CHECKPOINT_DIR
+    Trainer(smoke_config(toy_root, tmp_path, "schedule.max_iters=1")).fit()
+    _resume_cannot_write(toy_root, tmp_path, "File too large", limit_bytes=4 * 2**20)
 
     (ckpt_dir / "last.pt").write_bytes(b"")  # damaged: the resume falls back to iter_000001.pt
     trainer = Trainer(smoke_config(toy_root, tmp_path, "trainer.resume=auto"))
     assert trainer.state.iteration == 1
+
+
+def test_trainer_full_disk(toy_root: Path, small_tmpfs) -> None:
+    disk = small_tmpfs(512)
+    run_dir = disk / "run"
+    Trainer(smoke_config(toy_root, run_dir, "schedule.max_iters=1")).fit()
+    fill_up(disk, leave_bytes=4 * 2**20)
+    _resume_cannot_write(toy_root, run_dir, "No space left on device")

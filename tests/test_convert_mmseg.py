@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from semseg.cli import compose_groups
+from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
 from semseg.models import convert_mmseg_state_dict, mmseg_to_checkpoint, model_from_checkpoint
 from semseg.models.checkpoint import load_checkpoint
@@ -111,7 +112,9 @@ def test_every_key_maps(mmseg_sd: dict[str, torch.Tensor]) -> None:
 def test_converted_checkpoint_loads_strictly_and_tensors_land(
     mmseg_sd: dict[str, torch.Tensor], bdd_config: dict
 ) -> None:
-    checkpoint = mmseg_to_checkpoint(mmseg_sd, source="fpn_r50.pth", config=bdd_config)
+    checkpoint = mmseg_to_checkpoint(
+        mmseg_sd, source="fpn_r50.pth", config=bdd_config, meta=dataset_meta(bdd_config["dataset"])
+    )
     assert checkpoint["format_version"] == 1 and checkpoint["optimizer"] is None
     assert checkpoint["config"]["backbone"]["name"] == "resnet50c"
     assert checkpoint["meta"]["class_names"][18] == "bicycle"
@@ -134,7 +137,7 @@ def test_unknown_keys_are_listed(mmseg_sd: dict[str, torch.Tensor]) -> None:
 
 def test_class_count_mismatch(mmseg_sd: dict[str, torch.Tensor], bdd_config: dict) -> None:
     with pytest.raises(CheckpointError, match="19 classes, not --num-classes 7"):
-        mmseg_to_checkpoint(mmseg_sd, source="x.pth", config=bdd_config, num_classes=7)
+        mmseg_to_checkpoint(mmseg_sd, source="x.pth", config=bdd_config, meta={}, num_classes=7)
     assert bdd_config["backbone"]["pretrained"] is True  # the caller's config is left as it was
 
 

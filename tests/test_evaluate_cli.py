@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from semseg.cli import compose_groups as compose_config
+from semseg.data import dataset_meta
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.runner import run_evaluate, run_predict
 from semseg.models import build_model
-from semseg.models.checkpoint import dataset_meta, save_checkpoint
+from semseg.models.checkpoint import save_checkpoint
 
 
 def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:

@@ -13,11 +13,11 @@ import torch
 from conftest import REPO, train_in_process
 from omegaconf import OmegaConf
 
+from semseg.data import class_pixel_counts
 from semseg.engine.losses import (
     OhemCrossEntropy,
     SegCrossEntropy,
     build_loss,
-    class_pixel_counts,
     enet_class_weights,
 )
 from semseg.errors import ConfigError

@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from semseg.cli import CONF_DIR, compose_groups
+from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
 from semseg.models import (
     SemanticFPN,
@@ -26,7 +27,7 @@ from semseg.models import (
     model_from_checkpoint,
 )
 from semseg.models.backbone_weights import build_timm_model, feature_key_map
-from semseg.models.checkpoint import dataset_meta, save_checkpoint
+from semseg.models.checkpoint import save_checkpoint
 from semseg.models.semantic_fpn import semantic_fpn
 
 BACKBONE_CONFIGS = sorted((CONF_DIR / "backbone").glob("*.yaml"))

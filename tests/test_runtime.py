@@ -93,7 +93,7 @@ def test_bad_values_name_the_allowed_ones(monkeypatch):
 BAD_TRAINER_SETTINGS = [
     ("trainer.channels_last=maybe", "trainer.channels_last must be one of auto, true, false"),
     ("trainer.precision=fp8", "precision must be one of auto, fp32, bf16, fp16"),
-    ("trainer.device=cuda", "torch sees no CUDA device"),
+    ("device=cuda", "torch sees no CUDA device"),
 ]
 
 

@@ -36,7 +36,7 @@ def _share_stamp_across_ranks() -> None:
     """Under torchrun every rank composes its own config: rank 0 picks the run stamp for all."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _STAMP_ENV in os.environ:
         return
-    from semseg.engine.distributed import broadcast_object, init_process_group
+    from semseg.distributed import broadcast_object, init_process_group
 
     init_process_group()
     os.environ[_STAMP_ENV] = broadcast_object(

@@ -2,7 +2,8 @@
 
 from semseg.data.base import DatasetError, SegmentationDataset
 from semseg.data.bdd100k import BDD100KDataset
-from semseg.data.build import build_dataset, check_dataset_config, eval_scale
+from semseg.data.build import build_dataset, check_dataset_config, dataset_meta, eval_scale
+from semseg.data.checker import class_pixel_counts
 from semseg.data.cityscapes import CityscapesDataset
 from semseg.data.folder import FolderDataset
 from semseg.data.loader import build_eval_loader, build_train_loader
@@ -27,6 +28,8 @@ __all__ = [
     "build_train_loader",
     "build_train_transform",
     "check_dataset_config",
+    "class_pixel_counts",
+    "dataset_meta",
     "ensure_toy_dataset",
     "eval_scale",
     "make_toy_bdd100k",

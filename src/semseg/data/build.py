@@ -8,10 +8,23 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from semseg.data.base import DatasetError, SegmentationDataset
 from semseg.data.transforms import build_eval_transform, build_train_transform, pad_fill
+
+# What a checkpoint carries about its dataset, so that inference needs nothing else.
+META_KEYS = ("class_names", "palette", "num_classes", "ignore_index", "mean", "std")
+
+
+def dataset_meta(dataset_cfg: Mapping) -> dict:
+    """The checkpoint ``meta`` entry (class names, palette, ...) from a dataset config."""
+    cfg = (
+        OmegaConf.to_container(dataset_cfg, resolve=True)
+        if isinstance(dataset_cfg, DictConfig)
+        else dataset_cfg
+    )
+    return {k: cfg[k] for k in META_KEYS if k in cfg}
 
 
 def instantiate_layout(dataset_cfg: Mapping[str, Any], **kwargs: Any) -> SegmentationDataset:

@@ -8,6 +8,9 @@ values and the image's size.
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +24,10 @@ from semseg.data.base import DatasetError, LabelValueError, SegmentationDataset,
 from semseg.data.bdd100k import BDD100KDataset
 from semseg.data.build import check_dataset_config, instantiate_layout
 from semseg.data.transforms import mask_histogram
+from semseg.distributed import barrier
+from semseg.files import WriteError, write_json
+
+log = logging.getLogger(__name__)
 
 UNLABELLED_SPLITS = ("test",)
 
@@ -177,3 +184,76 @@ def check_dataset(
         usable &= report.usable
     out("dataset usable" if usable else "dataset NOT usable: fix the problems listed above")
     return usable
+
+
+# --------------------------------------------------------------------------------------------
+# Class statistics of a training split (ENet class weights, loss.class_weight=auto)
+
+
+def class_pixel_counts(
+    dataset: SegmentationDataset, cache_dirs: Sequence[str | os.PathLike], is_main: bool = True
+) -> np.ndarray:
+    """Pixels of each class in the labels of ``dataset`` (the training split).
+
+    The same histogram as ``scripts/check_dataset.py`` prints, over the untransformed label maps.
+    The main process counts (reading every label once) and caches the result as
+    ``class_pixels_<split>.json`` in the first writable folder of ``cache_dirs``; the cache is reused
+    while the split has the same number of labelled images. Every rank gets the counts.
+    """
+    split, num_classes = str(dataset.split), int(dataset.num_classes)
+    name = f"class_pixels_{split}.json"
+    key = {
+        "split": split,
+        "num_classes": num_classes,
+        "ignore_index": int(dataset.ignore_index),
+        "images": len(dataset),
+    }
+
+    def cached() -> np.ndarray | None:
+        for folder in cache_dirs:
+            try:
+                saved = json.loads((Path(folder) / name).read_text())
+            except (OSError, ValueError):
+                continue
+            if {k: saved.get(k) for k in key} == key:
+                return np.asarray(saved["class_pixels"], dtype=np.int64)
+        return None
+
+    counts = cached() if is_main else None
+    if is_main and counts is None:
+        if not dataset.has_labels:
+            raise DatasetError(
+                f"loss.class_weight=auto counts class pixels in the labels of the {split} split, "
+                "which has none: give loss.class_weight=[...] instead"
+            )
+        log.info(
+            "counting class pixels in %d labels of %s (once; cached as %s)",
+            len(dataset),
+            split,
+            name,
+        )
+        with ThreadPoolExecutor(4) as pool:  # cv2 decodes release the GIL
+            hists = pool.map(
+                lambda i: mask_histogram(dataset.read_label(i)[0]), range(len(dataset))
+            )
+            counts = np.sum(list(hists), axis=0)[:num_classes]
+        _write_cache({**key, "class_pixels": counts.tolist()}, cache_dirs, name)
+    barrier()  # the other ranks read what the main process cached
+    if counts is None:
+        counts = cached()
+        if counts is None:
+            raise DatasetError(f"cannot read the class pixel counts {name} the main process wrote")
+    return counts
+
+
+def _write_cache(
+    content: dict[str, Any], cache_dirs: Sequence[str | os.PathLike], name: str
+) -> None:
+    """Into the first folder that takes it: a read-only dataset root falls back to the run folder."""
+    for folder in cache_dirs:
+        try:
+            write_json(Path(folder) / name, content, what="class pixel counts", indent=None)
+            return
+        except WriteError:
+            continue
+    log.warning("could not cache %s in any of %s", name, [str(d) for d in cache_dirs])

@@ -33,6 +33,7 @@ from semseg.data.cityscapes import (
     TRAIN_PALETTE,
 )
 from semseg.data.toy_scene import IGNORE, VOID_CLUTTER, VOID_EGO, render_scene_regions
+from semseg.files import reporting_write_errors
 
 COLORMAP_DIR = "labels/sem_seg/colormaps"
 SPLITS = ("train", "val", "test")  # test is written without labels
@@ -46,7 +47,11 @@ def default_classes() -> tuple[list[str], list[list[int]]]:
 def _imwrite(path: Path, rgb_or_mask: np.ndarray, *params: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = rgb_or_mask if rgb_or_mask.ndim == 2 else cv2.cvtColor(rgb_or_mask, cv2.COLOR_RGB2BGR)
-    cv2.imwrite(str(path), data, list(params))
+    # Encoded here and written by Python: cv2.imwrite reports a full disk only as False.
+    ok, encoded = cv2.imencode(path.suffix, data, list(params))
+    if not ok:
+        raise ValueError(f"cannot encode {path.name} as {path.suffix}")
+    path.write_bytes(encoded.tobytes())
 
 
 class ToyLayout(ABC):
@@ -215,12 +220,18 @@ def ensure_toy_dataset(dataset_cfg: Mapping[str, Any]) -> Path:
     # Write into a temporary sibling and rename, so an interrupted run leaves no half dataset
     # that the check above would take for complete (and concurrent callers do not collide).
     target = root if root.exists() else root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    instantiate(
-        gen,
-        root=target,
-        class_names=list(names) if names is not None else None,
-        palette=[list(c) for c in palette] if palette is not None else None,
-    )
+    try:
+        with reporting_write_errors(target, "toy dataset", "free space there or set dataset.root"):
+            instantiate(
+                gen,
+                root=target,
+                class_names=list(names) if names is not None else None,
+                palette=[list(c) for c in palette] if palette is not None else None,
+            )
+    except BaseException:
+        if target != root:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     if target != root:
         try:
             target.rename(root)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 from semseg.errors import CheckpointError
 from semseg.models.checkpoint import load_checkpoint
+from semseg.tracking.record import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 _ITER_RE = re.compile(r"iter_(\d+)\.pt$")
 
 

@@ -1,18 +1,15 @@
 """Segmentation losses (``conf/loss/*.yaml``): cross-entropy as the reference defines it, OHEM, class weights.
 
 ``build_loss`` instantiates ``cfg.loss``; ``class_weight: auto`` is replaced by weights computed from
-the training split's class pixel counts (cached next to the data, see :func:`class_pixel_counts`).
+the training split's class pixel counts (``semseg.data.class_pixel_counts``, cached next to the data).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,9 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from semseg.data import DatasetError
-from semseg.data.transforms import mask_histogram
-from semseg.engine.distributed import barrier
+from semseg.data import class_pixel_counts
 from semseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -141,78 +136,6 @@ class OhemCrossEntropy(SegCrossEntropy):
 
 # --------------------------------------------------------------------------------------------
 # Class weights from the training split
-
-
-def class_pixel_counts(
-    dataset: Dataset, cache_dirs: Sequence[str | os.PathLike], is_main: bool = True
-) -> np.ndarray:
-    """Pixels of each class in the labels of ``dataset`` (the training split).
-
-    The same histogram as ``scripts/check_dataset.py`` prints, over the untransformed label maps.
-    The main process counts (reading every label once) and caches the result as
-    ``class_pixels_<split>.json`` in the first writable folder of ``cache_dirs``; the cache is reused
-    while the split has the same number of labelled images. Every rank gets the counts.
-    """
-    split, num_classes = str(dataset.split), int(dataset.num_classes)
-    name = f"class_pixels_{split}.json"
-    key = {
-        "split": split,
-        "num_classes": num_classes,
-        "ignore_index": int(dataset.ignore_index),
-        "images": len(dataset),
-    }
-
-    def cached() -> np.ndarray | None:
-        for folder in cache_dirs:
-            try:
-                saved = json.loads((Path(folder) / name).read_text())
-            except (OSError, ValueError):
-                continue
-            if {k: saved.get(k) for k in key} == key:
-                return np.asarray(saved["class_pixels"], dtype=np.int64)
-        return None
-
-    counts = cached() if is_main else None
-    if is_main and counts is None:
-        if not dataset.has_labels:
-            raise DatasetError(
-                f"loss.class_weight=auto counts class pixels in the labels of the {split} split, "
-                "which has none: give loss.class_weight=[...] instead"
-            )
-        log.info(
-            "counting class pixels in %d labels of %s (once; cached as %s)",
-            len(dataset),
-            split,
-            name,
-        )
-        with ThreadPoolExecutor(4) as pool:  # cv2 decodes release the GIL
-            hists = pool.map(
-                lambda i: mask_histogram(dataset.read_label(i)[0]), range(len(dataset))
-            )
-            counts = np.sum(list(hists), axis=0)[:num_classes]
-        _write_cache({**key, "class_pixels": counts.tolist()}, cache_dirs, name)
-    barrier()  # the other ranks read what the main process cached
-    if counts is None:
-        counts = cached()
-        if counts is None:
-            raise DatasetError(f"cannot read the class pixel counts {name} the main process wrote")
-    return counts
-
-
-def _write_cache(
-    content: dict[str, Any], cache_dirs: Sequence[str | os.PathLike], name: str
-) -> None:
-    for folder in cache_dirs:
-        path = Path(folder) / name
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(content))
-            os.replace(tmp, path)
-            return
-        except OSError:
-            tmp.unlink(missing_ok=True)
-    log.warning("could not cache %s in any of %s", name, [str(d) for d in cache_dirs])
 
 
 def enet_class_weights(class_pixels: Sequence[int] | np.ndarray) -> list[float]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from semseg.engine.distributed import DistEnv, all_reduce_max
+from semseg.distributed import DistEnv, all_reduce_max
 from semseg.errors import UserError
 
 

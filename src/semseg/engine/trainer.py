@@ -19,17 +19,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from semseg.data import build_dataset, build_train_loader, ensure_toy_dataset
-from semseg.engine import report
-from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint, prune_checkpoints
-from semseg.engine.debug import DebugSession, first_images, fixed_batches
-from semseg.engine.distributed import (
+from semseg.data import build_dataset, build_train_loader, dataset_meta, ensure_toy_dataset
+from semseg.distributed import (
     DistEnv,
     all_gather_object,
     barrier,
     init_distributed,
     wrap_ddp,
 )
+from semseg.engine import report
+from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint, prune_checkpoints
+from semseg.engine.debug import DebugSession, first_images, fixed_batches
 from semseg.engine.ema import EMA_PREFIX, build_ema, check_best_metric, restore_ema
 from semseg.engine.losses import build_loss
 from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
@@ -54,7 +54,6 @@ from semseg.errors import ConfigError
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
 from semseg.models.checkpoint import (
     copy_checkpoint,
-    dataset_meta,
     load_checkpoint,
     make_checkpoint,
     save_checkpoint,
@@ -125,7 +124,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.env: DistEnv = init_distributed(cfg.trainer.device)
+        self.env: DistEnv = init_distributed(cfg.device)
         if not self.env.is_main:  # every rank shares train.log: only rank 0 reports progress
             logging.getLogger().setLevel(logging.WARNING)
         self.device = self.env.device
@@ -241,6 +240,7 @@ class Trainer:
             rng_per_rank=rng_per_rank,
             data_position=self._data_position(),
             metrics_iteration=self.state.metrics_iteration,
+            precision=self.precision,  # what validation ran in: evaluate.py's default for this run
         )
         return save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
 

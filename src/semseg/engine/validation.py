@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from semseg.data import build_eval_loader
-from semseg.engine.distributed import DistEnv, broadcast_buffers
+from semseg.distributed import DistEnv, broadcast_buffers
 from semseg.engine.ema import EMA_PREFIX
 from semseg.errors import ConfigError
 from semseg.evaluation.inference import EvalResult, evaluate_model

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from semseg.data import eval_scale
+from semseg.distributed import get_rank, get_world_size
 from semseg.errors import ConfigError
 from semseg.evaluation.export import save_prediction
 from semseg.evaluation.inference import (
@@ -35,12 +35,6 @@ from semseg.runtime import (
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _output_dir(cfg: DictConfig) -> Path:
@@ -115,7 +109,7 @@ def split_loader(
 
 def _build_loader(cfg: DictConfig, dataset_cfg: DictConfig) -> torch.utils.data.DataLoader:
     batch_size = cfg.inference.get("batch_size") or dataset_cfg.get("eval_batch_size", 1)
-    return split_loader(dataset_cfg, dataset_cfg.split, batch_size, *_rank_world())
+    return split_loader(dataset_cfg, dataset_cfg.split, batch_size, get_rank(), get_world_size())
 
 
 def _write_json(data: dict[str, Any], *paths: Path) -> None:
@@ -141,7 +135,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         class_names = list(meta["class_names"])
         _check_classes(cfg, class_names)
         scale = eval_scale(dataset_cfg)
-        if _rank_world()[0] == 0:
+        if get_rank() == 0:
             log.info(
                 "evaluating at scale %s (each image fitted into it, keeping its aspect ratio; "
                 "logits resized back to the label's size)",
@@ -193,7 +187,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "confusion_matrix": np.asarray(confmat).astype(int).tolist(),
     }
-    if _rank_world()[0] == 0:
+    if get_rank() == 0:
         log.info("%s evaluation\n%s", split, format_table(metrics, class_names))
         log.info("mIoU: %.2f", 100 * metrics["mIoU"])
         _write_json(report, *paths)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from semseg.errors import CheckpointError, UserError
 from semseg.models.base import AUX_HEAD, unwrap_model
-from semseg.models.checkpoint import dataset_meta, load_checkpoint
+from semseg.models.checkpoint import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -146,5 +146,10 @@ def model_from_checkpoint(
     )
     model = build_model(cfg)
     load_model_weights(model, fit_aux_head(model, state["model"]), source=source)
-    meta = dict(state.get("meta") or dataset_meta(config.get("dataset") or {}))
+    if not state.get("meta"):
+        raise CheckpointError(
+            f"{source} carries no meta (class names, palette), so its predictions cannot be named; "
+            "save it with this project's trainer or scripts/convert_mmseg_checkpoint.py"
+        )
+    meta = dict(state["meta"])
     return model.to(map_location).eval(), meta, dict(config)

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from semseg.errors import CheckpointError
+from semseg.files import write_atomically
 
 # Version 1: the entries of CHECKPOINT_KEYS. Bump it when an entry changes meaning.
 FORMAT_VERSION = 1
@@ -31,24 +30,13 @@ CHECKPOINT_KEYS = (
     "best_miou",  # best val mIoU so far (-1: none yet)
     "rng",  # RNG states for exact resume ({} outside training)
     "config",  # the resolved config that rebuilds the model (model, backbone, dataset, ...)
-    "meta",  # dataset_meta(): class names, palette, ... so that inference needs nothing else
+    "meta",  # semseg.data.dataset_meta(): class names, palette, ... so that inference needs nothing else
     "metrics",  # the last evaluation's metrics
 )
-META_KEYS = ("class_names", "palette", "num_classes", "ignore_index", "mean", "std")
 # Module prefixes of the pickled classes that mmcv / mmengine (mmseg 1.x) store in checkpoints.
 _MMSEG_MODULES = ("mmcv.", "mmengine.", "mmseg.")
 _MAX_LISTED_GLOBALS = 3
 _CONVERTER = "scripts/convert_mmseg_checkpoint.py"
-
-
-def dataset_meta(dataset_cfg: Mapping) -> dict:
-    """The checkpoint ``meta`` entry (class names, palette, ...) from a dataset config."""
-    cfg = (
-        OmegaConf.to_container(dataset_cfg, resolve=True)
-        if isinstance(dataset_cfg, DictConfig)
-        else dataset_cfg
-    )
-    return {k: cfg[k] for k in META_KEYS if k in cfg}
 
 
 def make_checkpoint(
@@ -66,7 +54,8 @@ def make_checkpoint(
     **training_state: Any,
 ) -> dict[str, Any]:
     """A checkpoint dict with every entry of :data:`CHECKPOINT_KEYS`, plus ``training_state``:
-    what the trainer needs beyond them to resume exactly (EMA weights, per-rank RNG, ...)."""
+    what the trainer adds (EMA weights, per-rank RNG, ``precision``: the autocast precision its
+    validation ran in, which evaluation defaults to)."""
     return training_state | {
         "format_version": FORMAT_VERSION,
         "model": model_state,
@@ -82,44 +71,29 @@ def make_checkpoint(
     }
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` on a temp file next to ``path``, then rename it over ``path``: a crash
-    or a full disk leaves the old file or the new one, never half of one, and no temp file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        raise CheckpointError(
-            f"cannot write checkpoint {path.name} into {path.parent}: {reason}; the checkpoints "
-            "already there are intact (free space there, then continue with trainer.resume=auto)"
-        ) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _save_synced(state: Mapping[str, Any], tmp: Path) -> None:
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+# What a failed checkpoint write adds to its one line.
+_WRITE_ADVICE = (
+    "the checkpoints already there are intact (free space there, then continue with "
+    "trainer.resume=auto)"
+)
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically; a failed write raises a CheckpointError."""
-    return _write_atomically(Path(path), lambda tmp: _save_synced(state, tmp))
+    """Write ``state`` to ``path`` atomically; a failed write raises a WriteError naming the folder
+    and the reason, and leaves the file that was there (and no temporary file)."""
+    return write_atomically(path, lambda tmp: _torch_save(state, tmp), "checkpoint", _WRITE_ADVICE)
+
+
+def _torch_save(state: Mapping[str, Any], path: Path) -> None:
+    # Through a Python file object: a failed write() then raises an OSError with its errno (which
+    # torch chains to its own RuntimeError), where a path gives only "iostream error".
+    with path.open("wb") as f:
+        torch.save(state, f)
 
 
 def copy_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a written checkpoint (e.g. ``iter_004000.pt`` -> ``last.pt``) with the same atomicity."""
-    return _write_atomically(Path(dst), lambda tmp: shutil.copyfile(src, tmp))
+    return write_atomically(dst, lambda tmp: shutil.copyfile(src, tmp), "checkpoint", _WRITE_ADVICE)
 
 
 def _refused_globals(path: Path) -> list[str]:

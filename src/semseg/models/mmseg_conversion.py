@@ -15,7 +15,7 @@ from torch import Tensor
 
 from semseg.errors import CheckpointError
 from semseg.models.build import build_model, listing, load_model_weights, strip_wrapper_prefixes
-from semseg.models.checkpoint import dataset_meta, make_checkpoint
+from semseg.models.checkpoint import make_checkpoint
 
 # The config groups that the converted checkpoint's config holds, and their conf/ names.
 MMSEG_CONFIG_GROUPS = {"model": "semantic_fpn", "backbone": "resnet50c"}
@@ -59,11 +59,12 @@ def mmseg_to_checkpoint(
     state_dict: Mapping[str, Tensor],
     source: str,
     config: Mapping[str, Any],
+    meta: Mapping[str, Any],
     num_classes: int | None = None,
 ) -> dict:
     """Turn an mmseg Semantic FPN R-50-V1c state dict (or whole mmcv checkpoint) into a checkpoint
     of this project. ``config`` holds the resolved ``model``, ``backbone`` (resnet50c) and
-    ``dataset`` groups that rebuild the model; meta comes from the dataset group."""
+    ``dataset`` groups that rebuild the model; ``meta`` is the dataset's (``semseg.data.dataset_meta``)."""
     converted = convert_mmseg_state_dict(state_dict)
     n_file = converted["classifier.weight"].shape[0] if "classifier.weight" in converted else None
     if num_classes is not None and n_file is not None and n_file != num_classes:
@@ -78,5 +79,4 @@ def mmseg_to_checkpoint(
     config["model"]["weights"] = None
     model = build_model(config)
     load_model_weights(model, converted, source=source)
-    meta = dataset_meta(config["dataset"]) | {"converted_from": source}
-    return make_checkpoint(model.state_dict(), config, meta)
+    return make_checkpoint(model.state_dict(), config, {**meta, "converted_from": source})

@@ -1,4 +1,5 @@
-"""The local run record: `metrics.jsonl` and `summary.json` in the run folder (always written).
+"""The local run record: `metrics.jsonl` and `summary.json` in the run folder (always written),
+and the names of the run folder's parts (the run-folder contract).
 
 This is what the notebook and `semseg.tracking.runs` read when there is no W&B server, so it is
 written whatever logger is configured. Rank 0 only: the engine builds one on the main process.
@@ -6,15 +7,18 @@ written whatever logger is configured. Rank 0 only: the engine builds one on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from semseg.files import reporting_write_errors, write_atomically, write_json
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_DIR = "checkpoints"  # last.pt, best.pt, iter_XXXXXX.pt
 
 
 def to_jsonable(value: Any) -> Any:
@@ -37,53 +41,53 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write `data` as JSON to `path` via a temporary file + rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(data), f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class RunRecorder:
     """Appends metric lines to `<run_dir>/metrics.jsonl` and writes `<run_dir>/summary.json`.
 
     Each `log` call is one line `{"step": step, **metrics}`, flushed at once so a killed run keeps
-    everything logged so far. A resumed run appends to the same file; `runs.load_metrics` keeps the
-    latest value per step.
+    everything logged so far. A run resumed from iteration N (``resumed_at=N``) first drops the
+    lines logged after N by the run it continues: they are logged again, so every step stays once.
     """
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, resumed_at: int | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.summary_path = self.run_dir / SUMMARY_FILE
         self._file = None
+        if resumed_at is not None and self.metrics_path.is_file():
+            self._drop_after(resumed_at)
+
+    def _drop_after(self, step: int) -> None:
+        lines = self.metrics_path.read_text().splitlines(keepends=True)
+        # A line cut short by a kill mid-write is dropped too.
+        kept = [ln for ln in lines if ln.endswith("\n") and _step_of(ln) is not None]
+        kept = [ln for ln in kept if _step_of(ln) <= step]
+        if kept != lines:
+            write_atomically(
+                self.metrics_path, lambda tmp: tmp.write_text("".join(kept)), "metrics"
+            )
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one JSON line with the step and the metric values (fractions, not percent)."""
-        if self._file is None or self._file.closed:
-            self._file = open(self.metrics_path, "a")  # noqa: SIM115 (kept open across calls)
         line = {"step": int(step), **to_jsonable(dict(metrics))}
-        self._file.write(json.dumps(line) + "\n")
-        self._file.flush()
+        with reporting_write_errors(self.metrics_path, "metrics"):
+            if self._file is None or self._file.closed:
+                self._file = open(self.metrics_path, "a")  # noqa: SIM115 (kept open across calls)
+            self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write the final numbers to `summary.json` atomically (replaces an earlier summary)."""
-        write_json_atomic(self.summary_path, summary)
+        write_json(self.summary_path, to_jsonable(summary), "run summary")
 
     def close(self) -> None:
         """Close the metrics file (further `log` calls reopen it)."""
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            # A disk that filled up since the last line fails here too; nothing more can be saved.
+            with reporting_write_errors(self.metrics_path, "metrics"):
+                file, self._file = self._file, None
+                file.close()
 
     def __enter__(self) -> RunRecorder:
         return self
@@ -92,4 +96,12 @@ class RunRecorder:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        with contextlib.suppress(Exception):  # at interpreter exit: nothing left to report to
+            self.close()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
