@@ -149,10 +149,29 @@ def separable_conv_norm_act(
     )
 
 
+def adaptive_avg_pool(x: Tensor, size: int) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, size)`` from cumulative sums, for ONNX export: the exporter
+    turns ``adaptive_avg_pool2d`` into fixed windows for the example input's size, which are wrong
+    at other sizes; these bins follow the input's (dynamic) size."""
+    return _adaptive_avg_pool_axis(_adaptive_avg_pool_axis(x, -2, size), -1, size)
+
+
+def _adaptive_avg_pool_axis(x: Tensor, dim: int, size: int) -> Tensor:
+    # Bin i covers [floor(i n / size), ceil((i + 1) n / size)), as adaptive pooling's.
+    n = x.shape[dim]
+    i = torch.arange(size, device=x.device)
+    start, end = (i * n) // size, ((i + 1) * n + size - 1) // size
+    sums = torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), x.cumsum(dim)], dim)
+    totals = sums.index_select(dim, end) - sums.index_select(dim, start)
+    shape = [1] * x.dim()
+    shape[dim] = size
+    return totals / (end - start).to(x.dtype).view(shape)
+
+
 class PyramidPooling(nn.ModuleList):
     """PSPNet's pyramid pooling module (mmseg ``PPM``): for each scale, average pooling to
     ``scale x scale`` and a 1x1 ConvModule; returns the input concatenated with the branches
-    upsampled to its size."""
+    upsampled to its size. (In an ONNX export the pooling is :func:`adaptive_avg_pool`.)"""
 
     def __init__(
         self,
@@ -172,8 +191,12 @@ class PyramidPooling(nn.ModuleList):
         self.align_corners = align_corners
 
     def forward(self, x: Tensor) -> Tensor:
-        size = x.shape[-2:]
-        return torch.cat([x, *(resize(branch(x), size, self.align_corners) for branch in self)], 1)
+        outs = [x]
+        for pool, conv in self:
+            exporting = torch.onnx.is_in_onnx_export()
+            pooled = adaptive_avg_pool(x, pool.output_size) if exporting else pool(x)
+            outs.append(resize(conv(pooled), x.shape[-2:], self.align_corners))
+        return torch.cat(outs, 1)
 
 
 # --------------------------------------------------------------------------------------------
