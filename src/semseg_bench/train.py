@@ -49,11 +49,13 @@ def train_flops_per_image(model: nn.Module, height: int, width: int, loss_fn: nn
     counted = copy.deepcopy(model).to("meta").train()
     loss_fn = copy.deepcopy(loss_fn).to("meta")
     counter = FlopCounterMode(display=False)
-    image = torch.zeros(1, 3, height, width, device="meta")
-    target = torch.zeros(1, height, width, dtype=torch.long, device="meta")
+    # Two images, halved: BatchNorm in training needs two values per channel, which a globally
+    # pooled branch (PSPNet, DeepLabV3, UPerNet) has only with two images.
+    image = torch.zeros(2, 3, height, width, device="meta")
+    target = torch.zeros(2, height, width, dtype=torch.long, device="meta")
     with counter:
         loss_fn(counted(image), target).backward()
-    return float(counter.get_total_flops())
+    return float(counter.get_total_flops()) / 2
 
 
 def synthetic_batch(
