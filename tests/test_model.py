@@ -121,7 +121,9 @@ def test_backbone_config_builds_and_trains(path: Path) -> None:
     bb_cfg = OmegaConf.load(path)
     bb_cfg.pretrained = False
     backbone = instantiate(bb_cfg)
-    assert backbone.out_strides == [4, 8, 16, 32]
+    # [4, 8, 16, 32]; the dilated *_d8 configs: [4, 8, 8, 8]
+    assert backbone.out_strides == list(bb_cfg.out_strides)
+    assert backbone.out_strides[:2] == [4, 8] and backbone.out_strides[2:] in ([16, 32], [8, 8])
     assert len(backbone.out_channels) == 4
     model = semantic_fpn(backbone, num_classes=19)
     # 32x32, the smallest input every level sees (1x1 at stride 32); a batch of 2 so that
@@ -196,7 +198,8 @@ def test_every_feature_key_maps_to_the_classification_model(path: Path) -> None:
     # the backbone must find its key in the file that holds the classification model.
     bb_cfg = OmegaConf.load(path)
     kwargs = {k: v for k, v in bb_cfg.items() if k not in ("_target_", "name", "pretrained",
-                                                            "weights", "out_strides")}  # fmt: skip
+                                                            "weights", "out_strides",
+                                                            "out_indices")}  # fmt: skip
     features = build_timm_model(bb_cfg.name, meta=True, features_only=True, **kwargs)
     full_keys = set(build_timm_model(bb_cfg.name, meta=True, **kwargs).state_dict())
     mapping = feature_key_map(features, full_keys)
