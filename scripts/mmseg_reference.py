@@ -26,9 +26,11 @@ Run from the repository root::
     VENV/bin/python scripts/mmseg_reference.py                      # writes the fixtures
     PYTHONPATH=src VENV/bin/python scripts/mmseg_reference.py --compare
 
-``--compare`` also converts every case with this project's converter and compares both models
-on whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at the zoo's scale
-1280x720 on a 640x480 scene; it writes ``comparison.json`` next to the fixtures (minutes on a CPU).
+``--compare`` also converts each case with this project's converter and compares both models on
+whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at the zoo's scale
+1280x720 on a 640x480 scene (also with the zoo's mmseg 0.x float loading); it writes
+``comparison.json`` next to the fixtures (about half an hour on 2 CPU cores; ``--cases`` and
+``--no-fixtures`` narrow it down).
 """
 
 from __future__ import annotations
@@ -243,10 +245,15 @@ def mmseg_logits(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         return model.encode_decode(normalized(images), metas)
 
 
-def mmseg_pipeline_logits(model: torch.nn.Module, path: Path, scale: Sequence[int]) -> torch.Tensor:
-    """C x H x W logits of mmseg's whole test pipeline on an image file, at the image's size."""
+def mmseg_pipeline_logits(
+    model: torch.nn.Module, path: Path, scale: Sequence[int], to_float32: bool = False
+) -> torch.Tensor:
+    """C x H x W logits of mmseg's whole test pipeline on an image file, at the image's size.
+    ``to_float32``: load the image as float before resizing, as the zoo's mmseg 0.x configs do
+    (mmseg 1.x, and this project, resize the uint8 image)."""
     from mmseg.apis import inference_model
 
+    model.cfg.test_pipeline[0]["to_float32"] = to_float32
     model.cfg.test_pipeline[1]["scale"] = tuple(scale)
     return inference_model(model, str(path)).seg_logits.data
 
@@ -333,7 +340,13 @@ def project_pipeline_logits(
         return resize_bilinear(predict_logits(model, x), image.shape[:2])[0]
 
 
-def compare(out: Path) -> None:
+def compare(out: Path, cases: Sequence[str]) -> None:
+    """Whole-map differences of ``cases`` into ``comparison.json`` (other cases' rows kept).
+
+    Pipeline rows for every case: of the align_corners case they measure what evaluation's
+    final resize (align_corners=False) changes; ``..._float32_load`` rows measure the zoo's mmseg
+    0.x loading (float image before the resize) against this project's (uint8).
+    """
     from PIL import Image
 
     torch.set_grad_enabled(False)
@@ -341,8 +354,11 @@ def compare(out: Path) -> None:
     Image.fromarray(scene(480, 640, seed=7)).save(big)
     images = {f"{h}x{w}": scene(h, w, seed=i)[None] for i, (h, w) in enumerate(SIZES)}
     images["512x1024"] = scene(512, 1024, seed=3)[None]
-    report: dict[str, Any] = {"torch": torch.__version__, "cases": {}}
-    for name, case in CASES.items():
+    path = out / "comparison.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"cases": {}}
+    report["torch"] = torch.__version__
+    for name in cases:
+        case = CASES[name]
         ref_model, weights = mmseg_model(case)
         ours = project_model(name, weights)
         rows = {
@@ -350,19 +366,19 @@ def compare(out: Path) -> None:
                               mmseg_logits(ref_model, im)[0])
             for size, im in images.items()
         }  # fmt: skip
-        if name in PIPELINE_CASES:
-            for label, path, scale in (
-                ("pipeline_fixture", out / "scene.png", PIPELINE_SCALE),
-                ("pipeline_640x480_into_1280x720", big, (1280, 720)),
-            ):
-                rows[label] = differences(
-                    project_pipeline_logits(ours, path, scale),
-                    mmseg_pipeline_logits(ref_model, path, scale),
-                )
+        for label, image, scale, to_float32 in (
+            ("pipeline_fixture", out / "scene.png", PIPELINE_SCALE, False),
+            ("pipeline_640x480_into_1280x720", big, (1280, 720), False),
+            ("pipeline_640x480_into_1280x720_float32_load", big, (1280, 720), True),
+        ):
+            rows[label] = differences(
+                project_pipeline_logits(ours, image, scale),
+                mmseg_pipeline_logits(ref_model, image, scale, to_float32),
+            )
         report["cases"][name] = rows
         print(name, json.dumps(rows))
     big.unlink()
-    (out / "comparison.json").write_text(json.dumps(report, indent=1))
+    path.write_text(json.dumps(report, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,11 +387,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compare", action="store_true", help="also compare this project's models (slow)"
     )
+    parser.add_argument(
+        "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to compare"
+    )
+    parser.add_argument(
+        "--no-fixtures", action="store_true", help="only compare (the fixtures exist)"
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
-    write_fixtures(args.out)
+    if not args.no_fixtures:
+        write_fixtures(args.out)
     if args.compare:
-        compare(args.out)
+        compare(args.out, args.cases)
     return 0
 
 

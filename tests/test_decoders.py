@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from semseg.cli import compose, compose_groups
 from semseg.data import dataset_meta
 from semseg.engine.losses import OhemCrossEntropy, SegCrossEntropy
-from semseg.errors import CheckpointError
+from semseg.errors import CheckpointError, ConfigError
 from semseg.evaluation.inference import predict_logits
 from semseg.evaluation.zoo import build_model_zoo_row
 from semseg.models import EncoderDecoder, build_model, count_parameters, model_from_checkpoint
@@ -138,6 +138,19 @@ def test_adaptive_avg_pool_for_export_equals_torch() -> None:
     x = torch.randn(2, 3, 10, 13)
     for size in (1, 2, 3, 6):
         torch.testing.assert_close(adaptive_avg_pool(x, size), F.adaptive_avg_pool2d(x, size))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.aux_head.in_index=7", r"model\.aux_head reads a feature map .* returns 4 "),
+        ("model.decode_head.num_convs=0", r"model\.decode_head: .*num_convs=0 needs channels=512"),
+    ],
+)
+def test_bad_head_settings_are_one_clear_line(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        small_model("fcn", override)
+    assert "\n" not in str(info.value)
 
 
 def test_out_indices_are_checked() -> None:

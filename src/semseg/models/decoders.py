@@ -12,6 +12,7 @@ torchvision ``Conv2dNormActivation`` (``.0`` conv, ``.1`` norm), ``conv_seg`` is
 
 from __future__ import annotations
 
+import abc
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
+from semseg.errors import ConfigError
 from semseg.models.base import AUX_HEAD, IMAGENET_MEAN, IMAGENET_STD, SegmentationModel
 from semseg.models.build import load_start_weights
 
@@ -51,7 +53,7 @@ class EncoderDecoder(SegmentationModel):
         super().__init__(pixel_mean, pixel_std)
         self.backbone = backbone
         self.decode_head = decode_head
-        setattr(self, AUX_HEAD, aux_head)
+        self.aux_head = aux_head  # AUX_HEAD: left out of inference models and their counts
         self.align_corners = bool(align_corners)
         self.num_classes = decode_head.num_classes
 
@@ -91,10 +93,22 @@ def encoder_decoder(
         "norm_layer": norm_layer,
         "align_corners": align_corners,
     }
+
+    def build(head: HeadFactory, key: str) -> DecodeHead:
+        try:
+            return head(in_channels, **shared)
+        except IndexError:  # an in_index beyond the backbone's maps
+            raise ConfigError(
+                f"model.{key} reads a feature map the backbone does not have: it returns "
+                f"{len(in_channels)} (indices 0-{len(in_channels) - 1}); set model.{key}.in_index"
+            ) from None
+        except ConfigError as e:
+            raise ConfigError(f"model.{key}: {e}") from None
+
     model = EncoderDecoder(
         backbone,
-        decode_head(in_channels, **shared),
-        aux_head(in_channels, **shared) if aux_head is not None else None,
+        build(decode_head, "decode_head"),
+        build(aux_head, AUX_HEAD) if aux_head is not None else None,
         align_corners=align_corners,
         **kwargs,
     )
@@ -119,14 +133,12 @@ def conv_norm_act(
     norm_layer: NormLayer,
     dilation: int = 1,
     groups: int = 1,
-    padding: int | None = None,
 ) -> Conv2dNormActivation:
     """mmcv's ConvModule: conv (no bias before a norm), norm, ReLU; padding keeps the size."""
     return Conv2dNormActivation(
         in_channels,
         out_channels,
         kernel_size,
-        padding=padding,
         groups=groups,
         norm_layer=norm_layer,
         activation_layer=nn.ReLU,
@@ -203,7 +215,7 @@ class PyramidPooling(nn.ModuleList):
 # Heads
 
 
-class DecodeHead(nn.Module):
+class DecodeHead(nn.Module, abc.ABC):
     """mmseg's ``BaseDecodeHead``: a head's own layers (:meth:`features`), then Dropout2d and a
     1x1 classifier; returns logits at the resolution of the feature map it reads.
 
@@ -219,9 +231,9 @@ class DecodeHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
 
+    @abc.abstractmethod
     def features(self, inputs: list[Tensor]) -> Tensor:
         """The ``channels``-wide map the classifier reads."""
-        raise NotImplementedError
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.features(inputs)))
@@ -257,7 +269,7 @@ class FCNHead(DecodeHead):
         self.in_index = in_index
         c_in = in_channels[in_index]
         if num_convs == 0 and c_in != channels:
-            raise ValueError(f"FCNHead with num_convs=0 needs channels={c_in} (its input)")
+            raise ConfigError(f"an FCNHead with num_convs=0 needs channels={c_in} (its input's)")
         self.convs = nn.Sequential(
             *(
                 conv_norm_act(
