@@ -110,6 +110,23 @@ def test_forward_contract(name: str) -> None:
     assert plain.aux_head is None and plain(images).shape == (2, 19, 75, 110)
 
 
+@pytest.mark.parametrize(
+    ("name", "backbone"),
+    [("upernet", "convnext_tiny"), ("deeplabv3plus", "efficientnet_b3"), ("pspnet", "resnet101")],
+)
+def test_decoders_take_other_backbones(name: str, backbone: str) -> None:
+    """The heads read the backbone's channels: any backbone config fits (shapes only)."""
+    cfg = compose_groups(
+        {"model": name, "backbone": backbone, "dataset": "bdd100k"}, ["backbone.pretrained=false"]
+    )
+    with torch.device("meta"):
+        model = build_model(cfg).train()
+        out = model(torch.zeros(2, 3, 96, 160))
+    assert out["out"].shape == out["aux"].shape == (2, 19, 96, 160)
+    channels = model.backbone.out_channels
+    assert model.aux_head.convs[0][0].in_channels == channels[2]
+
+
 @pytest.mark.parametrize("loss", ["ce", "ohem"])
 def test_aux_loss_is_weighted_by_loss_aux_weight(loss: str) -> None:
     extra = ["loss.min_kept=10"] if loss == "ohem" else []
