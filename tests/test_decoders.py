@@ -295,19 +295,20 @@ def test_model_zoo_row_of_a_decoder(trained: dict[str, Path], toy_root: Path, tm
 
 def test_benchmark_counts_and_times_a_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """The benchmark's model costs (inference parameters and FLOPs without the auxiliary head;
-    training FLOPs with it) and its training step on {"out", "aux"} outputs."""
+    training FLOPs with it, depthwise convolutions' backward counted by their groups) and its
+    training step on {"out", "aux"} outputs."""
     monkeypatch.setattr(
         bench_runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01)
     )
     out = tmp_path / "bench.json"
     argv = ["--only", "train", "--precision", "fp32", "--channels-last", "off", "--batch-size",
             "2", "--crop", "32", "64", "--steps", "1", "--warmup", "0", "--matmul-size", "64",
-            "--device", "cpu", "--output", str(out), *small("upernet"),
+            "--device", "cpu", "--output", str(out), *small("deeplabv3plus"),
             f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
     assert load_script("benchmark").main(argv) == 0
     result = json.loads(out.read_text())
     costs = result["model"]
-    assert costs["params"] == count_parameters(small_model("upernet"))
+    assert costs["params"] == count_parameters(small_model("deeplabv3plus"))
     assert 2 < costs["train_gflops_per_image"] / costs["forward_gflops_per_image"] < 4
     assert np.isfinite(result["train"][0]["final_loss"])
 
