@@ -240,7 +240,7 @@ def test_unsupported_architectures_are_refused_in_one_line(kind: str) -> None:
         convert_mmseg_state_dict(make())
     message = str(info.value)
     assert "\n" not in message
-    if "decode_head submodules" in message or "backbone keys" in message:
+    if kind != "resnet152":  # that one names the depths that have configs
         assert "supported: " in message and "PSPHead (model=pspnet)" in message
 
 

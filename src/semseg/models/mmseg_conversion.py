@@ -252,7 +252,8 @@ def convert_mmseg_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
             unknown.append(key)
     if unknown:
         raise CheckpointError(
-            f"not a supported {arch.describe()}: " + listing("keys without a mapping", unknown)
+            f"not a supported {arch.describe()}: "
+            f"{listing('keys without a mapping', unknown)}; {_supported()}"
         )
     return converted
 
