@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The suite runs in a bare shell: no network (the Hub's cache only, W&B off unless a test asks for
+# offline runs), no display. Set before anything imports huggingface_hub, wandb or matplotlib.
+for _key, _value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")
@@ -52,9 +60,42 @@ def run_entry(
     return proc
 
 
+# Tests that train run on the CPU whatever the machine has: their numbers are compared bit for bit,
+# and a machine with GPUs runs the suite as one without (CUDA tests say so: @needs_cuda).
+CPU_PINNED = ("device=cpu",)
+
+
 def smoke_overrides(toy_root: Path, run_dir: Path, *extra: str) -> list[str]:
     """A seconds-long CPU training run on the tiny dataset, writing into ``run_dir``."""
-    return ["experiment=smoke", f"dataset.root={toy_root}", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        "experiment=smoke",
+        *CPU_PINNED,
+        f"dataset.root={toy_root}",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
+
+
+def compose_train(*overrides: str):
+    """The ``src/train.py`` config with ``overrides``, composed here."""
+    from semseg.cli import compose
+
+    return compose("train", overrides)
+
+
+def resolved(cfg) -> dict:
+    """The whole config resolved (the run folder comes from Hydra at run time: a stand-in)."""
+    from omegaconf import OmegaConf
+
+    cfg.paths.output_dir = "/run/folder"
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (``metrics.jsonl``)."""
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _global_state() -> dict:
@@ -80,7 +121,9 @@ def compose_smoke(toy_root: Path, run_dir: Path, *overrides: str):
     """The smoke training config (as :func:`smoke_overrides`) composed here, writing into ``run_dir``."""
     from semseg.cli import compose
 
-    cfg = compose("train", ["experiment=smoke", f"dataset.root={toy_root}", *overrides])
+    cfg = compose(
+        "train", ["experiment=smoke", *CPU_PINNED, f"dataset.root={toy_root}", *overrides]
+    )
     cfg.paths.output_dir = str(run_dir)  # what Hydra's run folder gives a launched run
     return cfg
 
@@ -137,8 +180,14 @@ def toy_layout(toy_root: Path, tmp_path_factory: pytest.TempPathFactory):
         if layout not in roots:
             roots[layout] = makers[layout](
                 tmp_path_factory.mktemp(f"toy_{layout}") / layout,
-                num_train=8, num_val=4, num_test=2, height=64, width=128, seed=0, progress=False,
-            )  # fmt: skip
+                num_train=8,
+                num_val=4,
+                num_test=2,
+                height=64,
+                width=128,
+                seed=0,
+                progress=False,
+            )
         return roots[layout]
 
     return root
@@ -156,9 +205,11 @@ def smoke_run(toy_layout, tmp_path_factory: pytest.TempPathFactory):
         if layout not in runs:
             run_dir = tmp_path_factory.mktemp(f"smoke_{layout}")
             train_in_process(
-                toy_layout(layout), run_dir, f"dataset=toy_{layout}",
+                toy_layout(layout),
+                run_dir,
+                f"dataset=toy_{layout}",
                 f"schedule.max_iters={SMOKE_ITERS}",
-            )  # fmt: skip
+            )
             runs[layout] = run_dir
         return runs[layout]
 
@@ -238,3 +289,162 @@ def fill_up(folder: Path, leave_bytes: int) -> None:
     free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
     with open(folder / "filler", "wb") as f:
         f.write(b"\0" * max(0, free - leave_bytes))
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(
+    script: str,
+    *overrides: str,
+    world_size: int = 2,
+    env: dict | None = None,
+    timeout: float = 240,
+) -> list[subprocess.CompletedProcess]:
+    """``src/<script>`` as ``world_size`` ranks started side by side the way SLURM's srun starts
+    tasks (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, no torchrun agent),
+    with tests/ on the path (for ``faulty_loss``); waits for all of them, killing what is left
+    after ``timeout`` seconds (then the test fails)."""
+    base = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        **SINGLE_THREAD_ENV,
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": str(world_size),
+        **(env or {}),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(REPO / "src" / script), *overrides],
+            cwd=REPO,
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    results, deadline, hung = [], time.monotonic() + timeout, []
+    for rank, proc in enumerate(procs):
+        try:
+            out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            hung.append(rank)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    if hung:
+        pytest.fail(f"ranks {hung} still ran after {timeout} s:\n{results[hung[0]].stderr[-3000:]}")
+    return results
+
+
+def run_process_group(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a session of its own: on a timeout every process it started is
+    killed (torchrun's workers too), not only the first, and the test fails."""
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{shlex.join(cmd)} still ran after {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def torchrun(
+    script: str,
+    *overrides: str,
+    nproc: int = 2,
+    torchrun_args: tuple[str, ...] = (),
+    env: dict | None = None,
+    timeout: float = 300,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc [torchrun_args] src/<script> overrides``,
+    one compute thread per rank, tests/ on the path (for ``faulty_loss``)."""
+    proc = run_process_group(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            *torchrun_args,
+            str(REPO / "src" / script),
+            *overrides,
+        ],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "WANDB_MODE": "disabled",
+            "HF_HUB_OFFLINE": "1",
+            **SINGLE_THREAD_ENV,
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+            **(env or {}),
+        },
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"torchrun {script} exited {proc.returncode}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+# --------------------------------------------------------------------------------------------
+# Sweeps
+
+SWEEP_LRS = (0.01, 0.02)
+
+
+def sweep_args(toy_root: Path, *overrides: str) -> list[str]:
+    """The command-line arguments of a smoke sweep after `src/train.py` (fp32, on the CPU)."""
+    return [
+        "-m",
+        "experiment=smoke",
+        *CPU_PINNED,
+        f"dataset.root={toy_root}",
+        "trainer.precision=fp32",
+        *overrides,
+    ]
+
+
+def smoke_sweep(
+    toy_root: Path, *overrides: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`python src/train.py -m experiment=smoke dataset.root=<toy> <overrides>`."""
+    return run_entry(
+        "train.py", *sweep_args(toy_root, *overrides), env={**SINGLE_THREAD_ENV, **(env or {})}
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path:
+    """A two-job sweep (optimizer.lr=0.01,0.02) logging to W&B offline, run once per session
+    (the multirun tests and the notebook test read it)."""
+    sweep_dir = tmp_path_factory.getbasetemp() / "tiny_sweep"
+    smoke_sweep(
+        toy_root,
+        f"hydra.sweep.dir={sweep_dir}",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"optimizer.lr={','.join(map(str, SWEEP_LRS))}",
+    )
+    return sweep_dir

@@ -13,11 +13,12 @@ import pytest
 import torch
 from conftest import compose_smoke, fill_up, run_entry
 
-from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint
+from semseg.engine.run_checkpoints import load_latest_checkpoint
 from semseg.engine.trainer import Trainer
 from semseg.errors import CheckpointError
 from semseg.models import TimmBackbone, WeightsError, model_from_checkpoint
 from semseg.models.checkpoint import load_checkpoint, save_checkpoint
+from semseg.tracking.record import CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,7 +151,7 @@ def test_damaged_last_falls_back_to_newest_loadable_iter(
     last = ckpt_dir / "last.pt"
     data = (ckpt_dir / "iter_000004.pt").read_bytes()
     last.write_bytes(b"" if damage == "zero_bytes" else data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="semseg.engine.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="semseg.engine.run_checkpoints"):
         path, state = load_latest_checkpoint(tmp_path)
     assert path.name == "iter_000004.pt" and state["iteration"] == 4
     (warning,) = [r.getMessage() for r in caplog.records]
@@ -166,7 +167,7 @@ def test_nothing_loadable_is_an_error_naming_last(tmp_path: Path) -> None:
 
 
 SMALL_SMOKE = (
-    "experiment=smoke", "schedule.checkpoint_interval=1", "trainer.keep_last=5",
+    "experiment=smoke", "device=cpu", "schedule.checkpoint_interval=1", "trainer.keep_last=5",
     "trainer.precision=fp32", "trainer.eval_at_end=false", "model.fpn_channels=32",
     "model.head_channels=16",
 )  # fmt: skip

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, run_entry
+from conftest import REPO, compose_train, resolved, run_entry
 from hydra.errors import MissingConfigException
-from omegaconf import OmegaConf
-
-import semseg.cli
 
 CONF = REPO / "conf"
 GROUPS = [
@@ -28,16 +25,6 @@ GROUPS = [
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_train(*overrides: str):
-    return semseg.cli.compose("train", overrides)
-
-
-def resolved(cfg) -> dict:
-    """The whole config resolves (the run folder comes from Hydra at run time)."""
-    cfg.paths.output_dir = "/run/folder"
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 # Options that leave values for the user to fill in (???), with the values conf/ documents for them.

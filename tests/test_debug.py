@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from conftest import train_in_process
-from test_engine import read_jsonl
+from conftest import read_jsonl, train_in_process
 
 from semseg.engine.debug import first_images, fixed_batches
 from semseg.models.checkpoint import load_checkpoint

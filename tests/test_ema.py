@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from conftest import REPO, train_in_process
+from conftest import REPO, read_jsonl, train_in_process
 from omegaconf import OmegaConf
-from test_engine import read_jsonl
 
-from semseg.engine.ema import build_ema, check_best_metric, restore_ema
+from semseg.engine.trainer import build_ema, check_best_metric, restore_ema
 from semseg.errors import ConfigError
 from semseg.models.checkpoint import load_checkpoint
 
@@ -100,14 +100,32 @@ def test_clip_grad_norm_after_accumulation_and_unscaling():
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     batches = iter([{"image": images[i : i + 1], "mask": masks[i : i + 1]} for i in range(2)])
     train_step(
-        model, batches, loss_fn, opt, sched, scaler, torch.device("cpu"), "fp32", 2, False, clipper
-    )
+        model, batches, loss_fn, opt, sched, scaler, device=torch.device("cpu"),
+        precision="fp32", accumulate=2, channels_last=False, clip=clipper,
+    )  # fmt: skip
     for got, want in zip(conv.parameters(), expected):
         assert torch.allclose(got.detach(), want, atol=1e-6)
     assert clipper.mean_norm() == pytest.approx(float(norm), rel=1e-5)
     for bad in (0, -1.0, "big"):
         with pytest.raises(ConfigError, match=r"trainer.clip_grad_norm=.* must be a number > 0"):
             build_grad_clipper(bad, "cpu")
+
+
+def test_overflowed_fp16_steps_stay_out_of_the_logged_norm():
+    """A GradScaler that overflowed skips its update; its inf norm must not enter grad_norm."""
+    from semseg.engine.optim import build_grad_clipper
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    clipper = build_grad_clipper(10.0, "cpu")
+    for grad in ([3.0, 4.0], [float("inf"), 0.0], [6.0, 8.0]):
+        param.grad = torch.tensor(grad)
+        clipper(opt, scaler)
+    assert clipper.mean_norm() == pytest.approx(7.5)  # (5 + 10) / 2
+    param.grad = torch.tensor([float("nan"), 0.0])
+    clipper(opt, scaler)
+    assert math.isnan(clipper.mean_norm())  # nothing finite to report
 
 
 def test_ema_clip_and_many_loggers_in_one_short_run(toy_root, tmp_path):

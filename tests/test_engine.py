@@ -11,17 +11,25 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SINGLE_THREAD_ENV, run_entry, smoke_overrides, train_in_process
+from conftest import (
+    REPO,
+    SINGLE_THREAD_ENV,
+    compose_train,
+    read_jsonl,
+    run_entry,
+    smoke_overrides,
+    train_in_process,
+)
 from omegaconf import OmegaConf
 
-from semseg.engine.checkpoint import load_latest_checkpoint, prune_checkpoints
 from semseg.engine.losses import SegCrossEntropy
 from semseg.engine.optim import PolyLR, build_optimizer, build_scheduler
+from semseg.engine.run_checkpoints import load_latest_checkpoint, prune_checkpoints
 from semseg.engine.trainer import NonFiniteLossError
+from semseg.errors import CheckpointError
 from semseg.models.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -106,15 +114,11 @@ def test_checkpoint_helpers(tmp_path):
     assert load_latest_checkpoint(tmp_path)[0].name == "iter_000008.pt"
     prune_checkpoints(tmp_path, keep_last=2)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["iter_000006.pt", "iter_000008.pt"]
-    with pytest.raises(Exception, match="not found"):
+    with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
     (tmp_path / "evil.pt").write_bytes(b"not a torch file")
-    with pytest.raises(Exception, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_tiny_training_run_writes_the_run_folder(toy_root, tmp_path):
@@ -230,8 +234,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path):
             run_dir,
             "schedule.max_iters=10",
             "schedule.checkpoint_interval=2",
-            "loss._target_=faulty_loss.NaNAfter",
-            "+loss.after=3",
+            "loss._target_=faulty_loss.FaultOnRank",
+            "+loss.fault=nonfinite",
+            "+loss.at=4",
+            "+loss.rank=0",
         )
     assert "\n" not in str(info.value) and str(run_dir / "checkpoints") in str(info.value)
     assert load_checkpoint(run_dir / "checkpoints/last.pt")["iteration"] == 2
@@ -283,9 +289,9 @@ def test_gradient_accumulation_matches_the_big_batch():
             opt,
             sched,
             scaler,
-            torch.device("cpu"),
-            "fp32",
-            accumulate,
+            device=torch.device("cpu"),
+            precision="fp32",
+            accumulate=accumulate,
             channels_last=False,
         )
         weights[accumulate] = (conv.weight.detach().clone(), float(loss))
@@ -294,8 +300,6 @@ def test_gradient_accumulation_matches_the_big_batch():
 
 
 def test_model_weights_starts_fine_tuning_from_a_checkpoint(tmp_path):
-    from test_config import compose_train
-
     from semseg.errors import CheckpointError
     from semseg.models import build_model
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, train_in_process
+from conftest import REPO, compose_train, train_in_process
 from omegaconf import OmegaConf
 
 from semseg.data import class_pixel_counts
@@ -104,8 +104,6 @@ def test_default_loss_is_the_reference():
 
 
 def test_auto_class_weights_count_the_train_split_once(toy_root, tmp_path):
-    from test_config import compose_train
-
     from semseg.data import build_dataset
 
     cfg = compose_train("experiment=smoke", f"dataset.root={toy_root}", "loss=ce_weighted")
@@ -128,8 +126,6 @@ def test_auto_class_weights_count_the_train_split_once(toy_root, tmp_path):
 
 
 def test_class_weights_of_the_wrong_length_name_the_key(toy_root):
-    from test_config import compose_train
-
     from semseg.data import build_dataset
 
     cfg = compose_train("experiment=smoke", f"dataset.root={toy_root}", "loss=ce_weighted")

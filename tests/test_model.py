@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 
@@ -197,9 +198,8 @@ def test_every_feature_key_maps_to_the_classification_model(path: Path) -> None:
     # features_only renames flattened children (convnext: stages.0 -> stages_0); every tensor of
     # the backbone must find its key in the file that holds the classification model.
     bb_cfg = OmegaConf.load(path)
-    kwargs = {k: v for k, v in bb_cfg.items() if k not in ("_target_", "name", "pretrained",
-                                                            "weights", "out_strides",
-                                                            "out_indices")}  # fmt: skip
+    own = {"_target_", *inspect.signature(TimmBackbone).parameters}  # not timm's arguments
+    kwargs = {k: v for k, v in bb_cfg.items() if k not in own}
     features = build_timm_model(bb_cfg.name, meta=True, features_only=True, **kwargs)
     full_keys = set(build_timm_model(bb_cfg.name, meta=True, **kwargs).state_dict())
     mapping = feature_key_map(features, full_keys)

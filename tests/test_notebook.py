@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
-import pytest
 from conftest import REPO
 from nbclient import NotebookClient
-from test_sweeps import tiny_sweep
 
 NOTEBOOK = REPO / "notebooks" / "analyze_runs.ipynb"
 
@@ -22,10 +20,8 @@ def inject_parameters(nb: nbformat.NotebookNode, **params: object) -> None:
     )
 
 
-def test_notebook_analyses_a_sweep(
-    tmp_path_factory: pytest.TempPathFactory, toy_root: Path, tmp_path: Path
-) -> None:
-    sweep_dir = tiny_sweep(tmp_path_factory, toy_root)
+def test_notebook_analyses_a_sweep(tiny_sweep: Path, tmp_path: Path) -> None:
+    sweep_dir = tiny_sweep
     nb = nbformat.read(NOTEBOOK, as_version=4)
     inject_parameters(nb, SWEEP_DIR=str(sweep_dir))
     # Runs in an empty folder: everything comes from SWEEP_DIR. Raises CellExecutionError on any error.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
-from conftest import REPO, run_entry, smoke_overrides
+from conftest import REPO, compose_train, resolved, run_entry, smoke_overrides
 from omegaconf import OmegaConf
-from test_config import compose_train, resolved
 
 
 def test_options_are_off_by_default():
@@ -96,3 +96,14 @@ def test_bad_clip_norm_is_one_line_exit_2(toy_root, tmp_path):
         "error: trainer.clip_grad_norm=0 must be a number > 0 (the largest global gradient norm), "
         "or null for no clipping"
     ]
+
+
+@pytest.mark.parametrize("preset", ["default", "fast", "overfit", "profile", "anomaly"])
+def test_debug_runs_land_apart_from_real_runs(preset):
+    cfg = compose_train(f"debug={preset}")
+    assert cfg.paths.log_dir.endswith("/outputs/debug")
+    assert cfg.paths.multirun_dir.endswith("/multirun/debug")
+    assert cfg.logger._target_ == "semseg.tracking.NullLogger" and not cfg.trainer.progress_bar
+    assert "debug" in cfg.tags
+    # Composing resolves no run folder (a stamp set here would leak into every child process).
+    assert "SEMSEG_RUN_STAMP" not in os.environ

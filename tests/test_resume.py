@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -21,13 +22,14 @@ from conftest import (
     compose_smoke,
     run_entry,
     smoke_overrides,
+    torchrun,
     train_in_process,
 )
 from omegaconf import OmegaConf
 
 from semseg.cli import compose
 from semseg.data import build_dataset, build_eval_loader, build_train_loader
-from semseg.engine.resume import ResumeConfigError
+from semseg.engine.run_checkpoints import ResumeConfigError
 from semseg.errors import UserError
 from semseg.evaluation import evaluate_model
 from semseg.models import model_from_checkpoint
@@ -214,26 +216,6 @@ def test_resume_with_another_model_stops_with_one_line(toy_root, tmp_path, strai
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def _torchrun(*overrides: str) -> None:
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(REPO / "src/train.py"),
-            *overrides,
-        ],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-5000:]
-
-
 def test_ddp_two_processes_share_one_run_folder_and_resume_bit_exact(toy_root, tmp_path):
     """2 processes (gloo): one run folder, an evaluation equal to a single-process one, and
     8 iterations straight == 4, stop, resume to 8 (weights and momenta).
@@ -249,9 +231,10 @@ def test_ddp_two_processes_share_one_run_folder_and_resume_bit_exact(toy_root, t
         "trainer.precision=fp32",
         "dataset.batch_size=1",
         "dataset.eval_batch_size=1",
+        "device=cpu",
     ]
     log_dir = tmp_path / "outputs"
-    _torchrun(*common, f"paths.log_dir={log_dir}")  # the run folder Hydra names
+    torchrun("train.py", *common, f"paths.log_dir={log_dir}")  # the run folder Hydra names
     run_dirs = [p.parent for p in log_dir.rglob("summary.json")]
     assert len(run_dirs) == 1
     assert len([p for p in log_dir.rglob(".hydra") if p.is_dir()]) == 1
@@ -261,7 +244,7 @@ def test_ddp_two_processes_share_one_run_folder_and_resume_bit_exact(toy_root, t
 
     first_half = straight / "checkpoints/iter_000004.pt"
     resumed = tmp_path / "resumed"
-    _torchrun(*common, f"hydra.run.dir={resumed}", f"trainer.resume={first_half}")
+    torchrun("train.py", *common, f"hydra.run.dir={resumed}", f"trainer.resume={first_half}")
     a = load_checkpoint(straight / "checkpoints/last.pt")
     b = load_checkpoint(resumed / "checkpoints/last.pt")
     assert a["iteration"] == b["iteration"] == 8
@@ -293,3 +276,76 @@ def test_ddp_two_processes_share_one_run_folder_and_resume_bit_exact(toy_root, t
         precision=cfg.trainer.precision,
     )
     assert result.metrics["mIoU"] == pytest.approx(summary["val/mIoU"], abs=1e-12)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timing figures (which differ between any two runs)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(ln).items() if k != "img_per_s"} for ln in lines]
+
+
+def test_torchrun_restart_continues_the_same_run_bit_exact(toy_root, tmp_path):
+    """torchrun --max-restarts=1; rank 1 dies (SIGKILL) in iteration 7 of 12 of the first attempt
+    (checkpoint at 4, metrics logged at 2, 4, 6): the restarted workers find the same run folder,
+    resume from iteration 4, log 6 again instead of twice, and end with the weights of an
+    uninterrupted run, bit for bit."""
+    common = [
+        "experiment=smoke", f"dataset.root={toy_root}", "schedule.max_iters=12",
+        "schedule.checkpoint_interval=4", "trainer.precision=fp32", "dataset.batch_size=1",
+        "dataset.eval_batch_size=1", "device=cpu",
+    ]  # fmt: skip
+    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
+    torchrun("train.py", *common, f"paths.log_dir={straight}")
+    proc = torchrun(
+        "train.py", *common, f"paths.log_dir={restarted}",
+        "loss._target_=faulty_loss.FaultOnRank", "+loss.fault=kill", "+loss.at=7",
+        torchrun_args=("--max-restarts=1",),
+    )  # fmt: skip
+    assert "failed (exitcode: -9) local_rank: 1" in proc.stderr  # rank 1 died of SIGKILL
+    runs = {name: [p.parent for p in root.rglob("summary.json")] for name, root in
+            (("straight", straight), ("restarted", restarted))}  # fmt: skip
+    assert len(runs["restarted"]) == 1 and len(list(restarted.rglob(".hydra"))) == 1
+    a, b = runs["straight"][0], runs["restarted"][0]
+    assert json.loads((b / "summary.json").read_text())["steps"] == 12
+    assert "resumed from" in (b / "train.log").read_text()
+    assert _rows(b) == _rows(a)  # every step once, with the uninterrupted run's values
+    wa = load_checkpoint(a / "checkpoints/last.pt")["model"]
+    wb = load_checkpoint(b / "checkpoints/last.pt")["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+KEEP_SAVING = """
+import sys, torch
+from semseg.models.checkpoint import save_checkpoint
+path = sys.argv[1]
+for i in range(1, 1000):
+    save_checkpoint({"model": {"w": torch.full((32 * 2**20,), float(i))}, "iteration": i}, path)
+    print(i, flush=True)
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_last_loadable(tmp_path):
+    """A real kill in the middle of a real save (its temporary file half written): last.pt is the
+    previous checkpoint, whole; the next run's start removes the partial file."""
+    from semseg.engine.run_checkpoints import remove_partial_checkpoints
+
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    last = ckpt_dir / "last.pt"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KEEP_SAVING, str(last)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout.readline().strip() == "1"  # one complete checkpoint
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the second write is under way: kill it mid-file
+        partial = [p for p in ckpt_dir.iterdir() if p.name.endswith(".tmp")]
+        if partial and 0 < partial[0].stat().st_size < 100 * 2**20:
+            writer.kill()
+            break
+    writer.wait()
+    assert writer.returncode == -signal.SIGKILL
+    assert partial and partial[0].exists()  # what the kill left behind
+    state = load_checkpoint(last)
+    assert state["iteration"] >= 1 and torch.all(state["model"]["w"] == state["iteration"])
+    remove_partial_checkpoints(tmp_path)
+    assert [p.name for p in ckpt_dir.iterdir()] == ["last.pt"]

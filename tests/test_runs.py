@@ -291,7 +291,8 @@ def test_show_examples_and_colorize() -> None:
 
 
 def test_eval_artifacts_round_trip(tmp_path):
-    from semseg.tracking.runs import load_confusion_matrix, load_examples, save_eval_artifacts
+    from semseg.tracking.record import write_eval_artifacts
+    from semseg.tracking.runs import load_confusion_matrix, load_examples
 
     rng = np.random.default_rng(0)
     confmat = rng.integers(0, 100, (20, 20))
@@ -301,7 +302,7 @@ def test_eval_artifacts_round_trip(tmp_path):
         "pred": rng.integers(0, 19, (6, 8), dtype=np.uint8),
         "gt": rng.integers(0, 19, (6, 8), dtype=np.uint8),
     }
-    save_eval_artifacts(tmp_path, confmat, [example, {**example, "name": "b", "gt": None}])
+    write_eval_artifacts(tmp_path, confmat, [example, {**example, "name": "b", "gt": None}])
     assert np.array_equal(load_confusion_matrix(tmp_path), confmat)
     loaded = load_examples(tmp_path)
     assert [e["name"] for e in loaded] == ["a", "b"] and loaded[1]["gt"] is None

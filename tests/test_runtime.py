@@ -58,12 +58,27 @@ def test_cpu_policy_by_instruction_set(monkeypatch, capability, bf16, precision,
     assert runtime.resolve_channels_last("auto", CPU, precision) is channels_last
 
 
+@pytest.mark.parametrize(
+    ("capability", "precision"),
+    [
+        ((6, 0), "fp16"),  # P100
+        ((7, 0), "fp16"),  # V100: torch.cuda.is_bf16_supported() says True (emulation)
+        ((7, 5), "fp16"),  # T4
+        ((8, 0), "bf16"),  # A100
+        ((8, 6), "bf16"),  # RTX 30xx, A10
+        ((9, 0), "bf16"),  # H100
+    ],
+)
+def test_cuda_precision_follows_compute_capability(capability, precision):
+    assert runtime.cuda_precision(capability) == precision
+
+
 def test_cuda_policy(monkeypatch):
     _machine(monkeypatch, cuda=True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert runtime.resolve_precision("auto", CUDA) == "bf16"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     assert runtime.resolve_precision("auto", CUDA) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert runtime.resolve_precision("auto", CUDA) == "bf16"
     assert runtime.resolve_channels_last("auto", CUDA, "fp16") is True
 
 

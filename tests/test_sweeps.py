@@ -13,55 +13,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SINGLE_THREAD_ENV, run_entry
+from conftest import REPO, SINGLE_THREAD_ENV, SWEEP_LRS, smoke_sweep, sweep_args
 
 from semseg.tracking import runs
 
-LRS = (0.01, 0.02)
+LRS = SWEEP_LRS
 # One CPU iteration and no final evaluation: for the tests about folders and launchers.
 ONE_STEP = ("schedule.max_iters=1", "trainer.eval_at_end=false")
 
 
-def smoke_sweep(
-    toy_root: Path, *overrides: str, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """`python src/train.py -m experiment=smoke dataset.root=<toy> <overrides>`."""
-    return run_entry(
-        "train.py", *sweep_args(toy_root, *overrides), env={**SINGLE_THREAD_ENV, **(env or {})}
-    )
-
-
-def sweep_args(toy_root: Path, *overrides: str) -> list[str]:
-    """The command-line arguments of a smoke sweep after `src/train.py`."""
-    return [
-        "-m",
-        "experiment=smoke",
-        f"dataset.root={toy_root}",
-        "trainer.precision=fp32",
-        *overrides,
-    ]
-
-
-def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path:
-    """A two-job sweep (optimizer.lr=0.01,0.02) logging to W&B offline, run once per session.
-
-    Shared by the multirun test here and the notebook test (test_notebook.py imports this).
-    """
-    sweep_dir = tmp_path_factory.getbasetemp() / "tiny_sweep"
-    if not (sweep_dir / "multirun.yaml").is_file():
-        smoke_sweep(
-            toy_root,
-            f"hydra.sweep.dir={sweep_dir}",
-            "logger=wandb",
-            "logger.mode=offline",
-            f"optimizer.lr={','.join(map(str, LRS))}",
-        )
-    return sweep_dir
-
-
 @pytest.fixture(scope="module")
-def sweep_dir(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path:
-    return tiny_sweep(tmp_path_factory, toy_root)
+def sweep_dir(tiny_sweep: Path) -> Path:
+    return tiny_sweep
 
 
 def test_multirun_one_folder_per_job(sweep_dir: Path) -> None:

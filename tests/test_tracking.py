@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -28,6 +29,10 @@ def _no_network_wandb(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def wandb_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
 
 
 def make_logger(run_dir: Path, name: str = "wandb", **overrides: object) -> object:
@@ -97,6 +102,7 @@ def test_null_logger_from_config(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("image_style", ["masks", "side_by_side"])
 def test_wandb_offline_logs_into_run_folder(tmp_path: Path, image_style: str) -> None:
+    environ = wandb_environ()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a W&B failure would warn: fail instead
         logger = make_logger(tmp_path, image_style=image_style)
@@ -108,9 +114,11 @@ def test_wandb_offline_logs_into_run_folder(tmp_path: Path, image_style: str) ->
         logger.log_metrics({"val/mIoU": 0.4, "val/IoU/road": 0.8}, step=2)
         logger.log_predictions(examples(with_gt=image_style == "masks"), PALETTE, step=2)
         logger.log_summary({"val/mIoU": 0.4})
+        assert "WANDB_SERVICE" in os.environ  # W&B's service runs while the run does ...
         logger.finish()
         logger.finish()  # idempotent
     assert not logger.active
+    assert wandb_environ() == environ  # ... and leaves the environment as it was
     offline = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
     assert list(offline[0].glob("*.wandb"))

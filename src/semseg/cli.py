@@ -21,7 +21,8 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 
 def run_stamp() -> str:
-    """``<date>/<time>_<pid>``: one per process (or per torchrun job), so folders never collide."""
+    """``<date>/<time>_<pid>``: one per process (or per torchrun job, restarts included), so
+    folders never collide."""
     if _STAMP_ENV not in os.environ:
         os.environ[_STAMP_ENV] = time.strftime("%Y-%m-%d/%H-%M-%S") + f"_{os.getpid()}"
     return os.environ[_STAMP_ENV]
@@ -33,15 +34,14 @@ def register_resolvers() -> None:
 
 
 def _share_stamp_across_ranks() -> None:
-    """Under torchrun every rank composes its own config: rank 0 picks the run stamp for all."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _STAMP_ENV in os.environ:
+    """Under torchrun every rank composes its own config: rank 0 picks the run stamp for all (and
+    workers that torchrun restarts get the first start's: they continue in the same folder)."""
+    if _STAMP_ENV in os.environ:
         return
-    from semseg.distributed import broadcast_object, init_process_group
+    from semseg.distributed import agree_on, env_world_size
 
-    init_process_group()
-    os.environ[_STAMP_ENV] = broadcast_object(
-        run_stamp() if os.environ.get("RANK") == "0" else None
-    )
+    if env_world_size() > 1:
+        os.environ[_STAMP_ENV] = agree_on("run_stamp", run_stamp())
 
 
 def prepare(project_root: str | os.PathLike) -> None:

@@ -1,4 +1,10 @@
-"""Process-group setup for torchrun (single or multi node) and SLURM, CPU (gloo) or CUDA (NCCL)."""
+"""Several processes (torchrun, single or multi node, or SLURM tasks): who is who, the process
+group, and the few collectives training and evaluation need.
+
+The process group is created once the device is known (:func:`init_distributed`), with the backend
+for that device (gloo for CPU tensors, NCCL for CUDA ones); what the ranks must agree on before
+(the run folder's name) goes through torchrun's own key-value store (:func:`agree_on`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from semseg.errors import ConfigError
 from semseg.runtime import resolve_device
+
+TIMEOUT = timedelta(minutes=30)
+_STORE: dist.TCPStore | None = None  # see _launcher_store
 
 
 @dataclass(frozen=True)
@@ -38,28 +48,93 @@ def _export_slurm_env() -> None:
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def init_process_group(device: str = "auto") -> None:
-    """Join the process group described by the environment (no-op for a single process)."""
+def env_world_size() -> int:
+    """The number of processes the launcher started (1 without one)."""
     _export_slurm_env()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group(
-        backend="nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=30)
-    )
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def elastic_restart_count() -> int:
+    """How often torchrun (``--max-restarts``) has restarted this run's workers (0: first start)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def process_group_backend(device_type: str) -> str:
+    """The backend for tensors on ``device_type``: NCCL for CUDA (gloo still serves the CPU
+    tensors of object collectives), gloo for everything else."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def check_local_rank(local_rank: int, gpu_count: int) -> None:
+    """One clear line when a node runs more processes than it has visible GPUs."""
+    if local_rank >= gpu_count:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        seen = f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else ""
+        raise ConfigError(
+            f"process LOCAL_RANK={local_rank} has no GPU: this node shows {gpu_count}{seen}; "
+            f"start at most {gpu_count} process(es) per node (torchrun --nproc_per_node) or use "
+            "device=cpu"
+        )
 
 
 def init_distributed(device: str = "auto") -> DistEnv:
-    """Initialise (if needed) and describe this process: rank, world size and its device."""
-    init_process_group(device)
-    return DistEnv(
-        rank=get_rank(),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-        world_size=get_world_size(),
-        device=resolve_device(device),
-    )
+    """Resolve ``device`` for this process, join the process group the launcher describes (none
+    for a single process) with that device's backend, and describe the process."""
+    world_size = env_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        check_local_rank(dev.index or 0, torch.cuda.device_count())
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        # Keys of this attempt only: torchrun's store keeps those of a crashed first attempt,
+        # whose addresses a restarted rank would otherwise read and fail to connect to.
+        attempt = dist.PrefixStore(f"semseg/attempt{elastic_restart_count()}/", _launcher_store())
+        dist.init_process_group(
+            backend=process_group_backend(dev.type),
+            store=attempt,
+            rank=int(os.environ["RANK"]),
+            world_size=world_size,
+            timeout=TIMEOUT,
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    return DistEnv(get_rank(), local_rank, get_world_size(), dev)
+
+
+def _launcher_store() -> dist.Store:
+    """The key-value store at ``MASTER_ADDR:MASTER_PORT`` (one client per process).
+
+    torchrun's agent serves it, and it outlives the workers; other launchers (SLURM tasks) leave
+    it to rank 0, which then serves it for as long as its process lives.
+    """
+    global _STORE
+    if _STORE is None:
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        _STORE = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            env_world_size(),
+            is_master=int(os.environ["RANK"]) == 0 and not agent_store,
+            timeout=TIMEOUT,
+        )
+    return _STORE
+
+
+def agree_on(key: str, value: str) -> str:
+    """Rank 0's ``value`` for ``key`` on every rank, before any process group exists.
+
+    Through the launcher's store: under torchrun it outlives the workers, so processes restarted
+    after a failure (``--max-restarts``) get the value of the first start (the same run folder).
+    Without a launcher the value itself.
+    """
+    if env_world_size() <= 1:
+        return value
+    store = dist.PrefixStore("semseg/agreed/", _launcher_store())
+    if int(os.environ["RANK"]) == 0:
+        store.compare_set(key, "", value)  # the first start's value stays
+    else:
+        store.wait([key])
+    return store.get(key).decode()
 
 
 def get_rank() -> int:
@@ -112,6 +187,7 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 
 def destroy() -> None:
+    """Leave the process group (every way out of a run: the other ranks are not left waiting)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

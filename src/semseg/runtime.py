@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 
 import torch
@@ -74,10 +73,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
             )
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return cuda_precision(torch.cuda.get_device_capability(device))
     if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def cuda_precision(capability: tuple[int, int]) -> str:
+    """bf16 on GPUs that run it natively (compute capability 8.0+: A100, H100, RTX 30xx and
+    later), fp16 with a GradScaler before (V100 7.0, T4 7.5, P100 6.0), where torch would only
+    emulate bf16 (``torch.cuda.is_bf16_supported()`` counts emulation as support)."""
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
 
 
 def resolve_channels_last(setting: str | bool, device: torch.device, precision: str) -> bool:
@@ -113,36 +119,12 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def configure_backends(device: torch.device) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA (fixed input sizes: the autotuner pays off); on the
-    CPU, an allocator that keeps freed activation memory instead of returning it to the OS."""
+    """cuDNN autotuning and TF32 matmuls on CUDA (fixed input sizes: the autotuner pays off).
+
+    On the CPU, glibc's allocator costs a small machine ~20% of a training step (docs/performance.md:
+    "CPU memory allocator"); tuning it is an opt-in through glibc's own environment variables.
+    """
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        keep_cpu_memory()
-
-
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
-
-
-def keep_cpu_memory() -> bool:
-    """Tune glibc malloc so that the training step's large tensors reuse heap memory.
-
-    By default glibc serves big blocks with fresh mmap()s and trims the heap after frees, so every
-    step page-faults and zero-fills its activations again: on a 2-core CPU that is ~20% of a
-    Semantic FPN R-50 step (2.06 -> 1.65 s, README "Performance"). Same as exporting
-    MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_/MALLOC_TOP_PAD_. No-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return all(
-            libc.mallopt(param, value) == 1
-            for param, value in (
-                (_M_MMAP_THRESHOLD, 32 * 2**20),  # the largest value glibc accepts
-                (_M_TRIM_THRESHOLD, 2**31 - 1),
-                (_M_TOP_PAD, 512 * 2**20),
-            )
-        )
-    except (OSError, AttributeError):
-        return False

@@ -182,6 +182,8 @@ def run_benchmark(
     """Run the selected measurements; returns the JSON-ready result (``command``: for the record)."""
     cfg = compose_config(opts.overrides) if cfg is None else cfg
     device = resolve_device(opts.device)
+    if device.type == "cuda":  # torch.utils.benchmark synchronises the current device only
+        torch.cuda.set_device(device)
     configure_backends(device)
     plan = Plan.of(opts, cfg, device)
     result: dict[str, Any] = {

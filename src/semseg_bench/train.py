@@ -106,7 +106,8 @@ def bench_train(
         host_batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in host_batch.items()}
     step = functools.partial(
         train_step, setting.runnable(model), itertools.repeat(host_batch), loss_fn, optimizer,
-        scheduler, scaler, device, setting.precision, 1, setting.channels_last,
+        scheduler, scaler, device=device, precision=setting.precision,
+        channels_last=setting.channels_last,
     )  # fmt: skip
     with PeakMemory(device) as mem:
         timing, loss = time_calls(step, job.counts, label="train_step")

@@ -162,15 +162,21 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """Deterministic eval loader; rank r gets items r, r + world_size, ... (each exactly once)."""
+    """Deterministic eval loader; rank r gets items r, r + world_size, ... (each exactly once).
+    ``pin_memory``: for a model on a GPU (on the CPU it would only create a CUDA context)."""
     return SegmentationLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
-        pin_memory=_pin(True),
+        pin_memory=_pin(pin_memory),
         drop_last=False,
         persistent_workers=False,
         worker_init_fn=worker_init,

@@ -12,37 +12,103 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from semseg.errors import ConfigError
 
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+def _weight_decay_split(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """timm's ``param_groups_weight_decay``: no decay for 1-D tensors and ``.bias`` (no-decay group
+    first). Imported here, on first use: importing timm loads wandb, seconds of start-up."""
+    from timm.optim import param_groups_weight_decay
+
+    return param_groups_weight_decay(model, weight_decay)
 
 
-def param_groups(model: nn.Module, no_decay_norm_and_bias: bool) -> list[dict[str, Any]]:
-    """One group, or two when norm weights and biases should get no weight decay."""
+def param_groups(
+    model: nn.Module, no_decay_norm_and_bias: bool, weight_decay: float = 0.0
+) -> list[dict[str, Any]]:
+    """One group, or two (decay first, as this project's checkpoints hold them) when norm weights
+    and biases get no weight decay: timm's rule, every 1-D tensor and every ``.bias``."""
     if not no_decay_norm_and_bias:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if not p.requires_grad:
-                continue
-            if isinstance(module, _NORM_TYPES) or name == "bias" or p.ndim <= 1:
-                no_decay.append(p)
-            else:
-                decay.append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return _weight_decay_split(model, weight_decay)[::-1]
+
+
+class LayerDecay:
+    """mmseg's ``LearningRateDecayOptimizerConstructor`` (the ConvNeXt rows' ``paramwise_cfg``):
+    parameter ``p`` of layer id ``i`` trains with lr ``lr * decay_rate ** (num_layers + 1 - i)``,
+    and without weight decay when it is 1-D or a bias. The backbone gives the ids
+    (``backbone.layer_id``, e.g. :meth:`semseg.models.convnext.ConvNeXtBackbone.layer_id`); every
+    parameter after the backbone gets ``num_layers + 1`` (scale 1).
+
+    timm's ``param_groups_layer_decay`` numbers its groups densely (ConvNeXt stage-wise: 6 groups,
+    scales ``decay ** (5 - k)``), which cannot give mmseg's gap between the last stage (id 4) and the
+    head (id ``num_layers + 1``); the weight-decay split is timm's (``param_groups_weight_decay``).
+    """
+
+    def __init__(self, decay_rate: float, num_layers: int, decay_type: str = "stage_wise") -> None:
+        if not 0 < decay_rate <= 1 or num_layers < 1:
+            raise ConfigError(
+                f"optimizer.param_groups: decay_rate={decay_rate} must be in (0, 1] and "
+                f"num_layers={num_layers} at least 1 (the zoo's ConvNeXt rows: 0.9 and 6)"
+            )
+        self.decay_rate, self.num_layers, self.decay_type = decay_rate, num_layers, decay_type
+
+    def __call__(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups with their ``lr``, ``weight_decay`` and ``lr_scale``, largest lr first
+        (so the logged ``param_groups[0]`` lr is the schedule's)."""
+        layer_id = getattr(getattr(model, "backbone", None), "layer_id", None)
+        if layer_id is None:
+            raise ConfigError(
+                "optimizer.param_groups (layer-wise lr decay) needs a backbone that numbers its "
+                f"layers, e.g. backbone=convnext_tiny; this model's backbone is "
+                f"{type(getattr(model, 'backbone', None)).__name__}"
+            )
+        top = self.num_layers + 1
+        names = {id(p): name for name, p in model.named_parameters()}
+        groups: dict[tuple[int, float], dict[str, Any]] = {}
+        for by_decay in _weight_decay_split(model, weight_decay):
+            for p in by_decay["params"]:
+                name = names[id(p)]
+                lid = (
+                    layer_id(name.removeprefix("backbone."), self.num_layers, self.decay_type)
+                    if name.startswith("backbone.")
+                    else top
+                )
+                scale = self.decay_rate ** (top - lid)
+                group = groups.setdefault(
+                    (lid, by_decay["weight_decay"]),
+                    {"params": [], "lr": lr * scale, "lr_scale": scale,
+                     "weight_decay": by_decay["weight_decay"]},
+                )  # fmt: skip
+                group["params"].append(p)
+        return sorted(groups.values(), key=lambda g: -g["lr_scale"])
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Instantiate ``conf/optimizer/*.yaml`` (a ``_partial_`` optimizer) over the model's parameters."""
+    """Instantiate ``conf/optimizer/*.yaml`` (a ``_partial_`` optimizer) over the model's parameters,
+    grouped by ``param_groups`` (a factory such as :class:`LayerDecay`) when the config has one."""
     opts = OmegaConf.to_container(cfg, resolve=True)
     no_decay = bool(opts.pop("no_decay_norm_and_bias", False))
-    return instantiate(opts)(param_groups(model, no_decay))
+    grouping = opts.pop("param_groups", None)
+    weight_decay = float(opts.get("weight_decay", 0.0))
+    if grouping is None:
+        groups = param_groups(model, no_decay, weight_decay)
+    elif no_decay:
+        raise ConfigError(
+            "optimizer.no_decay_norm_and_bias and optimizer.param_groups are both set: the "
+            "param_groups factory decides weight decay itself; drop no_decay_norm_and_bias"
+        )
+    else:
+        groups = instantiate(grouping)(model, float(opts["lr"]), weight_decay)
+    return instantiate(opts)(groups)
 
 
 class PolyLR:
     """lr(it) = (lr0 - min_lr) * (1 - it / max_iters) ** power + min_lr, as a factor of lr0.
 
-    With ``warmup_iters`` > 0 the factor is first ramped linearly from ``warmup_ratio`` (mmseg/Vis4D
-    style). A class rather than a lambda so that ``LambdaLR.state_dict()`` can hold it.
+    With ``warmup_iters`` > 0 the factor is first ramped linearly from ``warmup_ratio``: mmcv's
+    ``warmup='linear'`` (the zoo's mmseg 0.x recipes, Vis4D), lr(it) * (warmup_ratio +
+    (1 - warmup_ratio) * it / warmup_iters), the same as mmengine's ``LinearLR`` and ``PolyLR``
+    both from iteration 0 when min_lr is 0. A class rather than a lambda so that
+    ``LambdaLR.state_dict()`` can hold it.
     """
 
     def __init__(
@@ -70,18 +136,22 @@ def build_scheduler(
 ) -> LambdaLR:
     """Per-iteration poly schedule (``conf/schedule/*.yaml``); call ``.step()`` after every update.
 
+    Each parameter group follows the curve from its own initial lr (layer-wise decay gives groups
+    different ones) down to the absolute ``min_lr``, as mmcv's ``PolyLrUpdaterHook`` does.
     ``start_iter`` > 0 continues a resumed run on this schedule's curve at that iteration.
     """
-    base_lr = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
-    poly = PolyLR(
-        base_lr,
-        schedule.max_iters,
-        schedule.power,
-        schedule.min_lr,
-        schedule.get("warmup_iters", 0),
-        schedule.get("warmup_ratio", 1e-3),
-    )
-    return LambdaLR(optimizer, poly, last_epoch=start_iter - 1)
+    curves = [
+        PolyLR(
+            group.get("initial_lr", group["lr"]),
+            schedule.max_iters,
+            schedule.power,
+            schedule.min_lr,
+            schedule.get("warmup_iters", 0),
+            schedule.get("warmup_ratio", 1e-3),
+        )
+        for group in optimizer.param_groups
+    ]
+    return LambdaLR(optimizer, curves, last_epoch=start_iter - 1)
 
 
 class GradClipper:
@@ -89,13 +159,14 @@ class GradClipper:
 
     Called once per update, after the last micro-batch's backward (so after gradient accumulation
     and, under DDP, after the all-reduce) and after unscaling fp16 gradients. The pre-clip norms stay
-    on the device and are summed; :meth:`mean_norm` reads them at log steps only.
+    on the device and are summed; :meth:`mean_norm` reads them at log steps only. Steps whose
+    fp16 gradients overflowed (an inf/NaN norm: the GradScaler skips their update) stay out of it.
     """
 
     def __init__(self, max_norm: float, device: torch.device | str = "cpu") -> None:
         self.max_norm = float(max_norm)
         self._norm_sum = torch.zeros((), device=device)
-        self._count = 0
+        self._count = torch.zeros((), dtype=torch.long, device=device)
 
     def __call__(
         self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
@@ -105,16 +176,17 @@ class GradClipper:
             p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
         ]
         norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
-        self._norm_sum += norm.detach()
-        self._count += 1
+        finite = torch.isfinite(norm)
+        self._norm_sum += torch.where(finite, norm.detach(), 0.0)
+        self._count += finite
         return norm
 
     def mean_norm(self) -> float:
-        """Mean pre-clip norm since the last call (one host read), then start over."""
-        mean = self._norm_sum.item() / max(self._count, 1)
+        """Mean pre-clip norm of the finite steps since the last call (NaN: none), then start over."""
+        total, count = self._norm_sum.item(), int(self._count.item())
         self._norm_sum.zero_()
-        self._count = 0
-        return mean
+        self._count.zero_()
+        return total / count if count else float("nan")
 
 
 def build_grad_clipper(max_norm: float | None, device: torch.device | str) -> GradClipper | None:

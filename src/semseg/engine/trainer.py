@@ -1,56 +1,45 @@
-"""The iteration-based training loop: DDP, mixed precision, exact resume, preemption.
+"""Training: a composed config in, a trained run folder out (DDP, mixed precision, exact resume).
 
-Read :func:`train_step` for what one iteration does and :func:`train` for everything around it.
+Read it top-down: what stops a run early, the weights' moving average, what a run reports, ONE
+iteration (:func:`train_step`), then :class:`Trainer`: set-up, resume, checkpoints, validation,
+and :meth:`Trainer.fit`, the loop with its log / eval / checkpoint / stop cadence and its ending.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
+import signal
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from semseg.data import build_dataset, build_train_loader, dataset_meta, ensure_toy_dataset
+from semseg.data import build_dataset, build_eval_loader, build_train_loader, dataset_meta
 from semseg.distributed import (
     DistEnv,
     all_gather_object,
-    barrier,
+    all_reduce_max,
+    broadcast_buffers,
+    destroy,
+    elastic_restart_count,
     init_distributed,
     wrap_ddp,
 )
-from semseg.engine import report
-from semseg.engine.checkpoint import CHECKPOINT_DIR, load_latest_checkpoint, prune_checkpoints
+from semseg.engine import run_checkpoints as ckpts
 from semseg.engine.debug import DebugSession, first_images, fixed_batches
-from semseg.engine.ema import EMA_PREFIX, build_ema, check_best_metric, restore_ema
 from semseg.engine.losses import build_loss
 from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
-from semseg.engine.resume import (
-    TrainState,
-    check_resume_config,
-    data_position,
-    data_stream_change,
-    restore_optimizer,
-    restore_rank_rng,
-    rng_state,
-    seed_everything,
-)
-from semseg.engine.stopping import (
-    NonFiniteGuard,
-    NonFiniteLossError,
-    PreemptionFlag,
-    out_of_memory_error,
-)
-from semseg.engine.validation import Validator, check_best_metric_present
-from semseg.errors import ConfigError
+from semseg.errors import ConfigError, UserError
+from semseg.evaluation.inference import EvalResult, evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
 from semseg.models.checkpoint import (
     copy_checkpoint,
@@ -58,17 +47,307 @@ from semseg.models.checkpoint import (
     make_checkpoint,
     save_checkpoint,
 )
-from semseg.runtime import (
-    autocast,
-    configure_backends,
-    resolve_channels_last,
-    resolve_precision,
-)
+from semseg.runtime import autocast, configure_backends, resolve_channels_last, resolve_precision
+from semseg.tracking import RunRecorder, build_logger
+from semseg.tracking.record import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
-
 __all__ = ["NonFiniteLossError", "Trainer", "optimized_metric", "train", "train_step"]
+
+EMA_PREFIX = "val_ema/"
+
+
+# --------------------------------------------------------------------------------------------
+# What stops a run before schedule.max_iters: a preemption signal (a clean stop: checkpoint, then
+# exit 0), a non-finite loss or no memory (one-line user errors)
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or inf; the last good checkpoint is left untouched."""
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1 (SLURM, Kubernetes, ``kill``); the loop checks it after each step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. some launchers)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, env: DistEnv, at_log: bool) -> bool:
+        """Whether to stop after this step; every rank gets the same answer."""
+        if not env.distributed:
+            return self.signum is not None
+        # Ranks agree (one tiny all-reduce) at log steps, so that all of them stop at the same step.
+        return at_log and all_reduce_max(float(self.signum or 0), env.device) > 0
+
+
+class NonFiniteGuard:
+    """Remembers the first iteration whose loss was NaN/inf, on the device: the loop reads it only
+    at log, evaluation and checkpoint steps (the same steps on every rank), so the steps in
+    between need no sync, and every rank stops together when any rank saw one."""
+
+    def __init__(self, device: torch.device, checkpoint_dir: Path) -> None:
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.device, self.checkpoint_dir = device, checkpoint_dir
+
+    def see(self, loss: torch.Tensor, iteration: int) -> None:
+        bad = (self.first_bad < 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, iteration, self.first_bad)
+
+    def check(self) -> None:
+        """Raise :class:`NonFiniteLossError` on every rank when a loss on any rank was NaN/inf."""
+        mine = float(self.first_bad.item())
+        # The earliest bad iteration of any rank (a NaN spreads to the other ranks' weights
+        # through the gradient all-reduce, so theirs turn bad one iteration later).
+        bad = -all_reduce_max(-(mine if mine >= 0 else math.inf), self.device)
+        if bad < math.inf:
+            raise NonFiniteLossError(
+                f"the loss became NaN/inf at iteration {int(bad)}; stopped without writing a "
+                f"checkpoint (the last good one is in {self.checkpoint_dir}). Lower optimizer.lr "
+                "or use trainer.precision=fp32"
+            )
+
+
+def out_of_memory_error(iteration: int, batch_size: int, crop_h: int, crop_w: int) -> UserError:
+    """The one line for a CUDA out-of-memory at ``iteration``: what to lower, what to raise."""
+    return UserError(
+        f"CUDA out of memory at iteration {iteration} with dataset.batch_size={batch_size} and "
+        f"crop {crop_h}x{crop_w}: lower dataset.batch_size (and raise trainer.accumulate "
+        f"to keep the global batch) or use trainer.precision=bf16"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Exponential moving average of the weights (``trainer.ema``, timm's ModelEmaV3): updated after
+# every optimizer step, evaluated next to the raw model as ``val_ema/*``, kept in every checkpoint
+
+
+def build_ema(ema_cfg: DictConfig | None, model: nn.Module) -> nn.Module | None:
+    """Instantiate ``trainer.ema`` around ``model`` (a deep copy on the same device); None when off."""
+    if ema_cfg is None or ema_cfg.get("decay") is None:
+        return None
+    decay = ema_cfg.decay
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
+        raise ConfigError(
+            f"trainer.ema.decay={decay!r} must be in (0, 1), e.g. 0.999, or null for no EMA"
+        )
+    return instantiate(ema_cfg, model)
+
+
+def restore_ema(
+    ema: nn.Module | None, checkpoint: Mapping[str, Any], model: nn.Module, source: str
+) -> None:
+    """Load the checkpoint's EMA weights; one without them starts the average from ``model``."""
+    if ema is None:
+        return
+    if checkpoint.get("ema") is None:
+        log.info("%s holds no EMA weights: the average starts from the resumed weights", source)
+        ema.set(model)
+        return
+    ema.module.load_state_dict(checkpoint["ema"])
+
+
+def check_best_metric(name: str, ema: nn.Module | None) -> str:
+    """``trainer.best_metric`` names a val metric; a ``val_ema/`` one needs the EMA."""
+    if not str(name).startswith(("val/", EMA_PREFIX)):
+        raise ConfigError(
+            f"trainer.best_metric={name!r} must name an evaluation metric: val/mIoU, or "
+            f"{EMA_PREFIX}mIoU with trainer.ema.decay set"
+        )
+    if str(name).startswith(EMA_PREFIX) and ema is None:
+        raise ConfigError(
+            f"trainer.best_metric={name} needs an EMA: set trainer.ema.decay (e.g. 0.999) or use val/mIoU"
+        )
+    return str(name)
+
+
+# --------------------------------------------------------------------------------------------
+# What a run reports: a start-up line, a row per log step, a line per evaluation, the summary and
+# the ending. Rank 0 sends them to metrics.jsonl / summary.json, the experiment loggers and the log.
+
+
+def start_line(
+    params: int,
+    gflops: float,
+    crop: tuple[int, int],
+    device: torch.device,
+    precision: str,
+    world_size: int,
+    global_batch: int,
+) -> str:
+    """Model size and cost, device, precision, processes and global batch."""
+    return (
+        f"model: {params / 1e6:.2f}M parameters, {gflops:.1f} GFLOPs forward at "
+        f"{crop[0]}x{crop[1]}; {device}, precision {precision}, {world_size} "
+        f"process(es), global batch {global_batch}"
+    )
+
+
+def train_row(
+    loss: float, lr: float, images: int, seconds: float, clipper: GradClipper | None
+) -> dict[str, float]:
+    """One ``metrics.jsonl`` row of training figures since the last log step."""
+    row = {"loss": loss, "lr": lr, "img_per_s": images / seconds}
+    if clipper is not None:  # the mean pre-clip gradient norm since the last log step
+        row["grad_norm"] = clipper.mean_norm()
+    return row
+
+
+def train_line(iteration: int, max_iters: int, row: Mapping[str, float]) -> str:
+    return (
+        f"iter {iteration}/{max_iters}  loss {row['loss']:.4f}  lr {row['lr']:.3e}  "
+        f"{row['img_per_s']:.1f} img/s"
+    )
+
+
+def eval_line(iteration: int, metrics: Mapping[str, float]) -> str:
+    ema_miou = metrics.get(f"{EMA_PREFIX}mIoU")
+    ema = "" if ema_miou is None else f"  EMA mIoU {100 * ema_miou:.2f}%"
+    return (
+        f"iter {iteration}: val mIoU {100 * metrics['val/mIoU']:.2f}%  "
+        f"pixel acc {100 * metrics['val/pixel_acc']:.2f}%{ema}"
+    )
+
+
+def run_summary(
+    metrics: Mapping[str, float],
+    last_loss: float,
+    iteration: int,
+    steps: int,
+    wall: float,
+    global_batch: int,
+    params: int,
+    gflops: float,
+) -> dict[str, Any]:
+    """``summary.json``: the last evaluation plus loss, steps, wall time, throughput and size."""
+    return {
+        **metrics,
+        "loss": last_loss,
+        "steps": iteration,
+        "wall_s": wall,
+        "img_per_s": steps * global_batch / wall if wall > 0 else float("nan"),
+        "params": params,
+        "gflops": gflops,
+    }
+
+
+def final_line(summary: Mapping[str, Any], run_dir: Path) -> str | None:
+    """The last line of a finished run that evaluated; None when it did not."""
+    if "val/mIoU" not in summary:
+        return None
+    return f"final val mIoU: {100 * summary['val/mIoU']:.2f}% (run folder {run_dir})"
+
+
+def stopped_message(
+    iteration: int,
+    max_iters: int,
+    metrics: Mapping[str, float],
+    metrics_iteration: int | None,
+    signum: int,
+    run_dir: Path,
+) -> str:
+    """The last line of a preempted run: where it stopped, its last evaluation, how to go on."""
+    last_eval = (
+        f"last val mIoU {100 * metrics['val/mIoU']:.2f}% (iteration {metrics_iteration})"
+        if "val/mIoU" in metrics
+        else "no evaluation yet"
+    )
+    return (
+        f"stopped at iteration {iteration} of {max_iters} by signal "
+        f"{signal.Signals(signum).name}; {last_eval}; checkpoints/last.pt saved; continue with "
+        f"trainer.resume=auto hydra.run.dir={run_dir}"
+    )
+
+
+class RunReporter:
+    """Rank 0 records and reports; on the other ranks every method does nothing.
+
+    ``resumed_at``: the iteration a resumed run continues from (its metrics.jsonl lines after
+    that iteration are dropped: they will be logged again).
+    """
+
+    def __init__(
+        self, cfg: DictConfig, run_dir: Path, is_main: bool, resumed_at: int | None = None
+    ) -> None:
+        self.run_dir, self.is_main = run_dir, is_main
+        self.max_iters = int(cfg.schedule.max_iters)
+        self.recorder = RunRecorder(run_dir, resumed_at) if is_main else None
+        self.logger = build_logger(
+            cfg.get("logger") or {"_target_": "semseg.tracking.NullLogger"},
+            run_dir,
+            OmegaConf.to_container(cfg, resolve=True),
+            is_main=is_main,
+        )
+
+    def train(self, iteration: int, row: Mapping[str, float], bar: tqdm) -> None:
+        """One ``metrics.jsonl`` row, logger point, progress-bar update and log line."""
+        if not self.is_main:
+            return
+        self.recorder.log(iteration, row)
+        self.logger.log_metrics({f"train/{k}": v for k, v in row.items()}, iteration)
+        bar.set_postfix(
+            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.1f}"
+        )
+        log.info(train_line(iteration, self.max_iters, row))
+
+    def evaluation(
+        self,
+        iteration: int,
+        metrics: Mapping[str, float],
+        result: EvalResult,
+        palette: Any,
+        final: bool,
+    ) -> None:
+        """The metrics, the example predictions and, at the end, the notebook's artifacts."""
+        if not self.is_main:
+            return
+        self.recorder.log(iteration, metrics)
+        self.logger.log_metrics(metrics, iteration)
+        self.logger.log_predictions(result.examples, palette, iteration)
+        log.info(eval_line(iteration, metrics))
+        if final:  # for the analysis notebook
+            self.recorder.write_eval_artifacts(result.confmat, result.examples)
+
+    def finish(
+        self, summary: dict[str, Any], signum: int | None, metrics_iteration: int | None
+    ) -> None:
+        """``summary.json`` and the last line: where a preempted run (``signum``) stopped and how
+        to continue, or the final mIoU."""
+        if not self.is_main:
+            return
+        self.recorder.write_summary(summary)
+        self.logger.log_summary(summary)
+        if signum is not None:
+            log.warning(
+                stopped_message(
+                    summary["steps"],
+                    self.max_iters,
+                    summary,
+                    metrics_iteration,
+                    signum,
+                    self.run_dir,
+                )
+            )
+        elif (line := final_line(summary, self.run_dir)) is not None:
+            log.info(line)
+
+    def close(self) -> None:
+        self.logger.finish()
+        if self.recorder is not None:
+            self.recorder.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -77,18 +356,21 @@ __all__ = ["NonFiniteLossError", "Trainer", "optimized_metric", "train", "train_
 
 def train_step(
     model: nn.Module,
-    batches: Any,
+    batches: Iterator[dict[str, Any]],
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler,
+    *,
     device: torch.device,
     precision: str,
-    accumulate: int,
-    channels_last: bool,
+    accumulate: int = 1,
+    channels_last: bool = False,
     clip: GradClipper | None = None,
 ) -> torch.Tensor:
-    """Forward, backward and update over ``accumulate`` micro-batches; returns the loss on the device."""
+    """Forward, backward and update over ``accumulate`` micro-batches; returns the loss on the
+    device (no host sync). ``model`` may be wrapped in DDP and/or ``torch.compile``."""
+    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP object
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for micro in range(accumulate):
@@ -99,11 +381,8 @@ def train_step(
             images = images.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(device, non_blocking=True).long()
         # Under DDP only the last micro-batch all-reduces gradients.
-        sync = micro == accumulate - 1 or not isinstance(model, DistributedDataParallel)
-        with (
-            contextlib.nullcontext() if sync else model.no_sync(),
-            autocast(device, precision),
-        ):
+        skip_sync = micro < accumulate - 1 and isinstance(ddp, DistributedDataParallel)
+        with ddp.no_sync() if skip_sync else contextlib.nullcontext(), autocast(device, precision):
             loss = loss_fn(model(images), target) / accumulate
         scaler.scale(loss).backward()
         total += loss.detach()
@@ -117,6 +396,14 @@ def train_step(
 
 # --------------------------------------------------------------------------------------------
 # The run
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm, timm's fused norm + activation layers included (torch's own
+    converter would drop their activation and train another network than the one evaluated)."""
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
 
 
 class Trainer:
@@ -136,13 +423,9 @@ class Trainer:
         self.accumulate = int(cfg.trainer.accumulate)
         self.global_batch = int(cfg.dataset.batch_size) * self.env.world_size * self.accumulate
         configure_backends(self.device)
-        seed_everything(cfg.seed)  # identical initial weights on every rank
+        ckpts.seed_everything(cfg.seed)  # identical initial weights on every rank
 
         data_cfg = cfg.dataset
-        if data_cfg.get("generate") is not None:
-            if self.env.is_main:
-                ensure_toy_dataset(data_cfg)
-            barrier()
         self.train_set = build_dataset(data_cfg, data_cfg.train_split, train=True)
         self.val_set = build_dataset(data_cfg, data_cfg.val_split, train=False)
         self.val_set = first_images(self.val_set, cfg.trainer.debug.get("eval_images"))
@@ -152,7 +435,12 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if self.env.distributed and self.device.type == "cuda" and cfg.trainer.sync_bn:
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = sync_batchnorm(self.model)
+            if cfg.trainer.compile:
+                log.warning(
+                    "trainer.compile with SyncBatchNorm: torch.compile breaks its graph at every "
+                    "SyncBatchNorm (slower than it could be); trainer.sync_bn=false avoids that"
+                )
         self.loss_fn = build_loss(
             cfg.loss, self.train_set, self.run_dir, self.device, self.env.is_main
         )
@@ -162,40 +450,46 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.state = TrainState()
+        self.state = ckpts.TrainState()
         if self.env.rank != 0:  # each rank its own dropout stream; a resume restores them all
             torch.manual_seed(cfg.seed * 1000 + self.env.rank * 7919)
-        self._resume()
+        resumed = self._resume()
 
         self.train_model: nn.Module = wrap_ddp(self.model, self.env)
         if cfg.trainer.compile:
             self.train_model = torch.compile(self.train_model)
-
-        self.validator = Validator(
-            self.val_set, cfg.dataset, cfg.inference, self.meta, self.env, self.precision
+        self._val_loader: torch.utils.data.DataLoader | None = None  # built at the first evaluation
+        self.reporter = RunReporter(
+            cfg, self.run_dir, self.env.is_main, self.state.iteration if resumed else None
         )
-        self.reporter = report.RunReporter(cfg, self.run_dir, self.env.is_main, log)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _resume(self) -> None:
+    # -- resume and checkpoints ----------------------------------------------------------------
+    def _resume(self) -> bool:
+        """Restore the run from ``trainer.resume`` (``auto``: this run folder's latest checkpoint;
+        what a torchrun restart does by itself); whether a checkpoint was loaded."""
         resume = self.cfg.trainer.resume
+        if not resume and elastic_restart_count() > 0:
+            log.info("torchrun restarted this run: continuing from its latest checkpoint")
+            resume = "auto"
         if not resume:
-            return
+            return False
+        if self.env.is_main:
+            ckpts.remove_partial_checkpoints(self.run_dir)
         path, ckpt = (
-            load_latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume), None)
+            ckpts.load_latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume), None)
         )
         if path is None:
             log.info(
                 "trainer.resume=auto: no checkpoint in %s yet, starting from scratch", self.run_dir
             )
-            return
+            return False
         ckpt = ckpt or load_checkpoint(path)
-        check_resume_config(
+        ckpts.check_resume_config(
             ckpt.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True), str(path)
         )
         load_model_weights(self.model, ckpt["model"], source=f"trainer.resume={path}")
         restore_ema(self.ema, ckpt, self.model, f"trainer.resume={path}")
-        restore_optimizer(self.optimizer, ckpt["optimizer"])
+        ckpts.restore_optimizer(self.optimizer, ckpt["optimizer"])
         # Rebuilt, not loaded: LambdaLR.load_state_dict would bring back the old schedule's fields.
         self.scheduler = build_scheduler(
             self.optimizer, self.cfg.schedule, start_iter=int(ckpt["iteration"])
@@ -203,16 +497,17 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         for warning in (
-            restore_rank_rng(ckpt, self.env.rank, self.env.world_size, path),
-            data_stream_change(ckpt.get("data_position"), self._data_position(), path),
+            ckpts.restore_rank_rng(ckpt, self.env.rank, self.env.world_size, self.device, path),
+            ckpts.data_stream_change(ckpt.get("data_position"), self._data_position(), path),
         ):
             if warning:
                 log.warning(warning)
-        self.state = TrainState.from_checkpoint(ckpt)
+        self.state = ckpts.TrainState.from_checkpoint(ckpt)
         log.info("resumed from %s at iteration %d", path, self.state.iteration)
+        return True
 
     def _data_position(self) -> dict[str, int]:
-        return data_position(
+        return ckpts.data_position(
             self.state.iteration,
             self.accumulate,
             int(self.cfg.dataset.batch_size),
@@ -222,7 +517,7 @@ class Trainer:
 
     def save(self, name: str, weights: nn.Module | None = None) -> Path | None:
         """Rank 0 writes ``checkpoints/<name>.pt`` atomically (``"model"``: ``weights``, default the model)."""
-        rng_per_rank = all_gather_object(rng_state())  # collective: every rank calls save()
+        rng_per_rank = all_gather_object(ckpts.rng_state(self.device))  # every rank calls save()
         if not self.env.is_main:
             return None
         state = make_checkpoint(
@@ -249,16 +544,50 @@ class Trainer:
         path = self.save(f"iter_{self.state.iteration:06d}")
         if path is not None:
             copy_checkpoint(path, path.parent / "last.pt")
-            prune_checkpoints(self.run_dir, int(self.cfg.trainer.keep_last))
+            ckpts.prune_checkpoints(self.run_dir, int(self.cfg.trainer.keep_last))
 
-    # -- evaluation ----------------------------------------------------------------------------
+    # -- validation ----------------------------------------------------------------------------
+    def _validate(self, model: nn.Module, num_examples: int) -> EvalResult:
+        """The official metric of ``model`` on the validation set (every rank takes part)."""
+        broadcast_buffers(model)  # BatchNorm statistics drift apart per rank: rank 0's count
+        if self._val_loader is None:
+            data = self.cfg.dataset
+            self._val_loader = build_eval_loader(
+                self.val_set,
+                data.eval_batch_size,
+                data.num_workers,
+                self.env.rank,
+                self.env.world_size,
+                pin_memory=self.device.type == "cuda",
+            )
+        with torch.random.fork_rng(devices=[]):  # evaluation must not shift the training RNG stream
+            return evaluate_model(
+                model,
+                self._val_loader,
+                self.meta["num_classes"],
+                self.meta["ignore_index"],
+                self.meta["class_names"],
+                self.device,
+                self.cfg.inference,
+                precision=self.precision,
+                num_examples=num_examples,
+            )
+
     def evaluate(self, final: bool = False) -> dict[str, float]:
         """Evaluate the model (``val/*``) and its EMA (``val_ema/*``); ``best.pt`` follows ``trainer.best_metric``."""
         ema_model = self.ema.module if self.ema is not None else None
-        metrics, result = self.validator(self.model, ema_model, int(self.cfg.trainer.log_images))
+        result = self._validate(self.model, int(self.cfg.trainer.log_images))
+        metrics = {f"val/{k}": float(v) for k, v in result.metrics.items()}
+        if ema_model is not None:
+            ema_metrics = self._validate(ema_model, 0).metrics
+            metrics.update({f"{EMA_PREFIX}{k}": float(v) for k, v in ema_metrics.items()})
         self.state.metrics, self.state.metrics_iteration = metrics, self.state.iteration
         self.reporter.evaluation(self.state.iteration, metrics, result, self.meta["palette"], final)
-        check_best_metric_present(self.best_metric, metrics)
+        if self.best_metric not in metrics:
+            raise ConfigError(
+                f"trainer.best_metric={self.best_metric} is not an evaluation metric; "
+                f"available: {sorted(metrics)}"
+            )
         if metrics[self.best_metric] > self.state.best_miou:
             self.state.best_miou = metrics[self.best_metric]
             self.save("best", ema_model if self.best_metric.startswith(EMA_PREFIX) else None)
@@ -284,18 +613,18 @@ class Trainer:
                 pin_memory=self.device.type == "cuda",
             )
             batches = fixed_batches(batches, cfg.trainer.debug.overfit_batches)
+        layout = "channels_last" if self.channels_last else "NCHW"
         log.info(
-            report.start_line(
-                params, gflops, (crop_h, crop_w), self.device,
-                f"{self.precision}, {'channels_last' if self.channels_last else 'NCHW'}",
-                env.world_size, self.global_batch,
+            start_line(
+                params,
+                gflops,
+                (crop_h, crop_w),
+                self.device,
+                f"{self.precision}, {layout}",
+                env.world_size,
+                self.global_batch,
             )
-        )  # fmt: skip
-        step = functools.partial(
-            train_step, self.train_model, batches, self.loss_fn, self.optimizer, self.scheduler,
-            self.scaler, self.device, self.precision, self.accumulate, self.channels_last,
-            self.clipper,
-        )  # fmt: skip
+        )
         preempt = PreemptionFlag()
         preempt.install()
         debug = DebugSession(cfg.trainer.debug, self.run_dir, self.device, env.rank).start()
@@ -308,18 +637,31 @@ class Trainer:
         bar = tqdm(
             total=max_iters,
             initial=start_iter,
-            disable=not (env.is_main and cfg.trainer.progress_bar),
-            dynamic_ncols=True,
             desc="train",
+            dynamic_ncols=True,
+            disable=not (env.is_main and cfg.trainer.progress_bar),
         )
         try:
             while self.state.iteration < max_iters:
-                it = self.state.iteration
                 try:
-                    loss = step()
+                    loss = train_step(
+                        self.train_model,
+                        batches,
+                        self.loss_fn,
+                        self.optimizer,
+                        self.scheduler,
+                        self.scaler,
+                        device=self.device,
+                        precision=self.precision,
+                        accumulate=self.accumulate,
+                        channels_last=self.channels_last,
+                        clip=self.clipper,
+                    )
                 except torch.cuda.OutOfMemoryError as e:
-                    raise out_of_memory_error(it + 1, batch, crop_h, crop_w) from e
-                self.state.iteration = it = it + 1
+                    raise out_of_memory_error(
+                        self.state.iteration + 1, batch, crop_h, crop_w
+                    ) from e
+                self.state.iteration = it = self.state.iteration + 1
                 if self.ema is not None:
                     self.ema.update(self.model, step=it)
                 debug.step()
@@ -328,19 +670,20 @@ class Trainer:
                 n_logged += 1
                 bar.update(1)
 
+                # The cadence: every rank takes the same branches at the same iterations.
                 at_end = it == max_iters
                 at_log = it % sched.log_interval == 0 or at_end
-                at_ckpt = it % sched.checkpoint_interval == 0 or at_end
-                at_eval = it % sched.eval_interval == 0 or (at_end and cfg.trainer.eval_at_end)
+                at_ckpt = _every(it, sched.checkpoint_interval) or at_end
+                at_eval = _every(it, sched.eval_interval) or (at_end and cfg.trainer.eval_at_end)
                 if at_log or at_ckpt or at_eval:
                     non_finite.check()
                 if at_log:
                     last_loss = loss_sum.item() / n_logged
                     lr = self.optimizer.param_groups[0]["lr"]
-                    row = report.train_row(
-                        last_loss, lr, n_logged * self.global_batch, time.perf_counter() - t_log,
-                        self.clipper,
-                    )  # fmt: skip
+                    seconds = time.perf_counter() - t_log
+                    row = train_row(
+                        last_loss, lr, n_logged * self.global_batch, seconds, self.clipper
+                    )
                     self.reporter.train(it, row, bar)
                     loss_sum.zero_()
                     n_logged, t_log = 0, time.perf_counter()
@@ -354,7 +697,7 @@ class Trainer:
                     if not at_ckpt:
                         self.checkpoint()
                     return self._finish(
-                        t_start, start_iter, params, gflops, last_loss, signum=preempt.signum
+                        t_start, start_iter, params, gflops, last_loss, preempt.signum
                     )
             return self._finish(t_start, start_iter, params, gflops, last_loss)
         finally:
@@ -372,18 +715,37 @@ class Trainer:
         last_loss: float,
         signum: int | None = None,
     ) -> dict[str, Any]:
-        state = self.state
-        summary = report.run_summary(
-            state.metrics, last_loss, state.iteration, state.iteration - start_iter,
-            time.perf_counter() - t_start, self.global_batch, params, gflops,
-        )  # fmt: skip
-        self.reporter.finish(summary, signum, state.metrics_iteration)
+        """The summary (``summary.json``) and the run's last line."""
+        it = self.state.iteration
+        summary = run_summary(
+            self.state.metrics,
+            last_loss,
+            it,
+            it - start_iter,
+            time.perf_counter() - t_start,
+            self.global_batch,
+            params,
+            gflops,
+        )
+        self.reporter.finish(summary, signum, self.state.metrics_iteration)
         return summary
 
 
+def _every(iteration: int, interval: int | None) -> bool:
+    """Whether ``iteration`` is a multiple of ``interval`` (null: never)."""
+    return interval is not None and iteration % int(interval) == 0
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train the composed config; returns the summary (also written to ``summary.json``)."""
-    return Trainer(cfg).fit()
+    """Train the composed config; returns the summary (also written to ``summary.json``).
+
+    The process group is left on every way out, so that a rank stopping with an error does not
+    leave the others waiting in a collective until its timeout.
+    """
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        destroy()
 
 
 def optimized_metric(summary: dict[str, Any], key: str) -> float | None:

@@ -18,6 +18,7 @@ from semseg.models.semantic_fpn import SemanticFPN, group_norm
 
 __all__ = [
     "BackboneStrideError",
+    "ConvNeXtBackbone",
     "EncoderDecoder",
     "SemanticFPN",
     "TimmBackbone",
@@ -34,6 +35,7 @@ __all__ = [
 
 _LAZY = {
     "BackboneStrideError": "semseg.models.backbone",
+    "ConvNeXtBackbone": "semseg.models.convnext",
     "TimmBackbone": "semseg.models.backbone",
     "WeightsError": "semseg.models.backbone_weights",
 }

@@ -62,6 +62,16 @@ def _check_out_indices(
     return indices
 
 
+def enable_grad_checkpointing(features: nn.Module) -> None:
+    """timm's activation checkpointing for a features_only model: per block inside the stages that
+    support it (ConvNeXt, Swin, ...), else per top-level module of the wrapper (ResNet's layers)."""
+    stages = [m for m in features.children() if hasattr(m, "grad_checkpointing")]
+    for stage in stages:
+        stage.grad_checkpointing = True
+    if not stages:
+        features.set_grad_checkpointing(True)
+
+
 class TimmBackbone(nn.Module):
     """timm ``features_only`` model returning the feature maps at ``out_strides`` (default C2..C5).
 
@@ -73,6 +83,8 @@ class TimmBackbone(nn.Module):
         out_strides: strides of the returned maps.
         out_indices: feature indices of the returned maps instead (their strides must then equal
             ``out_strides``, unless that is None), for taps that share a stride.
+        grad_checkpointing: recompute activations in the backward pass instead of keeping them
+            (less memory, about a third more compute): see :func:`enable_grad_checkpointing`.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
     """
 
@@ -83,10 +95,12 @@ class TimmBackbone(nn.Module):
         weights: str | os.PathLike | None = None,
         out_strides: Sequence[int] | None = (4, 8, 16, 32),
         out_indices: Sequence[int] | None = None,
+        grad_checkpointing: bool = False,
         **timm_kwargs,
     ) -> None:
         super().__init__()
         self.name = name
+        self.timm_kwargs = dict(timm_kwargs)  # what rebuilds the same model (weights loading)
         # All taps' reductions, read from a model built on the meta device (no memory, no init).
         probe = build_timm_model(name, meta=True, features_only=True, **timm_kwargs)
         reductions = probe.feature_info.reduction()
@@ -107,6 +121,8 @@ class TimmBackbone(nn.Module):
             load_hub_weights(self.model, name, timm_kwargs)
         elif weights is not None:
             log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
+        if grad_checkpointing:
+            enable_grad_checkpointing(self.model)
         self.out_channels: list[int] = list(self.model.feature_info.channels())
         self.out_strides: list[int] = list(self.model.feature_info.reduction())
 

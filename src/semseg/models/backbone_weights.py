@@ -106,10 +106,9 @@ def load_into_features(
     features.load_state_dict({k: state[src] for k, src in mapping.items()}, strict=True)
 
 
-def load_file_weights(
-    features: nn.Module, name: str, timm_kwargs: Mapping, path: str | os.PathLike
-) -> None:
-    """Load ImageNet weights of ``name`` from a local file into its features_only model."""
+def read_weights_file(path: str | os.PathLike, name: str) -> tuple[Mapping[str, Tensor], str]:
+    """The state dict in ``backbone.weights=path`` (ImageNet weights of backbone ``name``) and the
+    label that names it in messages; a missing or unreadable file is a WeightsError."""
     path = Path(path)
     label = f"backbone.weights={path}"
     if not path.is_file():
@@ -117,12 +116,21 @@ def load_file_weights(
             f"{label}: file not found. Point backbone.weights at the ImageNet "
             f"weights of '{name}' (.safetensors or .pth) or set backbone.pretrained=false."
         )
-    load_into_features(features, _read_state_dict(path, label), name, timm_kwargs, label)
+    return _read_state_dict(path, label), label
+
+
+def load_file_weights(
+    features: nn.Module, name: str, timm_kwargs: Mapping, path: str | os.PathLike
+) -> None:
+    """Load ImageNet weights of ``name`` from a local file into its features_only model."""
+    state, label = read_weights_file(path, name)
+    load_into_features(features, state, name, timm_kwargs, label)
     log.info("backbone %s: ImageNet weights from %s", name, path)
 
 
-def load_hub_weights(features: nn.Module, name: str, timm_kwargs: Mapping) -> None:
-    """Load timm's ImageNet weights of ``name`` from the hub into its features_only model. With the
+def load_hub_weights(features: nn.Module, name: str, timm_kwargs: Mapping) -> Mapping[str, Tensor]:
+    """Load timm's ImageNet weights of ``name`` from the hub into its features_only model and return
+    the classification model's state dict (for tensors outside the features). With the
     hub's offline setting (``HF_HUB_OFFLINE=1``) only a cached copy is used, so a machine without
     network fails at once instead of retrying for a minute."""
     offline = huggingface_hub.constants.is_offline_mode()
@@ -138,4 +146,6 @@ def load_hub_weights(features: nn.Module, name: str, timm_kwargs: Mapping) -> No
             f"({where}: {type(e).__name__}). Set backbone.weights=/path/to/imagenet.safetensors "
             "or backbone.pretrained=false."
         ) from None
-    load_into_features(features, full.state_dict(), name, timm_kwargs, f"the hub weights of {name}")
+    state = full.state_dict()
+    load_into_features(features, state, name, timm_kwargs, f"the hub weights of {name}")
+    return state

@@ -14,11 +14,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from semseg.files import reporting_write_errors, write_atomically, write_json
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"  # last.pt, best.pt, iter_XXXXXX.pt
+# The final evaluation's artifacts for the notebook: eval/confusion_matrix.npy and
+# eval/examples/<name>_{image,pred,gt}.png (read by semseg.tracking.runs).
+EVAL_DIR = "eval"
+CONFUSION_FILE = "confusion_matrix.npy"
+EXAMPLES_DIR = "examples"
+EXAMPLE_PARTS = ("image", "pred", "gt")
 
 
 def to_jsonable(value: Any) -> Any:
@@ -81,6 +89,10 @@ class RunRecorder:
         """Write the final numbers to `summary.json` atomically (replaces an earlier summary)."""
         write_json(self.summary_path, to_jsonable(summary), "run summary")
 
+    def write_eval_artifacts(self, confmat: np.ndarray, examples: list[dict[str, Any]]) -> None:
+        """See :func:`write_eval_artifacts`."""
+        write_eval_artifacts(self.run_dir, confmat, examples)
+
     def close(self) -> None:
         """Close the metrics file (further `log` calls reopen it)."""
         if self._file is not None:
@@ -105,3 +117,28 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line)["step"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def write_eval_artifacts(
+    run_dir: str | os.PathLike, confmat: np.ndarray, examples: list[dict[str, Any]]
+) -> None:
+    """Write what ``runs.load_confusion_matrix`` and ``runs.load_examples`` read: the final
+    evaluation's confusion matrix and its sample predictions (class-id PNGs, RGB image)."""
+    from PIL import Image
+
+    folder = Path(run_dir) / EVAL_DIR / EXAMPLES_DIR
+    write_atomically(folder.parent / CONFUSION_FILE, lambda tmp: _save_npy(confmat, tmp), "eval")
+    for example in examples:
+        for part in EXAMPLE_PARTS:
+            if example.get(part) is not None:
+                image = Image.fromarray(example[part])
+                write_atomically(
+                    folder / f"{example['name']}_{part}.png",
+                    lambda tmp, image=image: image.save(tmp, format="PNG"),
+                    "eval",
+                )
+
+
+def _save_npy(array: np.ndarray, path: Path) -> None:
+    with path.open("wb") as f:  # np.save(path) would append ".npy" to the temporary name
+        np.save(f, np.asarray(array))

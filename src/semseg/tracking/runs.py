@@ -17,13 +17,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from semseg.tracking.record import METRICS_FILE, SUMMARY_FILE
+from semseg.tracking.record import (
+    CONFUSION_FILE,
+    EVAL_DIR,
+    EXAMPLE_PARTS,
+    EXAMPLES_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+)
 
 HYDRA_DIR = ".hydra"
-EVAL_DIR = "eval"
-CONFUSION_FILE = "confusion_matrix.npy"
-EXAMPLES_DIR = "examples"
-EXAMPLE_PARTS = ("image", "pred", "gt")
 # Columns of load_runs that describe the run rather than a parameter or a metric.
 INFO_COLUMNS = ("run", "run_dir", "status")
 
@@ -235,22 +238,6 @@ def load_confusion_matrix(run_dir: str | os.PathLike) -> np.ndarray:
             "evaluation (trainer.eval_at_end=true)."
         )
     return np.load(path, allow_pickle=False)
-
-
-def save_eval_artifacts(
-    run_dir: str | os.PathLike, confmat: np.ndarray, examples: list[dict[str, Any]]
-) -> None:
-    """Write what :func:`load_confusion_matrix` and :func:`load_examples` read: the final
-    evaluation's confusion matrix and its sample predictions (class-id PNGs, RGB image)."""
-    from PIL import Image
-
-    folder = Path(run_dir) / EVAL_DIR / EXAMPLES_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder.parent / CONFUSION_FILE, np.asarray(confmat))
-    for example in examples:
-        for part in EXAMPLE_PARTS:
-            if example.get(part) is not None:
-                Image.fromarray(example[part]).save(folder / f"{example['name']}_{part}.png")
 
 
 def load_examples(run_dir: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ once and turns the logger into a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -114,6 +115,7 @@ class WandbLogger:
         config = dict(config or {})
         self.class_names = list(config.get("dataset", {}).get("class_names", []) or [])
         default_group, default_name = hydra_run_names()
+        self._environ = {k: v for k, v in os.environ.items() if k.startswith("WANDB_")}
         try:
             import wandb
 
@@ -213,11 +215,18 @@ class WandbLogger:
             self._fail("log_summary", exc)
 
     def finish(self) -> None:
-        """Finish the W&B run (the engine calls this at the end of every job)."""
-        if not self.active:
-            return
+        """Finish the W&B run (the engine calls this at the end of every job) and stop W&B's
+        service process, leaving the ``WANDB_*`` environment variables as they were before."""
         run, self.run = self.run, None
         try:
-            run.finish()
+            if run is not None and not self._failed:
+                run.finish()
         except Exception as exc:
             self._fail("finish", exc)
+        if hasattr(self, "_wandb"):
+            with contextlib.suppress(Exception):
+                self._wandb.teardown()  # the next job of a multirun starts a fresh service
+            for key in [k for k in os.environ if k.startswith("WANDB_")]:
+                if key not in self._environ:
+                    del os.environ[key]
+            os.environ.update(self._environ)

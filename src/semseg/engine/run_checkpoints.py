@@ -1,15 +1,19 @@
-"""What exact resume needs besides the weights: every rank's RNG streams and the config check.
+"""A run folder's checkpoints and what resuming from them restores.
 
-A resumed run continues as if it had never stopped (bit for bit on CPU, any number of ranks): each
-rank saves and restores its own torch / numpy / python RNG states, and its position in the data
-stream is a pure function of the iteration (``semseg.data.loader``). A config that changed since
+``checkpoints/`` holds ``iter_XXXXXX.pt`` (the newest ``trainer.keep_last``), ``last.pt`` (a copy of
+the newest) and ``best.pt``; the file format itself is :mod:`semseg.models.checkpoint`. A resumed
+run continues as if it had never stopped (bit for bit on CPU, any number of ranks): each rank saves
+and restores its own torch / numpy / python RNG states (and its own GPU's), its position in the data
+stream is a pure function of the iteration (``semseg.data.loader``), and a config that changed since
 the checkpoint is reported key by key; changes the checkpoint cannot serve stop the run.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,21 +22,62 @@ from typing import Any
 import numpy as np
 import torch
 
-from semseg.errors import UserError
+from semseg.errors import CheckpointError, UserError
+from semseg.files import remove_stale_temp_files
+from semseg.models.checkpoint import load_checkpoint
+from semseg.tracking.record import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 
-# Keys that differ between any two invocations of the same run and mean nothing for it.
-_VOLATILE = ("trainer.resume", "trainer.progress_bar", "paths.", "task_name")
-# The new config wins for these: the learning rate continues on the new curve.
-SCHEDULE_KEYS = ("schedule.", "optimizer.lr")
-# Changes that make the checkpoint's weights unusable for this run.
-_ARCHITECTURE = ("model.", "backbone.", "dataset.num_classes")
-_NOT_ARCHITECTURE = ("model.weights", "backbone.pretrained", "backbone.weights")
+_ITER_RE = re.compile(r"iter_(\d+)\.pt$")
 
 
-class ResumeConfigError(UserError):
-    """The run's config asks for a model the checkpoint cannot provide."""
+# --------------------------------------------------------------------------------------------
+# The files
+
+
+def _iter_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """``iter_*.pt`` files, oldest first."""
+    return sorted(ckpt_dir.glob("iter_*.pt"), key=lambda p: int(_ITER_RE.search(p.name).group(1)))
+
+
+def load_latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, dict | None]:
+    """``(path, state)`` of the checkpoint to resume a run folder from, ``(None, None)`` if there
+    is none. A damaged ``last.pt`` (zero bytes, truncated) falls back to the newest loadable
+    ``iter_*.pt`` with a one-line warning naming both files."""
+    ckpt_dir = Path(run_dir) / CHECKPOINT_DIR
+    last = ckpt_dir / "last.pt"
+    candidates = ([last] if last.is_file() else []) + _iter_checkpoints(ckpt_dir)[::-1]
+    first_error: CheckpointError | None = None
+    for path in candidates:
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            first_error = first_error or e
+            continue
+        if first_error is not None:
+            log.warning("%s; resuming from %s instead", first_error, path)
+        return path, state
+    if first_error is not None:
+        raise first_error
+    return None, None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` ``iter_*.pt`` files (``last.pt``/``best.pt`` stay)."""
+    iters = _iter_checkpoints(Path(run_dir) / CHECKPOINT_DIR)
+    for old in iters[: max(0, len(iters) - keep_last)]:
+        old.unlink(missing_ok=True)
+
+
+def remove_partial_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Delete the temporary files of checkpoint writes that a kill interrupted (rank 0, at start)."""
+    for stale in remove_stale_temp_files(Path(run_dir) / CHECKPOINT_DIR):
+        log.info("removed %s, left by a checkpoint write that was interrupted", stale)
+
+
+# --------------------------------------------------------------------------------------------
+# Counters and RNG streams
 
 
 @dataclass
@@ -54,60 +99,80 @@ class TrainState:
         )
 
 
-# --------------------------------------------------------------------------------------------
-# RNG streams
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device) with ``seed``."""
+    from timm.utils import random_seed  # here: timm is loaded only once a model is built
+
+    random_seed(seed)
 
 
-def rng_state() -> dict[str, Any]:
-    """This process's torch, numpy (legacy global) and python RNG states, as tensors and lists
-    (loadable with ``torch.load(weights_only=True)``)."""
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's torch, numpy (legacy global) and python RNG states, and its own GPU's when
+    ``device`` is one, as tensors and lists (loadable with ``torch.load(weights_only=True)``)."""
     state = {
         "torch": torch.get_rng_state(),
         "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
         "numpy_pos": np.random.get_state()[2],
         "python": list(random.getstate()[1]),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> str | None:
+    """Restore :func:`rng_state`; the warning to log when the GPU stream cannot be restored."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(
         ("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0)
     )
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    cuda = state.get("cuda")
+    if device.type != "cuda" or cuda is None:
+        return None
+    if isinstance(cuda, list | tuple):  # older checkpoints: every visible GPU's state
+        if (device.index or 0) >= len(cuda):
+            return (
+                "the checkpoint holds no GPU random stream for this process's GPU: it starts fresh"
+            )
+        cuda = cuda[device.index or 0]
+    torch.cuda.set_rng_state(cuda, device)
+    return None
 
 
 def restore_rank_rng(
-    ckpt: Mapping[str, Any], rank: int, world_size: int, source: Path
+    ckpt: Mapping[str, Any], rank: int, world_size: int, device: torch.device, source: Path
 ) -> str | None:
     """Restore this rank's RNG streams from a checkpoint; the warning to log when it holds none
     for this rank (an older checkpoint, or a different number of processes), else None."""
     per_rank = ckpt.get("rng_per_rank") or []
     if len(per_rank) == world_size:
-        set_rng_state(per_rank[rank])
-        return None
-    if rank == 0 and ckpt.get("rng") and world_size == 1:
-        set_rng_state(ckpt["rng"])
-        return None
-    return (
-        f"{source} holds no RNG state for rank {rank} of {world_size} processes: this rank's "
-        "random streams start fresh (the resumed run is not bit-exact)"
-    )
+        state = per_rank[rank]
+    elif rank == 0 and ckpt.get("rng") and world_size == 1:
+        state = ckpt["rng"]
+    else:
+        return (
+            f"{source} holds no RNG state for rank {rank} of {world_size} processes: this rank's "
+            "random streams start fresh (the resumed run is not bit-exact)"
+        )
+    warning = set_rng_state(state, device)
+    return f"{source}: {warning}" if warning else None
 
 
 # --------------------------------------------------------------------------------------------
 # Config changes
+
+# Keys that differ between any two invocations of the same run and mean nothing for it.
+_VOLATILE = ("trainer.resume", "trainer.progress_bar", "paths.", "task_name")
+# The new config wins for these: the learning rate continues on the new curve.
+SCHEDULE_KEYS = ("schedule.", "optimizer.lr")
+# Changes that make the checkpoint's weights unusable for this run.
+_ARCHITECTURE = ("model.", "backbone.", "dataset.num_classes")
+_NOT_ARCHITECTURE = ("model.weights", "backbone.pretrained", "backbone.weights")
+
+
+class ResumeConfigError(UserError):
+    """The run's config asks for a model the checkpoint cannot provide."""
 
 
 def _flatten(tree: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

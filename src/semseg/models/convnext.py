@@ -1,0 +1,194 @@
+"""ConvNeXt as mmcls/mmpretrain's ``ConvNeXt(out_indices=(0, 1, 2, 3), gap_before_final_norm=False)``
+builds it for segmentation (the BDD100K zoo's UPerNet rows): timm's ConvNeXt stages, each output
+through its own LayerNorm (``norm0``..``norm3``, eps 1e-6), stochastic depth and layer scale as
+the config sets them.
+
+Also here: the key mapping from mmcls 0.x / mmpretrain 1.x ConvNeXt weights to this backbone (a
+table of regex rules, :func:`mmcls_convnext_rules`), ImageNet weights in either timm's or mmcls's
+layout, and the layer ids of mmseg's ``LearningRateDecayOptimizerConstructor`` (:meth:`layer_id`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+from timm.layers import LayerNorm2d
+from timm.models.convnext import ConvNeXtStage
+from torch import Tensor
+
+from semseg.errors import ConfigError
+from semseg.models.backbone import TimmBackbone
+from semseg.models.backbone_weights import (
+    WeightsError,
+    load_hub_weights,
+    load_into_features,
+    read_weights_file,
+)
+from semseg.models.build import describe_key_mismatch, listing
+
+log = logging.getLogger(__name__)
+
+# mmcls 0.x / mmpretrain 1.x ConvNeXt keys (relative to the backbone) -> this backbone's keys.
+# mmcls: downsample_layers.0 is the stem (conv, LN), downsample_layers.i (LN, conv) precedes
+# stage i, stages.i.j are the blocks, norm{i} the output norms. Both versions share these names.
+_MMCLS_RULES: tuple[tuple[str, str], ...] = (
+    (r"downsample_layers\.0\.([01])\.(weight|bias)", r"model.stem_\1.\2"),
+    (r"downsample_layers\.([1-3])\.([01])\.(weight|bias)", r"model.stages_\1.downsample.\2.\3"),
+    (r"stages\.(\d)\.(\d+)\.depthwise_conv\.(weight|bias)", r"model.stages_\1.blocks.\2.conv_dw.\3"),
+    (r"stages\.(\d)\.(\d+)\.norm\.(weight|bias)", r"model.stages_\1.blocks.\2.norm.\3"),
+    (r"stages\.(\d)\.(\d+)\.pointwise_conv1\.(weight|bias)", r"model.stages_\1.blocks.\2.mlp.fc1.\3"),
+    (r"stages\.(\d)\.(\d+)\.pointwise_conv2\.(weight|bias)", r"model.stages_\1.blocks.\2.mlp.fc2.\3"),
+    (r"stages\.(\d)\.(\d+)\.gamma", r"model.stages_\1.blocks.\2.gamma"),
+    (r"norm([0-3])\.(weight|bias)", r"norm\1.\2"),
+)  # fmt: skip
+_MMCLS_KEY = re.compile(r"^(?:backbone\.)?downsample_layers\.")
+# mmseg's LearningRateDecayOptimizerConstructor decay types for ConvNeXt.
+DECAY_TYPES = ("stage_wise", "layer_wise")
+
+
+def mmcls_convnext_rules(src: str = "", dst: str = "") -> list[tuple[re.Pattern, str]]:
+    """The mmcls/mmpretrain -> :class:`ConvNeXtBackbone` key rules as ``(pattern, replacement)``
+    pairs; ``src``/``dst`` prefix both sides (``"backbone."`` for whole segmentation models)."""
+    return [(re.compile(f"^{re.escape(src)}{p}$"), dst + r) for p, r in _MMCLS_RULES]
+
+
+def rename_keys(
+    state: Mapping[str, Tensor], rules: Sequence[tuple[re.Pattern, str]]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """``state`` renamed by the first rule that matches each key, and the keys no rule matches."""
+    renamed, unmatched = {}, []
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            if pattern.match(key):
+                renamed[pattern.sub(replacement, key)] = value
+                break
+        else:
+            unmatched.append(key)
+    return renamed, unmatched
+
+
+def is_mmcls_layout(state: Mapping[str, Tensor]) -> bool:
+    """Whether ``state`` holds an mmcls/mmpretrain ConvNeXt (bare or under ``backbone.``)."""
+    return any(_MMCLS_KEY.match(key) for key in state)
+
+
+def convert_mmcls_convnext(state: Mapping[str, Tensor], label: str) -> dict[str, Tensor]:
+    """The ConvNeXt tensors of an mmcls/mmpretrain state dict under this backbone's keys. In a
+    whole model (keys under ``backbone.``) the other parts (classifier, decode heads) are left out;
+    a backbone key without a mapping is a WeightsError."""
+    if any(key.startswith("backbone.") for key in state):
+        state = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
+    renamed, unmatched = rename_keys(state, mmcls_convnext_rules())
+    if unmatched:
+        raise WeightsError(
+            f"{label} is not an mmcls/mmpretrain ConvNeXt: "
+            + listing("backbone keys without a mapping", unmatched)
+        )
+    return renamed
+
+
+class ConvNeXtBackbone(TimmBackbone):
+    """timm ConvNeXt stages with an output LayerNorm on each returned map, as mmcls's ConvNeXt.
+
+    Args:
+        name: a timm ConvNeXt, e.g. ``convnext_tiny``, ``convnext_small``, ``convnext_base``.
+        pretrained: load ImageNet weights: from ``weights`` (timm's layout, or mmcls/mmpretrain's:
+            a classification checkpoint, or any checkpoint whose ``backbone.*`` is an mmcls
+            ConvNeXt), else from the hub. The last output norm takes the classifier's final norm
+            (timm ``head.norm``, mmcls ``norm3``), as mmseg loads mmcls weights; the other output
+            norms start at identity unless the file has them.
+        weights: local weights file.
+        **kwargs: as :class:`TimmBackbone` (``out_strides``, ``grad_checkpointing``, and timm's
+            ``drop_path_rate``, ``ls_init_value``, ...).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: bool = False,
+        weights: str | os.PathLike | None = None,
+        **kwargs,
+    ) -> None:
+        # The output norms must exist before the weights load: the base class builds the stages
+        # only (it still warns about weights given without pretrained).
+        super().__init__(name, pretrained=False, weights=None if pretrained else weights, **kwargs)
+        if not any(isinstance(m, ConvNeXtStage) for m in self.model.children()):
+            raise ConfigError(
+                f"backbone.name={name} is not a timm ConvNeXt: {type(self).__name__} "
+                "(conf/backbone/convnext_*.yaml) needs convnext_tiny, convnext_small, convnext_base, ..."
+            )
+        self.stage_indices = list(self.model.feature_info.out_indices)
+        for i, channels in zip(self.stage_indices, self.out_channels):
+            self.add_module(f"norm{i}", LayerNorm2d(channels, eps=1e-6))
+        if pretrained:
+            self._load_imagenet(name, weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Normalised feature maps, highest resolution first."""
+        features = self.model(x)
+        return [getattr(self, f"norm{i}")(f) for i, f in zip(self.stage_indices, features)]
+
+    def layer_id(self, name: str, num_layers: int, decay_type: str = "stage_wise") -> int:
+        """The layer id that mmseg's ``LearningRateDecayOptimizerConstructor`` gives the backbone
+        parameter ``name`` (a key of this module): its lr is scaled by
+        ``decay_rate ** (num_layers + 1 - id)``. ``stage_wise``: 0 for the stem and the
+        downsampling layers, ``i + 1`` for the blocks of stage i; ``layer_wise``: stem 0, stage 0
+        1, stage 1 2, stage 2 ``3 + block // 3``, stage 3 ``num_layers``, a downsampling layer the
+        id of the stage it feeds (stage 3's: ``num_layers``). The output norms, like every
+        parameter after the backbone, get ``num_layers + 1``."""
+        if decay_type not in DECAY_TYPES:
+            raise ConfigError(f"decay_type={decay_type!r} must be one of {list(DECAY_TYPES)}")
+        m = re.match(r"model\.(?:stem_\d|stages_(\d)\.(?:downsample|blocks\.(\d+)))\.", name)
+        if m is None:
+            return num_layers + 1
+        stage, block = int(m[1] or 0), m[2]
+        if decay_type == "stage_wise":
+            return 0 if block is None else stage + 1
+        if block is None:
+            return (0, 2, 3, num_layers)[stage]
+        return (1, 2, 3 + int(block) // 3, num_layers)[stage]
+
+    # -- ImageNet weights ---------------------------------------------------------------------
+    def _load_imagenet(self, name: str, weights: str | os.PathLike | None) -> None:
+        if weights is None:
+            self._load_final_norm(load_hub_weights(self.model, name, self.timm_kwargs))
+            return
+        state, label = read_weights_file(weights, name)
+        if is_mmcls_layout(state):
+            self._load_backbone_state(convert_mmcls_convnext(state, label), name, label)
+        else:
+            load_into_features(self.model, state, name, self.timm_kwargs, label)
+            self._load_final_norm(state)
+        log.info("backbone %s: ImageNet weights from %s", name, weights)
+
+    def _load_final_norm(self, state: Mapping[str, Tensor]) -> None:
+        """The last stage's output norm from timm's classifier norm (``head.norm``), which is
+        mmcls's ``norm3``: both normalise the last stage's channels."""
+        final = getattr(self, f"norm{len(self.model.feature_info.info) - 1}", None)
+        if final is not None and "head.norm.weight" in state:
+            final.load_state_dict({"weight": state["head.norm.weight"],
+                                   "bias": state["head.norm.bias"]})  # fmt: skip
+
+    def _load_backbone_state(self, state: Mapping[str, Tensor], name: str, label: str) -> None:
+        """Load tensors under this module's keys: every stage tensor must be there with its shape;
+        output norms the file lacks keep their identity init."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state and not k.startswith("norm")]
+        unexpected = [k for k in state if k not in own]
+        misshapen = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in state.items()
+            if k in own and v.shape != own[k].shape
+        ]
+        if problems := describe_key_mismatch(misshapen, missing, unexpected):
+            raise WeightsError(
+                f"{label} does not fit backbone '{name}' ({problems}): is it the same ConvNeXt size?"
+            )
+        self.load_state_dict(state, strict=False)
+        norms = sorted({k.split(".")[0] for k in state if k.startswith("norm")})
+        log.info("backbone %s: output norms from the file: %s", name, norms or "none")
