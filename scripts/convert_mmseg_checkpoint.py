@@ -1,12 +1,20 @@
-"""Convert an mmsegmentation / BDD100K model-zoo Semantic FPN (ResNetV1c-50) checkpoint into this
-project's checkpoint format (model + config with backbone=resnet50c + class names and palette).
+"""Convert an mmsegmentation checkpoint (the BDD100K model zoo's mmseg 0.x files, or mmseg 1.x
+ones) into this project's checkpoint format: model + config + class names and palette.
 
-    python scripts/convert_mmseg_checkpoint.py fpn_r50_512x1024_40k_sem_seg_bdd100k.pth \
-        checkpoints/fpn_r50c_bdd100k.pt
-    python src/evaluate.py checkpoint=checkpoints/fpn_r50c_bdd100k.pt
+The architecture is recognised from the file's keys and printed: Semantic FPN (model=semantic_fpn,
+semantic_fpn_gn), FCN, PSPNet, DeepLabV3, DeepLabV3+ (model=fcn, pspnet, deeplabv3, deeplabv3plus;
+dilated backbone=resnet50c_d8 / resnet101c_d8) and UPerNet (model=upernet, backbone=resnet50c), on
+ResNetV1c-50/101. Anything else is refused with one line; nothing is written then.
 
-mmcv / mmengine checkpoints may hold pickled objects (their ``meta``), which are refused unless
-``--trust-pickle`` is given for a file from a source you trust.
+    python scripts/convert_mmseg_checkpoint.py pspnet_r50-d8_512x1024_40k_sem_seg_bdd100k.pth \
+        checkpoints/pspnet_r50-d8_bdd100k.pt
+    python src/evaluate.py checkpoint=checkpoints/pspnet_r50-d8_bdd100k.pt
+
+Config overrides of the converted model follow the paths, e.g. ``model.align_corners=true`` (the
+zoo's 769x769 rows) or ``model.aux_head=null`` (leave the auxiliary head's weights out: inference
+never uses them; kept by default, for fine-tuning). mmcv / mmengine checkpoints may hold pickled
+objects (their ``meta``), which are refused unless ``--trust-pickle`` is given for a file from a
+source you trust.
 """
 
 from __future__ import annotations
@@ -19,8 +27,9 @@ import torch
 
 from semseg.cli import compose_groups, report_user_errors
 from semseg.data import dataset_meta
+from semseg.models.base import AUX_HEAD
 from semseg.models.checkpoint import save_checkpoint, torch_load_weights_only
-from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS, mmseg_to_checkpoint
+from semseg.models.mmseg_conversion import mmseg_to_checkpoint, recognise_mmseg
 
 
 @report_user_errors
@@ -30,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         "input", type=Path, help="mmseg checkpoint (.pth with a 'state_dict' entry)"
     )
     parser.add_argument("output", type=Path, help="checkpoint to write (.pt)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides of the converted model, e.g. model.align_corners=true",
+    )
     parser.add_argument("--num-classes", type=int, default=19, help="expected class count")
     parser.add_argument("--dataset", default="bdd100k", help="dataset config for names/palette")
     parser.add_argument(
@@ -45,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         hint = "if you trust its source, rerun with --trust-pickle"
         state = torch_load_weights_only(args.input, trust_hint=hint)
-    config = compose_groups({**MMSEG_CONFIG_GROUPS, "dataset": args.dataset})
+    arch = recognise_mmseg(state)
+    overrides = list(args.overrides)
+    if arch.head.aux and not arch.has_aux:  # nothing to load into an auxiliary head
+        overrides.insert(0, f"model.{AUX_HEAD}=null")
+    groups = arch.config_groups
+    config = compose_groups({**groups, "dataset": args.dataset}, overrides)
     checkpoint = mmseg_to_checkpoint(
         state,
         source=str(args.input),
@@ -54,7 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         num_classes=args.num_classes,
     )
     save_checkpoint(checkpoint, args.output)
-    print(f"wrote {args.output} ({len(checkpoint['model'])} tensors, backbone=resnet50c)")
+    kept = config["model"].get(AUX_HEAD) is not None
+    aux = f", auxiliary head {'kept' if kept else 'left out'}" if arch.has_aux else ""
+    print(
+        f"recognised {arch.describe()}: built model={groups['model']} "
+        f"backbone={groups['backbone']}{aux}; wrote {args.output} "
+        f"({len(checkpoint['model'])} tensors)"
+    )
     return 0
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from semseg.cli import compose_groups
 from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
 from semseg.models import convert_mmseg_state_dict, mmseg_to_checkpoint, model_from_checkpoint
 from semseg.models.checkpoint import load_checkpoint
-from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS
+from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS, recognise_mmseg
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,3 +160,157 @@ def test_script_end_to_end(mmseg_sd: dict[str, torch.Tensor], tmp_path: Path) ->
     assert torch.equal(state["model"]["classifier.bias"], mmseg_sd["decode_head.conv_seg.bias"])
     with pytest.raises(SystemExit):  # argparse: "input checkpoint not found"
         script.main([str(tmp_path / "missing.pth"), str(out)])
+
+
+# --------------------------------------------------------------------------------------------
+# Every architecture of the zoo's mmseg files: recognised from the keys, or refused in one line.
+# The layouts are mmseg's own (the key/shape lists scripts/mmseg_reference.py recorded from
+# mmseg 1.2.2's models); the exactness of the converted models is tests/test_mmseg_exactness.py.
+
+MMSEG_CASES = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
+
+
+def layout(case: str) -> dict[str, torch.Tensor]:
+    """The keys of mmseg's state dict of ``case`` with empty tensors (recognition reads keys)."""
+    return {key: torch.empty(0) for key in MMSEG_CASES[case]["shapes"]}
+
+
+@pytest.mark.parametrize("case", list(MMSEG_CASES))
+def test_architecture_recognised_from_keys(case: str) -> None:
+    arch = recognise_mmseg(layout(case))
+    assert arch.config_groups == MMSEG_CASES[case]["groups"]
+    assert arch.has_aux == (case != "semantic_fpn")
+    renamed = convert_mmseg_state_dict({"state_dict": layout(case)})
+    assert len(renamed) == len(MMSEG_CASES[case]["shapes"])  # every key has a rule
+
+
+def test_group_norm_semantic_fpn_is_recognised(mmseg_sd: dict[str, torch.Tensor]) -> None:
+    gn = {k.replace(".bn.", ".gn."): v for k, v in mmseg_sd.items()}
+    gn = {k: v for k, v in gn.items() if not k.endswith(("running_mean", "running_var", "tracked"))}
+    assert recognise_mmseg(gn).config_groups == {
+        "model": "semantic_fpn_gn",
+        "backbone": "resnet50c",
+    }
+
+
+def _renamed(sd: dict, old: str, new: str) -> dict:
+    return {k.replace(old, new): v for k, v in sd.items()}
+
+
+REFUSED = {
+    # CCNet: criss-cross attention in the decode head
+    "ccnet": (
+        lambda: layout("fcn") | {"decode_head.cca.query_conv.weight": torch.empty(0)},
+        r"decode_head submodules: cca, conv_cat, conv_seg, convs",
+    ),
+    # PointRend: a list of decode heads
+    "pointrend": (
+        lambda: _renamed(layout("semantic_fpn"), "decode_head.", "decode_head.0."),
+        r"decode_head submodules: 0",
+    ),
+    # deformable convolutions in the backbone (the zoo's "+ DCN" rows)
+    "dcn": (
+        lambda: layout("pspnet") | {"backbone.layer2.0.conv2.conv_offset.weight": torch.empty(0)},
+        r"PSPHead on ResNetV1c.*keys without a mapping \(1\): backbone\.layer2\.0\.conv2\.conv_offset",
+    ),
+    # ResNetV1d: average-pool downsampling (downsample.1 is the conv, .2 the norm)
+    "resnet_v1d": (
+        lambda: layout("upernet") | {"backbone.layer1.0.downsample.2.weight": torch.empty(0)},
+        r"keys without a mapping \(1\): backbone\.layer1\.0\.downsample\.2\.weight",
+    ),
+    # a transformer backbone
+    "swin": (
+        lambda: {k: v for k, v in layout("upernet").items() if not k.startswith("backbone.")}
+        | {"backbone.patch_embed.projection.weight": torch.empty(0)},
+        r"not a supported mmseg backbone \(backbone keys: backbone\.patch_embed",
+    ),
+    # ResNetV1c-152 has no backbone config here
+    "resnet152": (
+        lambda: layout("fcn") | {f"backbone.layer3.{i}.conv1.weight": torch.empty(0)
+                                 for i in range(6, 36)},
+        r"ResNetV1c with \[3, 4, 36, 3\] blocks per stage",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(REFUSED))
+def test_unsupported_architectures_are_refused_in_one_line(kind: str) -> None:
+    make, pattern = REFUSED[kind]
+    with pytest.raises(CheckpointError, match=pattern) as info:
+        convert_mmseg_state_dict(make())
+    message = str(info.value)
+    assert "\n" not in message
+    if kind != "resnet152":  # that one names the depths that have configs
+        assert "supported: " in message and "PSPHead (model=pspnet)" in message
+
+
+def test_refused_file_writes_nothing(tmp_path: Path, capsys) -> None:
+    script = load_script("convert_mmseg_checkpoint")
+    src, out = tmp_path / "ccnet.pth", tmp_path / "ccnet.pt"
+    torch.save({"state_dict": REFUSED["ccnet"][0]()}, src)
+    with pytest.raises(SystemExit) as info:
+        script.main([str(src), str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: not a supported mmseg decode head") and "\n" not in err
+    assert list(tmp_path.iterdir()) == [src]
+
+
+@pytest.fixture(scope="module")
+def deeplabv3plus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An mmseg 1.x checkpoint of DeepLabV3+ R-50-D8 (seeded weights in mmseg's layout): meta,
+    state_dict, message hub, optimizer and schedulers, all plain data."""
+    weights = load_script("mmseg_reference").seeded_weights(MMSEG_CASES["deeplabv3plus"]["shapes"])
+    path = tmp_path_factory.mktemp("mmseg") / "deeplabv3plus_r50-d8.pth"
+    torch.save(
+        {
+            "meta": {"mmengine_version": "0.10.7", "epoch": 0, "iter": 80000,
+                     "dataset_meta": {"classes": ["road"] * 19}},
+            "state_dict": weights,
+            "message_hub": {"log_scalars": {}, "runtime_info": {"iter": 80000}},
+            "optimizer": {"state": {}, "param_groups": []},
+            "param_schedulers": [{"eta_min": 1e-4, "power": 0.9}],
+        },
+        path,
+    )  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.aux_head=null"]])
+def test_script_converts_a_decoder(
+    deeplabv3plus_file: Path, tmp_path: Path, capsys, overrides: list[str]
+) -> None:
+    script = load_script("convert_mmseg_checkpoint")
+    out = tmp_path / "deeplabv3plus.pt"
+    assert script.main([str(deeplabv3plus_file), str(out), *overrides]) == 0
+    printed = capsys.readouterr().out
+    assert "recognised mmseg DepthwiseSeparableASPPHead on ResNetV1c" in printed
+    assert "built model=deeplabv3plus backbone=resnet50c_d8" in printed
+    kept = not overrides
+    assert f"auxiliary head {'kept' if kept else 'left out'}" in printed
+    state = load_checkpoint(out)
+    assert any(k.startswith("aux_head.") for k in state["model"]) == kept
+    assert state["config"]["backbone"]["output_stride"] == 8
+    model, meta, _ = model_from_checkpoint(out)  # strict; without the auxiliary head
+    assert model.aux_head is None and meta["class_names"][0] == "road"
+    source = torch.load(deeplabv3plus_file, weights_only=True)["state_dict"]
+    assert torch.equal(
+        model.decode_head.c1_bottleneck[1].running_var,
+        source["decode_head.c1_bottleneck.bn.running_var"],
+    )
+    if kept:  # the auxiliary head's weights, for fine-tuning
+        assert torch.equal(
+            state["model"]["aux_head.classifier.weight"], source["auxiliary_head.conv_seg.weight"]
+        )
+
+
+def test_script_without_aux_weights_configures_no_aux_head(tmp_path: Path, capsys) -> None:
+    weights = load_script("mmseg_reference").seeded_weights(MMSEG_CASES["upernet"]["shapes"])
+    weights = {k: v for k, v in weights.items() if not k.startswith("auxiliary_head.")}
+    src, out = tmp_path / "upernet.pth", tmp_path / "upernet.pt"
+    torch.save({"state_dict": weights}, src)
+    script = load_script("convert_mmseg_checkpoint")
+    assert script.main([str(src), str(out), "model.align_corners=true"]) == 0
+    assert "built model=upernet backbone=resnet50c;" in capsys.readouterr().out
+    config = load_checkpoint(out)["config"]
+    assert config["model"]["aux_head"] is None and config["model"]["align_corners"] is True

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,8 @@ class SegCrossEntropy(nn.Module):
     ``normalize="all"`` divides the summed loss by ALL pixels, ignored ones included, as mmseg does
     (the reference); ``"valid"`` divides by the non-ignored pixels (mmseg's ``avg_non_ignore``; with
     class weights this is a count of pixels, not PyTorch's sum of their weights).
+    Called with the ``{"out", "aux"}`` outputs of a model with an auxiliary head (training), it
+    returns ``loss(out) + aux_weight * loss(aux)``.
     """
 
     def __init__(
@@ -42,6 +44,7 @@ class SegCrossEntropy(nn.Module):
         ignore_index: int = 255,
         normalize: str = "all",
         class_weight: Sequence[float] | None = None,
+        aux_weight: float = 0.4,
     ) -> None:
         super().__init__()
         if normalize not in ("all", "valid"):
@@ -51,6 +54,13 @@ class SegCrossEntropy(nn.Module):
             None if class_weight is None else torch.tensor(list(class_weight), dtype=torch.float)
         )
         self.register_buffer("class_weight", weight, persistent=False)
+        self.aux_weight = float(aux_weight)
+
+    def __call__(self, outputs: torch.Tensor | Mapping[str, torch.Tensor], target: torch.Tensor):
+        if isinstance(outputs, Mapping):  # a model with an auxiliary head, in training
+            aux = super().__call__(outputs["aux"], target)
+            return super().__call__(outputs["out"], target) + self.aux_weight * aux
+        return super().__call__(outputs, target)
 
     def denominator(self, target: torch.Tensor) -> torch.Tensor | int:
         """What the summed per-pixel loss is divided by (stays on the device: no host sync)."""
@@ -87,8 +97,9 @@ class OhemCrossEntropy(SegCrossEntropy):
         class_weight: Sequence[float] | None = None,
         thresh: float = 0.7,
         min_kept: int = 100000,
+        aux_weight: float = 0.4,
     ) -> None:
-        super().__init__(ignore_index, normalize, class_weight)
+        super().__init__(ignore_index, normalize, class_weight, aux_weight)
         if not 0 < thresh <= 1:
             raise ConfigError(f"loss.thresh={thresh} must be in (0, 1]")
         if min_kept < 1:

@@ -1,25 +1,25 @@
-"""Semantic FPN on timm backbones: building, weights and size accounting.
+"""Segmentation models on timm backbones (Semantic FPN; FCN, PSPNet, DeepLabV3, DeepLabV3+,
+UPerNet): building, weights, size accounting and mmseg checkpoint conversion.
 
-The factory ``semantic_fpn`` stays in its module (``semseg.models.semantic_fpn.semantic_fpn``, the
-config's ``_target_``): re-exporting it here would shadow the submodule of the same name.
+The factories stay in their modules (``semseg.models.semantic_fpn.semantic_fpn``,
+``semseg.models.decoders.encoder_decoder``, the configs' ``_target_``): re-exporting them here
+would shadow the submodules of the same name.
 The backbone names load on first use: timm (and, through it, wandb) costs a second of start-up
 that `--help`, `--cfg job` and checkpoint bookkeeping never need.
 """
 
 from typing import Any
 
+from semseg.models.base import count_parameters, forward_gflops
 from semseg.models.build import build_model, load_model_weights, model_from_checkpoint
+from semseg.models.decoders import EncoderDecoder
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict, mmseg_to_checkpoint
-from semseg.models.semantic_fpn import (
-    SemanticFPN,
-    count_parameters,
-    forward_gflops,
-    group_norm,
-)
+from semseg.models.semantic_fpn import SemanticFPN, group_norm
 
 __all__ = [
     "BackboneStrideError",
     "ConvNeXtBackbone",
+    "EncoderDecoder",
     "SemanticFPN",
     "TimmBackbone",
     "WeightsError",

@@ -1,7 +1,9 @@
 """Any timm model that returns multi-scale features, as a backbone with strides 4/8/16/32.
 
 The taps are chosen from timm's ``feature_info`` by reduction (their indices differ between
-models); ImageNet weights come from a local file or the hub (:mod:`semseg.models.backbone_weights`).
+models), or given as feature indices where several taps share a reduction (a dilated ResNet with
+``output_stride=8`` has three at stride 8); ImageNet weights come from a local file or the hub
+(:mod:`semseg.models.backbone_weights`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,28 @@ def _pick_out_indices(
     return [by_reduction[s] for s in out_strides]
 
 
+def _check_out_indices(
+    name: str,
+    reductions: Sequence[int],
+    out_indices: Sequence[int],
+    out_strides: Sequence[int] | None,
+) -> list[int]:
+    """``out_indices`` checked against the taps, and their strides against ``out_strides``."""
+    indices = [int(i) for i in out_indices]
+    if any(not 0 <= i < len(reductions) for i in indices):
+        raise BackboneStrideError(
+            f"backbone.out_indices={indices} for '{name}': its features_only taps are 0.."
+            f"{len(reductions) - 1} with reductions {list(reductions)}"
+        )
+    strides = [reductions[i] for i in indices]
+    if out_strides is not None and strides != [int(s) for s in out_strides]:
+        raise BackboneStrideError(
+            f"backbone.out_indices={indices} of '{name}' have strides {strides}, not "
+            f"backbone.out_strides={list(out_strides)}: set out_strides to {strides} (or null)"
+        )
+    return indices
+
+
 def enable_grad_checkpointing(features: nn.Module) -> None:
     """timm's activation checkpointing for a features_only model: per block inside the stages that
     support it (ConvNeXt, Swin, ...), else per top-level module of the wrapper (ResNet's layers)."""
@@ -57,6 +81,8 @@ class TimmBackbone(nn.Module):
         weights: local ``.safetensors``/``.pth`` file with the timm model's state dict; with
             ``pretrained=True`` and no file, the hub is used (only its cache under HF_HUB_OFFLINE=1).
         out_strides: strides of the returned maps.
+        out_indices: feature indices of the returned maps instead (their strides must then equal
+            ``out_strides``, unless that is None), for taps that share a stride.
         grad_checkpointing: recompute activations in the backward pass instead of keeping them
             (less memory, about a third more compute): see :func:`enable_grad_checkpointing`.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
@@ -67,17 +93,25 @@ class TimmBackbone(nn.Module):
         name: str,
         pretrained: bool = False,
         weights: str | os.PathLike | None = None,
-        out_strides: Sequence[int] = (4, 8, 16, 32),
+        out_strides: Sequence[int] | None = (4, 8, 16, 32),
+        out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
         **timm_kwargs,
     ) -> None:
         super().__init__()
         self.name = name
         self.timm_kwargs = dict(timm_kwargs)  # what rebuilds the same model (weights loading)
-        out_strides = [int(s) for s in out_strides]
         # All taps' reductions, read from a model built on the meta device (no memory, no init).
         probe = build_timm_model(name, meta=True, features_only=True, **timm_kwargs)
-        out_indices = _pick_out_indices(name, probe.feature_info.reduction(), out_strides)
+        reductions = probe.feature_info.reduction()
+        if out_indices is not None:
+            out_indices = _check_out_indices(name, reductions, out_indices, out_strides)
+        elif out_strides is None:
+            raise BackboneStrideError(
+                f"backbone '{name}': set backbone.out_strides or backbone.out_indices"
+            )
+        else:
+            out_indices = _pick_out_indices(name, reductions, [int(s) for s in out_strides])
         self.model = timm.create_model(
             name, pretrained=False, features_only=True, out_indices=out_indices, **timm_kwargs
         )

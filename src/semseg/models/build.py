@@ -1,8 +1,9 @@
 """Whole models: build one from a config, load weights into it strictly, rebuild it from a
-checkpoint of this project."""
+checkpoint of this project (for inference: without its training-only auxiliary head)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -14,7 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from semseg.errors import CheckpointError, UserError
+from semseg.models.base import AUX_HEAD, unwrap_model
 from semseg.models.hub import load_model_checkpoint
+
+log = logging.getLogger(__name__)
 
 # Prefixes that wrappers add to state-dict keys: DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -33,11 +37,6 @@ def build_model(cfg: DictConfig | Mapping) -> nn.Module:
         if isinstance(e.__cause__, (UserError, ValueError)):
             raise e.__cause__ from None
         raise
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -70,7 +69,7 @@ def describe_key_mismatch(mismatched: list[str], missing: list[str], unexpected:
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
     """Load ``state_dict`` into ``model`` strictly; on any mismatch raise a CheckpointError that
     lists the missing, unexpected and shape-mismatched keys and names ``source``."""
-    target = _unwrap(model)
+    target = unwrap_model(model)
     state_dict = strip_wrapper_prefixes(state_dict)
     expected = target.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -82,8 +81,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], sourc
     ]
     if problems := describe_key_mismatch(mismatched, missing, unexpected):
         hint = "the architecture (model/backbone config) or the class count differs"
-        cls_key = "classifier.weight"
-        if cls_key in state_dict and cls_key in expected:
+        cls_key = next((k for k in expected if k.endswith("classifier.weight")), "")
+        if cls_key in state_dict:
             n_file, n_model = state_dict[cls_key].shape[0], expected[cls_key].shape[0]
             if n_file != n_model:
                 hint = (
@@ -94,6 +93,27 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], sourc
     target.load_state_dict(state_dict, strict=True)
 
 
+def fit_aux_head(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with its auxiliary-head weights made to follow the model: dropped when the
+    model has no auxiliary head; the model's own (fresh) ones added when the state dict has none."""
+    target, prefix = unwrap_model(model), f"{AUX_HEAD}."
+    state = strip_wrapper_prefixes(state_dict)
+    if getattr(target, AUX_HEAD, None) is None:
+        return {k: v for k, v in state.items() if not k.startswith(prefix)}
+    if not any(k.startswith(prefix) for k in state):
+        log.info("the weights have no auxiliary head: %s starts from its initialisation", AUX_HEAD)
+        state |= {k: v for k, v in target.state_dict().items() if k.startswith(prefix)}
+    return state
+
+
+def load_start_weights(model: nn.Module, weights: str | os.PathLike) -> None:
+    """Start from the weights of a checkpoint of this project (``model.weights=``: a file, a model
+    folder or ``hf://``), strictly,
+    except for the auxiliary head, which follows the model config (:func:`fit_aux_head`)."""
+    state = load_model_checkpoint(weights)["model"]
+    load_model_weights(model, fit_aux_head(model, state), source=f"model.weights={weights}")
+
+
 def model_from_checkpoint(
     path_or_state: str | os.PathLike | Mapping[str, Any],
     map_location: str | torch.device = "cpu",
@@ -102,8 +122,9 @@ def model_from_checkpoint(
     """Rebuild the model stored in a checkpoint of this project (a file, a model folder or
     ``hf://<org>/<name>[@<revision>]``, see :mod:`semseg.models.hub`): ``(model, meta, config)``.
 
-    The architecture comes from the checkpoint's config (backbone without pretrained weights);
-    the weights are loaded strictly. The model is returned in eval mode.
+    The architecture comes from the checkpoint's config (backbone without pretrained weights),
+    without the auxiliary head, which only training uses; the weights are loaded strictly. The
+    model is returned in eval mode.
     """
     if isinstance(path_or_state, Mapping):  # ``source`` names it in messages
         state, source = path_or_state, source or "the given checkpoint"
@@ -118,15 +139,18 @@ def model_from_checkpoint(
             f"{source} carries no model/backbone config, so the model cannot be rebuilt; "
             "convert it with scripts/convert_mmseg_checkpoint.py or save it with this project's trainer"
         )
+    model_cfg = {**config["model"], "weights": None}
+    if model_cfg.get(AUX_HEAD) is not None:
+        model_cfg[AUX_HEAD] = None
     cfg = OmegaConf.create(
         {
-            "model": {**config["model"], "weights": None},
+            "model": model_cfg,
             "backbone": {**config["backbone"], "pretrained": False, "weights": None},
         }
     )
     check_buildable(cfg, source)
     model = build_model(cfg)
-    load_model_weights(model, state["model"], source=source)
+    load_model_weights(model, fit_aux_head(model, state["model"]), source=source)
     if not state.get("meta"):
         raise CheckpointError(
             f"{source} carries no meta (class names, palette), so its predictions cannot be named; "

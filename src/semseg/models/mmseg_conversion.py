@@ -1,47 +1,250 @@
-"""mmsegmentation Semantic FPN (ResNetV1c) checkpoints -> checkpoints of this project.
+"""mmsegmentation checkpoints (mmseg 0.x / mmcv 1.x files like the BDD100K zoo's, and mmseg 1.x
+files) -> checkpoints of this project.
 
-The config of the converted model (``model``, ``backbone=resnet50c``, ``dataset`` groups) comes in
-as values: the converter script composes it from ``conf/``.
+What a file holds is recognised from its keys alone: the backbone family from ``backbone.*`` (one
+row of :data:`BACKBONES`), the architecture from the submodules of ``decode_head`` (one row of
+:data:`HEADS`). Each row brings the regex rules that rename its tensors; a new family (mmpretrain
+ConvNeXt, Swin) is one more row. The config of the converted model comes in as values: the
+converter script composes the groups that :func:`recognise_mmseg` names from ``conf/``.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
 from semseg.errors import CheckpointError
-from semseg.models.build import build_model, listing, load_model_weights, strip_wrapper_prefixes
+from semseg.models.base import AUX_HEAD
+from semseg.models.build import (
+    build_model,
+    fit_aux_head,
+    listing,
+    load_model_weights,
+    strip_wrapper_prefixes,
+)
 from semseg.models.checkpoint import make_checkpoint
 
-# The config groups that the converted checkpoint's config holds, and their conf/ names.
+Rule = tuple[re.Pattern, str]
+# The config groups of the reference row (Semantic FPN R-50); recognise_mmseg() names any file's.
 MMSEG_CONFIG_GROUPS = {"model": "semantic_fpn", "backbone": "resnet50c"}
+_BN_STATS = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
 
-# mmseg Semantic FPN (ResNetV1c backbone, FPN neck, FPNHead) key patterns and their names here
-# (backbone=resnet50c: timm's deep stem is conv1.{0,1,3,4,6} + bn1; the stages share mmseg's names).
-_MMSEG_RULES: list[tuple[re.Pattern, str]] = [
-    (re.compile(r"^backbone\.stem\.([01346])\.(.+)$"), r"backbone.model.conv1.\1.\2"),
-    (re.compile(r"^backbone\.stem\.7\.(.+)$"), r"backbone.model.bn1.\1"),
-    (re.compile(r"^backbone\.(layer\d+\..+)$"), r"backbone.model.\1"),
-    (re.compile(r"^neck\.lateral_convs\.(\d+)\.conv\.(.+)$"), r"fpn.inner_blocks.\1.0.\2"),
-    (re.compile(r"^neck\.fpn_convs\.(\d+)\.conv\.(.+)$"), r"fpn.layer_blocks.\1.0.\2"),
-    (re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.conv\.(.+)$"), r"heads.\1.\2.0.\3"),
-    (re.compile(r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(?:bn|gn)\.(.+)$"), r"heads.\1.\2.1.\3"),
-    (re.compile(r"^decode_head\.conv_seg\.(.+)$"), r"classifier.\1"),
+
+def _rules(*pairs: tuple[str, str]) -> list[Rule]:
+    return [(re.compile(pattern), replacement) for pattern, replacement in pairs]
+
+
+def conv_module_rules(source: str, target: str) -> list[Rule]:
+    """An mmseg head under ``source`` whose layers are mmcv ConvModules (``<name>.conv``,
+    ``<name>.bn|gn``) and ``conv_seg``, as this project's head under ``target`` (torchvision
+    ``Conv2dNormActivation``: ``<name>.0``, ``<name>.1``; ``classifier``)."""
+    src = re.escape(source)
+    return _rules(
+        (rf"^{src}\.conv_seg\.(weight|bias)$", rf"{target}.classifier.\1"),
+        (rf"^{src}\.(.+)\.conv\.(weight|bias)$", rf"{target}.\1.0.\2"),
+        (rf"^{src}\.(.+)\.(?:bn|gn)\.({_BN_STATS})$", rf"{target}.\1.1.\2"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Backbone families
+
+
+@dataclass(frozen=True)
+class MmsegBackbone:
+    """An mmseg backbone family: recognised by ``marker`` (a key), renamed by ``rules``; its
+    ``conf/backbone`` name comes from ``config_name(keys, output_stride)``."""
+
+    family: str
+    marker: str
+    rules: list[Rule]
+    config_name: Callable[[Sequence[str], int], str]
+
+
+_RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
+
+
+def _resnet_v1c_config(keys: Sequence[str], output_stride: int) -> str:
+    """``resnet50c``/``resnet101c`` (+ ``_d8`` at output stride 8) from the blocks per stage."""
+    blocks = tuple(
+        len({k.split(".")[2] for k in keys if k.startswith(f"backbone.layer{stage}.")})
+        for stage in range(1, 5)
+    )
+    depth = _RESNET_DEPTHS.get(blocks)
+    if depth is None:
+        raise CheckpointError(
+            f"ResNetV1c with {list(blocks)} blocks per stage: only depths 50 {[3, 4, 6, 3]} and "
+            f"101 {[3, 4, 23, 3]} have backbone configs here"
+        )
+    return f"resnet{depth}c" + ("_d8" if output_stride == 8 else "")
+
+
+# timm's deep stem is conv1.{0,1,3,4,6} + bn1; the stages share mmseg's names (bottleneck blocks,
+# a 1x1 conv + norm as downsample: no avg-pool, which would be ResNetV1d).
+RESNET_V1C = MmsegBackbone(
+    family="ResNetV1c",
+    marker="backbone.stem.0.weight",
+    rules=_rules(
+        (r"^backbone\.stem\.([01346])\.(.+)$", r"backbone.model.conv1.\1.\2"),
+        (r"^backbone\.stem\.7\.(.+)$", r"backbone.model.bn1.\1"),
+        (
+            rf"^backbone\.(layer\d\.\d+\.(?:conv[123]\.weight|bn[123]\.{_BN_STATS}"
+            rf"|downsample\.0\.weight|downsample\.1\.{_BN_STATS}))$",
+            r"backbone.model.\1",
+        ),
+    ),
+    config_name=_resnet_v1c_config,
+)
+
+BACKBONES: list[MmsegBackbone] = [RESNET_V1C]
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures (decode head, neck)
+
+
+@dataclass(frozen=True)
+class MmsegHead:
+    """An mmseg architecture: recognised by the submodules of ``decode_head`` (and ``marker``, a
+    regex some key matches, where two share them); built as ``conf/model/<model>``.
+
+    ``output_stride``: of the backbone in mmseg's and the zoo's configs of this architecture
+    ("-D8": 8). ``aux``: the model takes mmseg's auxiliary FCNHead (``auxiliary_head``).
+    """
+
+    model: str
+    mmseg_type: str
+    submodules: frozenset[str]
+    output_stride: int
+    rules: list[Rule]
+    aux: bool = True
+    marker: str | None = None
+
+
+def _head(model: str, mmseg_type: str, submodules: str, output_stride: int) -> MmsegHead:
+    """An encoder-decoder architecture whose decode head is made of ConvModules."""
+    rules = conv_module_rules("decode_head", "decode_head")
+    return MmsegHead(model, mmseg_type, frozenset(submodules.split()), output_stride, rules)
+
+
+_FPN_RULES = _rules(
+    (r"^neck\.lateral_convs\.(\d+)\.conv\.(.+)$", r"fpn.inner_blocks.\1.0.\2"),
+    (r"^neck\.fpn_convs\.(\d+)\.conv\.(.+)$", r"fpn.layer_blocks.\1.0.\2"),
+    (r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.conv\.(.+)$", r"heads.\1.\2.0.\3"),
+    (r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(?:bn|gn)\.(.+)$", r"heads.\1.\2.1.\3"),
+    (r"^decode_head\.conv_seg\.(.+)$", r"classifier.\1"),
+)
+_FPN_HEAD = frozenset({"scale_heads", "conv_seg"})
+
+HEADS: list[MmsegHead] = [
+    MmsegHead("semantic_fpn_gn", "FPN + FPNHead (GN)", _FPN_HEAD, 32, _FPN_RULES, False, r"\.gn\."),
+    MmsegHead("semantic_fpn", "FPN + FPNHead", _FPN_HEAD, 32, _FPN_RULES, aux=False),
+    _head("fcn", "FCNHead", "convs conv_cat conv_seg", 8),
+    _head("pspnet", "PSPHead", "psp_modules bottleneck conv_seg", 8),
+    _head("deeplabv3", "ASPPHead", "image_pool aspp_modules bottleneck conv_seg", 8),
+    _head(
+        "deeplabv3plus",
+        "DepthwiseSeparableASPPHead",
+        "image_pool aspp_modules bottleneck c1_bottleneck sep_bottleneck conv_seg",
+        8,
+    ),
+    _head(
+        "upernet",
+        "UPerHead",
+        "psp_modules bottleneck lateral_convs fpn_convs fpn_bottleneck conv_seg",
+        32,
+    ),
 ]
+# mmseg's auxiliary FCNHead (one ConvModule, no concatenation) -> this project's aux_head.
+_AUX_RULES = conv_module_rules("auxiliary_head", AUX_HEAD)
 
 
-def convert_mmseg_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename an mmseg Semantic FPN state dict (``backbone.*``, ``neck.*``, ``decode_head.*``) to
-    this project's keys; raise a CheckpointError listing the keys no rule matches."""
-    if "state_dict" in state_dict:  # a whole mmcv checkpoint (meta, state_dict, optimizer)
-        state_dict = state_dict["state_dict"]
+# --------------------------------------------------------------------------------------------
+# Recognition and conversion
+
+
+@dataclass(frozen=True)
+class MmsegArchitecture:
+    """What an mmseg state dict holds, and the ``conf/`` groups that rebuild it here."""
+
+    backbone: MmsegBackbone
+    head: MmsegHead
+    backbone_config: str
+    has_aux: bool
+
+    @property
+    def config_groups(self) -> dict[str, str]:
+        return {"model": self.head.model, "backbone": self.backbone_config}
+
+    @property
+    def rules(self) -> list[Rule]:
+        return self.backbone.rules + self.head.rules + (_AUX_RULES if self.head.aux else [])
+
+    def describe(self) -> str:
+        aux = "; auxiliary FCNHead" if self.has_aux else ""
+        return (
+            f"mmseg {self.head.mmseg_type} on {self.backbone.family} "
+            f"({self.backbone_config}, output stride {self.head.output_stride}){aux}"
+        )
+
+
+def _supported() -> str:
+    heads = ", ".join(f"{h.mmseg_type} (model={h.model})" for h in HEADS)
+    families = ", ".join(b.family for b in BACKBONES)
+    return f"supported: {heads}; backbones: {families}"
+
+
+def _state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a state dict or of a whole mmcv/mmengine checkpoint (meta, state_dict, ...)."""
+    if isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    return strip_wrapper_prefixes(state)
+
+
+def recognise_mmseg(state: Mapping[str, Any]) -> MmsegArchitecture:
+    """The backbone family and architecture of an mmseg state dict (or whole checkpoint); a
+    CheckpointError naming what was found and what is supported when it is neither."""
+    keys = list(_state_dict(state))
+    backbone = next((b for b in BACKBONES if b.marker in keys), None)
+    if backbone is None:
+        found = ", ".join([k for k in keys if k.startswith("backbone.")][:3]) or "none"
+        raise CheckpointError(
+            f"not a supported mmseg backbone (backbone keys: {found}, ...); {_supported()}"
+        )
+    submodules = {k.split(".")[1] for k in keys if k.startswith("decode_head.")}
+    head = next(
+        (
+            h
+            for h in HEADS
+            if h.submodules == submodules
+            and (h.marker is None or any(re.search(h.marker, k) for k in keys))
+        ),
+        None,
+    )
+    if head is None:
+        raise CheckpointError(
+            f"not a supported mmseg decode head (decode_head submodules: "
+            f"{', '.join(sorted(submodules)) or 'none'}); {_supported()}"
+        )
+    has_aux = head.aux and any(k.startswith("auxiliary_head.") for k in keys)
+    return MmsegArchitecture(
+        backbone, head, backbone.config_name(keys, head.output_stride), has_aux
+    )
+
+
+def convert_mmseg_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
+    """Rename the tensors of an mmseg state dict (or whole checkpoint) to this project's keys by
+    the rules of its recognised backbone and architecture; a CheckpointError lists the keys no
+    rule matches (e.g. deformable convolutions)."""
+    arch = recognise_mmseg(state)
     converted, unknown = {}, []
-    for key, value in strip_wrapper_prefixes(state_dict).items():
-        for pattern, replacement in _MMSEG_RULES:
+    for key, value in _state_dict(state).items():
+        for pattern, replacement in arch.rules:
             if pattern.match(key):
                 converted[pattern.sub(replacement, key)] = value
                 break
@@ -49,24 +252,33 @@ def convert_mmseg_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
             unknown.append(key)
     if unknown:
         raise CheckpointError(
-            "not an mmseg Semantic FPN + ResNetV1c state dict: "
-            + listing("keys without a mapping", unknown)
+            f"not a supported {arch.describe()}: "
+            f"{listing('keys without a mapping', unknown)}; {_supported()}"
         )
     return converted
 
 
+def _num_classes(converted: Mapping[str, Tensor]) -> int | None:
+    for key in ("classifier.weight", "decode_head.classifier.weight"):
+        if key in converted:
+            return int(converted[key].shape[0])
+    return None
+
+
 def mmseg_to_checkpoint(
-    state_dict: Mapping[str, Tensor],
+    state_dict: Mapping[str, Any],
     source: str,
     config: Mapping[str, Any],
     meta: Mapping[str, Any],
     num_classes: int | None = None,
 ) -> dict:
-    """Turn an mmseg Semantic FPN R-50-V1c state dict (or whole mmcv checkpoint) into a checkpoint
-    of this project. ``config`` holds the resolved ``model``, ``backbone`` (resnet50c) and
-    ``dataset`` groups that rebuild the model; ``meta`` is the dataset's (``semseg.data.dataset_meta``)."""
+    """Turn an mmseg state dict (or whole mmcv/mmengine checkpoint) into a checkpoint of this
+    project. ``config`` holds the resolved ``model``, ``backbone`` and ``dataset`` groups that
+    rebuild the model (those :func:`recognise_mmseg` names); ``meta`` is the dataset's
+    (``semseg.data.dataset_meta``). The auxiliary head's weights are kept when ``model.aux_head``
+    is set, dropped when it is null."""
     converted = convert_mmseg_state_dict(state_dict)
-    n_file = converted["classifier.weight"].shape[0] if "classifier.weight" in converted else None
+    n_file = _num_classes(converted)
     if num_classes is not None and n_file is not None and n_file != num_classes:
         raise CheckpointError(f"{source} has {n_file} classes, not --num-classes {num_classes}")
     config = copy.deepcopy(dict(config))
@@ -78,5 +290,5 @@ def mmseg_to_checkpoint(
     config["backbone"].update(pretrained=False, weights=None)
     config["model"]["weights"] = None
     model = build_model(config)
-    load_model_weights(model, converted, source=source)
+    load_model_weights(model, fit_aux_head(model, converted), source=source)
     return make_checkpoint(model.state_dict(), config, {**meta, "converted_from": source})

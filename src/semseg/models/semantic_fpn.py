@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from semseg.models.build import load_model_weights
-from semseg.models.hub import load_model_checkpoint
-
-# ImageNet statistics on the 0..255 scale (the usual dataset config values).
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
+from semseg.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationModel
+from semseg.models.build import load_start_weights
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -30,7 +23,7 @@ def group_norm(num_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, num_channels)
 
 
-class SemanticFPN(nn.Module):
+class SemanticFPN(SegmentationModel):
     """Backbone (C2..C5) -> FPN (P2..P5) -> per-level conv heads summed at stride 4 -> classifier.
 
     Takes RGB images with values 0..255 (float or uint8) and normalises them inside with the
@@ -49,7 +42,7 @@ class SemanticFPN(nn.Module):
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        super().__init__()
+        super().__init__(pixel_mean, pixel_std)
         strides = [int(s) for s in backbone.out_strides]
         self.backbone = backbone
         self.fpn = FeaturePyramidNetwork(list(backbone.out_channels), fpn_channels)
@@ -75,11 +68,6 @@ class SemanticFPN(nn.Module):
             self.heads.append(nn.Sequential(*layers))
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(head_channels, num_classes, kernel_size=1)
-        # Non-persistent: the statistics come from the config, not from the weights.
-        mean = torch.tensor([float(v) for v in pixel_mean]).view(1, -1, 1, 1)
-        std = torch.tensor([float(v) for v in pixel_std]).view(1, -1, 1, 1)
-        self.register_buffer("pixel_mean", mean, persistent=False)
-        self.register_buffer("pixel_std", std, persistent=False)
         self.num_classes = num_classes
         self._init_weights()
 
@@ -97,8 +85,7 @@ class SemanticFPN(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits at the input size for RGB images with values 0..255."""
-        x = (images.float() - self.pixel_mean) / self.pixel_std
-        features = self.backbone(x)
+        features = self.backbone(self.normalize(images))
         pyramid = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))).values())
         out = self.heads[0](pyramid[0])
         for head, level in zip(self.heads[1:], pyramid[1:]):
@@ -118,37 +105,5 @@ def semantic_fpn(
     this project to start from (fine-tuning, ``model.weights=PATH``, a model folder or hf://)."""
     model = SemanticFPN(backbone, int(num_classes), **kwargs)
     if weights is not None:
-        load_model_weights(
-            model, load_model_checkpoint(weights)["model"], source=f"model.weights={weights}"
-        )
+        load_start_weights(model, weights)
     return model
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def forward_gflops(model: nn.Module, height: int, width: int) -> float:
-    """Forward GFLOPs for one ``height x width`` image (a multiply-add counts as 2 FLOPs).
-
-    Counted on a meta-device copy (shapes only: no compute, no memory) when the model allows,
-    else with a real forward on the model's device.
-    """
-    model = getattr(model, "module", model)  # DDP
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    try:
-        return _count_gflops(copy.deepcopy(model).to("meta"), height, width, torch.device("meta"))
-    except Exception:  # an op without a meta kernel: count a real forward
-        return _count_gflops(model, height, width, next(model.parameters()).device)
-
-
-def _count_gflops(model: nn.Module, height: int, width: int, device: torch.device) -> float:
-    was_training = model.training
-    counter = FlopCounterMode(display=False)
-    try:
-        with counter, torch.no_grad():
-            model.eval()(torch.zeros(1, 3, height, width, device=device))
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() / 1e9

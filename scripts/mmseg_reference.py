@@ -1,0 +1,406 @@
+"""Reference outputs of mmsegmentation's own models, for tests/test_mmseg_exactness.py.
+
+For each case of :data:`CASES` (an mmseg base config ``_base_/models/<name>.py`` with the BDD100K
+zoo's settings), this builds mmseg's model, fills it with seeded, variance-preserving random
+weights (:func:`seeded_weights`: a function of each tensor's name and shape, so the tests recreate
+them without mmseg), runs it on structured street-like images (:func:`scene`) at a size that
+stride 32 divides and one that it does not, and through mmseg's whole test pipeline (load the PNG,
+keep-ratio resize into the test scale, normalise, logits resized back to the image) on
+``scene.png``. It writes small fixtures to ``tests/fixtures/mmseg/``: per case the argmax maps and
+the logits on a 6-pixel grid (``<case>.npz``); the key/shape list of mmseg's state dict and the
+layer geometry of mmseg's dilated ResNetV1c (``cases.json``); the input images (``inputs.npz``,
+``scene.png``).
+
+Set-up (once; a virtualenv of its own, because the mm packages pin opencv-python, which clashes
+with this project's opencv-python-headless)::
+
+    python -m venv --system-site-packages VENV          # reuses this project's torch
+    VENV/bin/pip install --no-deps mmengine==0.10.7 mmcv-lite==2.1.0 mmsegmentation==1.2.2
+    VENV/bin/pip install addict yapf rich termcolor prettytable scipy pyyaml packaging ftfy regex
+
+mmcv-lite has no compiled ops, and mmseg imports ``mmcv.ops`` at module level: this script puts a
+stub ``mmcv.ops`` into ``sys.modules`` before importing mmseg (the models here use no such op).
+
+Run from the repository root::
+
+    VENV/bin/python scripts/mmseg_reference.py                      # writes the fixtures
+    PYTHONPATH=src VENV/bin/python scripts/mmseg_reference.py --compare
+
+``--compare`` also converts each case with this project's converter and compares both models on
+whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at the zoo's scale
+1280x720 on a 640x480 scene (also with the zoo's mmseg 0.x float loading); it writes
+``comparison.json`` next to the fixtures (about half an hour on 2 CPU cores; ``--cases`` and
+``--no-fixtures`` narrow it down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import types
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+# (h, w): one size stride 32 divides and one it does not.
+SIZES = ((64, 128), (75, 110))
+# The pipeline fixture: a 100x75 PNG fitted into (w, h) = (256, 144) -> 192x144, logits back to
+# 100x75. The zoo's scale is (1280, 720); --compare checks that one too.
+PIPELINE_IMAGE = (75, 100)
+PIPELINE_SCALE = (256, 144)
+GRID = 6  # logits are stored every GRID pixels in both directions
+SEED = 0
+
+# name: (mmseg base config, its settings, this project's config groups, converter overrides)
+CASES: dict[str, dict[str, Any]] = {
+    "fcn": {"config": "fcn_r50-d8", "groups": {"model": "fcn", "backbone": "resnet50c_d8"}},
+    "pspnet": {
+        "config": "pspnet_r50-d8",
+        "groups": {"model": "pspnet", "backbone": "resnet50c_d8"},
+    },
+    "deeplabv3": {
+        "config": "deeplabv3_r50-d8",
+        "groups": {"model": "deeplabv3", "backbone": "resnet50c_d8"},
+    },
+    "deeplabv3plus": {
+        "config": "deeplabv3plus_r50-d8",
+        "groups": {"model": "deeplabv3plus", "backbone": "resnet50c_d8"},
+    },
+    "upernet": {
+        "config": "upernet_r50",
+        "groups": {"model": "upernet", "backbone": "resnet50c"},
+    },
+    "semantic_fpn": {
+        "config": "fpn_r50",
+        "groups": {"model": "semantic_fpn", "backbone": "resnet50c"},
+    },
+    # The R-101-D8 rows: the same conversion with 23 blocks in stage 3.
+    "deeplabv3plus_r101": {
+        "config": "deeplabv3plus_r50-d8",
+        "depth": 101,
+        "groups": {"model": "deeplabv3plus", "backbone": "resnet101c_d8"},
+    },
+    # The zoo's 769x769 rows: align_corners=True in every resize.
+    "upernet_align_corners": {
+        "config": "upernet_r50",
+        "align_corners": True,
+        "groups": {"model": "upernet", "backbone": "resnet50c"},
+        "overrides": ["model.align_corners=true"],
+    },
+}
+# The cases whose whole test pipeline is compared (this project resizes the logits back to the
+# image with align_corners=False, as mmseg does for them).
+PIPELINE_CASES = [name for name, case in CASES.items() if not case.get("align_corners")]
+
+
+# --------------------------------------------------------------------------------------------
+# Weights and images, recreated by the tests without mmseg
+
+
+def seeded_weights(
+    shapes: Mapping[str, Sequence[int]], seed: int = SEED
+) -> dict[str, torch.Tensor]:
+    """Random tensors for an mmseg state dict, each a function of its key, shape and ``seed``.
+
+    Variance-preserving, so that 50+ layers keep activations of order one and every branch
+    matters: convs He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1) (U(0.1, 0.3) on the
+    last norm of a residual block, which keeps the residual sum from doubling per block), biases
+    and running means N(0, 0.1), running variances U(0.5, 1.5).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, shape in shapes.items():
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+        name = key.rsplit(".", 1)[-1]
+        if name == "num_batches_tracked":
+            out[key] = torch.zeros(shape, dtype=torch.long)
+        elif name == "running_var":
+            out[key] = torch.rand(shape, generator=gen) + 0.5
+        elif name in ("running_mean", "bias"):
+            out[key] = torch.randn(shape, generator=gen) * 0.1
+        elif len(shape) == 4:
+            fan_in = shape[1] * shape[2] * shape[3]
+            out[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
+        elif ".bn3." in key:
+            out[key] = torch.rand(shape, generator=gen) * 0.2 + 0.1
+        else:
+            out[key] = torch.rand(shape, generator=gen) * 0.5 + 0.5
+    return out
+
+
+def scene(height: int, width: int, seed: int = SEED) -> np.ndarray:
+    """A street-like RGB uint8 image: sky gradient, buildings, road with lane marks, a few
+    objects, texture and mild noise (structure at every scale, unlike pure noise, so that pooling
+    branches see different values at different places)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    horizon = 0.45 * height
+    sky = y < horizon
+    img[sky] = np.stack(
+        [90 + 80 * y / horizon, 140 + 60 * y / horizon, 230 - 20 * y / horizon], -1
+    )[sky]
+    for _ in range(5):  # buildings
+        x0, w = rng.uniform(0, width), rng.uniform(0.1, 0.3) * width
+        top = rng.uniform(0.1, 0.4) * height
+        mask = (x >= x0) & (x < x0 + w) & (y >= top) & (y < horizon + 0.1 * height)
+        img[mask] = rng.uniform(40, 200, 3)
+        img[mask & ((y.astype(int) // 3 + x.astype(int) // 4) % 5 == 0)] *= 0.6  # windows
+    road = y >= horizon + 0.1 * height
+    img[road] = (110 + 15 * np.sin(x / 3.0) * np.cos(y / 5.0))[road, None]
+    lane = road & (np.abs(x - width / 2 - (y - height) * 0.3) < 1.5 + y / height * 2)
+    img[lane] = 235
+    for _ in range(4):  # cars / people
+        cy, cx = rng.uniform(0.55, 0.95) * height, rng.uniform(0, width)
+        ry, rx = rng.uniform(0.03, 0.1) * height, rng.uniform(0.03, 0.12) * width
+        img[((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 < 1] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 4, img.shape)
+    return np.clip(img, 0, 255).round().astype(np.uint8)
+
+
+def normalized(images: np.ndarray) -> torch.Tensor:
+    """N x H x W x 3 uint8 RGB -> N x 3 x H x W float, as mmseg's data preprocessor makes it."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def summary(logits: torch.Tensor) -> dict[str, np.ndarray]:
+    """What the fixtures keep of C x H x W logits: argmax, the GRID-pixel samples, class means."""
+    return {
+        "argmax": logits.argmax(0).to(torch.uint8).numpy(),
+        "grid": logits[:, ::GRID, ::GRID].numpy().astype(np.float32),
+        "mean": logits.double().mean((1, 2)).numpy(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# mmseg (only here below)
+
+
+def import_mmseg() -> Any:
+    """``mmseg`` with a stub ``mmcv.ops`` (mmcv-lite has no compiled ops)."""
+
+    class _Ops(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return type(name, (), {})
+
+    sys.modules.setdefault("mmcv.ops", _Ops("mmcv.ops"))
+    import mmseg
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    return mmseg
+
+
+def mmseg_config(case: Mapping[str, Any]) -> Any:
+    """mmseg's base config of ``case`` with the zoo's settings (BN for SyncBN: the same in eval)."""
+    from mmengine import Config
+
+    mmseg = import_mmseg()
+    base = Path(mmseg.__file__).parent / ".mim" / "configs" / "_base_" / "models"
+    cfg = Config.fromfile(str(base / f"{case['config']}.py"))
+    bn = {"type": "BN", "requires_grad": True}
+    cfg.model.pretrained = None
+    cfg.model.backbone.norm_cfg = bn
+    cfg.model.backbone.depth = case.get("depth", 50)
+    for head in ("decode_head", "auxiliary_head"):
+        if head in cfg.model:
+            cfg.model[head].norm_cfg = bn
+            cfg.model[head].align_corners = case.get("align_corners", False)
+    cfg.test_pipeline = [
+        {"type": "LoadImageFromFile"},
+        {"type": "Resize", "scale": PIPELINE_SCALE, "keep_ratio": True},
+        {"type": "PackSegInputs"},
+    ]
+    return cfg
+
+
+def mmseg_model(case: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """mmseg's model of ``case`` (eval mode) filled with :func:`seeded_weights`, and those."""
+    import_mmseg()
+    from mmseg.apis import init_model
+
+    model = init_model(mmseg_config(case), device="cpu")
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    weights = seeded_weights(shapes)
+    model.load_state_dict(weights, strict=True)
+    return model.eval(), weights
+
+
+def mmseg_logits(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
+    """mmseg's logits at the input size (``encode_decode``: backbone, head, resize)."""
+    metas = [{"img_shape": images.shape[1:3], "ori_shape": images.shape[1:3]}] * len(images)
+    with torch.no_grad():
+        return model.encode_decode(normalized(images), metas)
+
+
+def mmseg_pipeline_logits(
+    model: torch.nn.Module, path: Path, scale: Sequence[int], to_float32: bool = False
+) -> torch.Tensor:
+    """C x H x W logits of mmseg's whole test pipeline on an image file, at the image's size.
+    ``to_float32``: load the image as float before resizing, as the zoo's mmseg 0.x configs do
+    (mmseg 1.x, and this project, resize the uint8 image)."""
+    from mmseg.apis import inference_model
+
+    model.cfg.test_pipeline[0]["to_float32"] = to_float32
+    model.cfg.test_pipeline[1]["scale"] = tuple(scale)
+    return inference_model(model, str(path)).seg_logits.data
+
+
+def resnet_geometry(model: torch.nn.Module, size: Sequence[int]) -> dict[str, Any]:
+    """Each stage's output shape at ``size`` and each block's conv2 stride/dilation/padding."""
+    backbone = model.backbone
+    with torch.no_grad():
+        outs = backbone(torch.zeros(1, 3, *size))
+    blocks = {
+        name: {"stride": list(m.stride), "dilation": list(m.dilation), "padding": list(m.padding)}
+        for name, m in backbone.named_modules()
+        if name.endswith(".conv2")
+    }
+    return {"input": list(size), "stage_shapes": [list(o.shape) for o in outs], "conv2": blocks}
+
+
+def write_fixtures(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    inputs = {f"{h}x{w}": scene(h, w, seed=i)[None] for i, (h, w) in enumerate(SIZES)}
+    np.savez_compressed(out / "inputs.npz", **inputs)
+    Image.fromarray(scene(*PIPELINE_IMAGE, seed=7)).save(out / "scene.png")
+    manifest: dict[str, Any] = {"pipeline_scale": list(PIPELINE_SCALE), "cases": {}}
+    for name, case in CASES.items():
+        model, weights = mmseg_model(case)
+        arrays: dict[str, np.ndarray] = {}
+        for size, images in inputs.items():
+            for k, v in summary(mmseg_logits(model, images)[0]).items():
+                arrays[f"{size}_{k}"] = v
+        if name in PIPELINE_CASES:
+            logits = mmseg_pipeline_logits(model, out / "scene.png", PIPELINE_SCALE)
+            arrays |= {f"pipeline_{k}": v for k, v in summary(logits).items()}
+        np.savez_compressed(out / f"{name}.npz", **arrays)
+        manifest["cases"][name] = {
+            **case,
+            "shapes": {k: list(v.shape) for k, v in weights.items()},
+        }
+        manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
+        print(
+            f"{name}: {len(weights)} tensors, argmax classes {np.unique(arrays['64x128_argmax'])}"
+        )
+    (out / "cases.json").write_text(json.dumps(manifest, separators=(",", ":")))
+
+
+# --------------------------------------------------------------------------------------------
+# --compare: this project's models on the same weights, whole maps
+
+
+def project_model(name: str, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    """This project's model of case ``name``: the weights converted as the converter script does."""
+    from semseg.cli import compose_groups
+    from semseg.data import dataset_meta
+    from semseg.models import mmseg_to_checkpoint, model_from_checkpoint
+
+    case = CASES[name]
+    config = compose_groups({**case["groups"], "dataset": "bdd100k"}, case.get("overrides", []))
+    state = mmseg_to_checkpoint(weights, name, config, dataset_meta(config["dataset"]))
+    return model_from_checkpoint(state)[0]
+
+
+def differences(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    return {
+        "max_abs_diff": float((ours - ref).abs().max()),
+        "argmax_agreement": float((ours.argmax(0) == ref.argmax(0)).float().mean()),
+        "logit_std": float(ref.std()),
+    }
+
+
+def project_pipeline_logits(
+    model: torch.nn.Module, path: Path, scale: Sequence[int]
+) -> torch.Tensor:
+    """What src/predict.py computes for an image file (before its argmax)."""
+    from PIL import Image
+
+    from semseg.data import build_eval_transform
+    from semseg.evaluation.inference import predict_logits, resize_bilinear
+
+    image = np.array(Image.open(path).convert("RGB"))
+    resized = build_eval_transform(scale)(image=image)["image"]
+    x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        return resize_bilinear(predict_logits(model, x), image.shape[:2])[0]
+
+
+def compare(out: Path, cases: Sequence[str]) -> None:
+    """Whole-map differences of ``cases`` into ``comparison.json`` (other cases' rows kept).
+
+    Pipeline rows for every case: of the align_corners case they measure what evaluation's
+    final resize (align_corners=False) changes; ``..._float32_load`` rows measure the zoo's mmseg
+    0.x loading (float image before the resize) against this project's (uint8).
+    """
+    from PIL import Image
+
+    torch.set_grad_enabled(False)
+    big = out.parent / "_scene_640x480.png"  # not committed
+    Image.fromarray(scene(480, 640, seed=7)).save(big)
+    images = {f"{h}x{w}": scene(h, w, seed=i)[None] for i, (h, w) in enumerate(SIZES)}
+    images["512x1024"] = scene(512, 1024, seed=3)[None]
+    path = out / "comparison.json"
+    report = json.loads(path.read_text()) if path.is_file() else {"cases": {}}
+    report["torch"] = torch.__version__
+    for name in cases:
+        case = CASES[name]
+        ref_model, weights = mmseg_model(case)
+        ours = project_model(name, weights)
+        rows = {
+            size: differences(ours(torch.from_numpy(im).permute(0, 3, 1, 2))[0],
+                              mmseg_logits(ref_model, im)[0])
+            for size, im in images.items()
+        }  # fmt: skip
+        for label, image, scale, to_float32 in (
+            ("pipeline_fixture", out / "scene.png", PIPELINE_SCALE, False),
+            ("pipeline_640x480_into_1280x720", big, (1280, 720), False),
+            ("pipeline_640x480_into_1280x720_float32_load", big, (1280, 720), True),
+        ):
+            rows[label] = differences(
+                project_pipeline_logits(ours, image, scale),
+                mmseg_pipeline_logits(ref_model, image, scale, to_float32),
+            )
+        report["cases"][name] = rows
+        print(name, json.dumps(rows))
+    big.unlink()
+    path.write_text(json.dumps(report, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=FIXTURES, help="fixture folder")
+    parser.add_argument(
+        "--compare", action="store_true", help="also compare this project's models (slow)"
+    )
+    parser.add_argument(
+        "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to compare"
+    )
+    parser.add_argument(
+        "--no-fixtures", action="store_true", help="only compare (the fixtures exist)"
+    )
+    args = parser.parse_args(argv)
+    torch.manual_seed(SEED)
+    if not args.no_fixtures:
+        write_fixtures(args.out)
+    if args.compare:
+        compare(args.out, args.cases)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

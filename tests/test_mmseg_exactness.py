@@ -1,0 +1,144 @@
+"""Converted mmseg models give mmseg's logits, layer for layer.
+
+The fixtures (tests/fixtures/mmseg/) come from mmsegmentation 1.2.2's own models, built from its
+base configs with the BDD100K zoo's settings and filled with seeded random weights
+(scripts/mmseg_reference.py, run in a virtualenv with mmseg). Here the same weights are recreated
+without mmseg, converted as scripts/convert_mmseg_checkpoint.py converts a file, and run in this
+project's models: the logits must agree (max abs difference < 1e-3 on a 6-pixel grid, argmax
+agreement >= 99.9% on whole maps), at a size stride 32 divides and one it does not, and through
+the prediction path of src/predict.py (keep-ratio resize into the test scale, logits resized back)
+on the PNG file mmseg's test pipeline read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, load_script
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from semseg.apps.predict import run_predict
+from semseg.cli import compose_groups
+from semseg.data import build_eval_transform, dataset_meta
+from semseg.evaluation.inference import predict_logits, resize_bilinear
+from semseg.models import mmseg_to_checkpoint, model_from_checkpoint
+from semseg.models.backbone import TimmBackbone
+from semseg.models.checkpoint import save_checkpoint
+from semseg.models.mmseg_conversion import recognise_mmseg
+
+FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
+MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
+CASES = MANIFEST["cases"]
+PIPELINE_SCALE = MANIFEST["pipeline_scale"]
+reference = load_script("mmseg_reference")  # its weight and summary functions need no mmseg
+
+MAX_ABS_DIFF = 1e-3
+MIN_ARGMAX_AGREEMENT = 0.999
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict[str, torch.Tensor]:
+    """The structured images mmseg read, N x 3 x H x W uint8, by size."""
+    with np.load(FIXTURES / "inputs.npz") as data:
+        return {size: torch.from_numpy(data[size]).permute(0, 3, 1, 2) for size in data.files}
+
+
+def converted(name: str) -> dict:
+    """Case ``name``'s seeded mmseg weights as a checkpoint of this project (the converter's way:
+    the architecture recognised from the keys, its config groups composed, weights loaded)."""
+    case = CASES[name]
+    weights = reference.seeded_weights(case["shapes"])
+    arch = recognise_mmseg(weights)
+    assert arch.config_groups == case["groups"]
+    config = compose_groups({**arch.config_groups, "dataset": "bdd100k"}, case.get("overrides", []))
+    return mmseg_to_checkpoint(weights, name, config, dataset_meta(config["dataset"]))
+
+
+def assert_matches(logits: torch.Tensor, ref: np.lib.npyio.NpzFile, prefix: str) -> None:
+    """C x H x W logits against mmseg's summary (argmax, grid samples, class means)."""
+    ours = reference.summary(logits.float())
+    expected_argmax = ref[f"{prefix}_argmax"]
+    # The reference is not degenerate: several classes win somewhere, logits spread.
+    assert len(np.unique(expected_argmax)) >= 3
+    assert ref[f"{prefix}_grid"].std() > 0.1
+    assert ours["argmax"].shape == expected_argmax.shape
+    diff = np.abs(ours["grid"] - ref[f"{prefix}_grid"]).max()
+    agreement = (ours["argmax"] == expected_argmax).mean()
+    assert diff < MAX_ABS_DIFF, f"{prefix}: max abs logit difference {diff:.2e}"
+    assert agreement >= MIN_ARGMAX_AGREEMENT, f"{prefix}: argmax agreement {agreement:.5f}"
+    np.testing.assert_allclose(ours["mean"], ref[f"{prefix}_mean"], atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
+    model, _, _ = model_from_checkpoint(converted(name))
+    ref = np.load(FIXTURES / f"{name}.npz")
+    with torch.no_grad():
+        for size, images in inputs.items():
+            assert_matches(model(images)[0], ref, size)
+        if "pipeline_argmax" in ref.files:  # what src/predict.py computes for an image file
+            image = np.array(Image.open(FIXTURES / "scene.png").convert("RGB"))
+            resized = build_eval_transform(PIPELINE_SCALE)(image=image)["image"]
+            x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
+            logits = resize_bilinear(predict_logits(model, x), image.shape[:2])[0]
+            assert_matches(logits, ref, "pipeline")
+
+
+def test_predict_entry_point_writes_mmseg_argmax(tmp_path: Path) -> None:
+    """src/predict.py's runner on the PNG, with a converted checkpoint file: the mask it writes
+    is mmseg's test-pipeline argmax."""
+    name = "pspnet"
+    checkpoint = save_checkpoint(converted(name), tmp_path / f"{name}.pt")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "scene.png").write_bytes((FIXTURES / "scene.png").read_bytes())
+    overrides = [
+        f"checkpoint={checkpoint}", f"input_dir={images}", f"output_dir={tmp_path / 'out'}",
+        f"dataset.test_pipeline.scale=[{PIPELINE_SCALE[0]},{PIPELINE_SCALE[1]}]",
+        "inference.precision=fp32", "device=cpu",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        out = run_predict(compose(config_name="predict", overrides=overrides))
+    mask = np.array(Image.open(out / "masks" / "scene.png"))
+    expected = np.load(FIXTURES / f"{name}.npz")["pipeline_argmax"]
+    assert mask.shape == expected.shape
+    assert (mask == expected).mean() >= MIN_ARGMAX_AGREEMENT
+
+
+@pytest.mark.parametrize("name", ["fcn", "deeplabv3plus_r101", "upernet"])
+def test_backbone_geometry_equals_mmseg_resnet_v1c(name: str) -> None:
+    """resnet50c_d8 / resnet101c_d8 / resnet50c (timm) against mmseg's ResNetV1c of the case
+    (D8: strides (1, 2, 1, 1), dilations (1, 1, 2, 4), contract_dilation): every stage's output
+    shape at an odd input size, every block's 3x3 conv stride, dilation and padding."""
+    case = CASES[name]
+    geometry = case["geometry"]
+    backbone = instantiate_backbone(case["groups"]["backbone"])
+    with torch.device("meta"):
+        outs = backbone(torch.zeros(1, 3, *geometry["input"], device="meta"))
+    assert [list(o.shape) for o in outs] == geometry["stage_shapes"]
+    ours = {
+        name.removeprefix("model."): {
+            "stride": list(m.stride), "dilation": list(m.dilation), "padding": list(m.padding)
+        }
+        for name, m in backbone.named_modules()
+        if name.endswith(".conv2")
+    }  # fmt: skip
+    assert ours == geometry["conv2"]
+    if "d8" in case["groups"]["backbone"]:  # contract_dilation: first blocks dilate by 1 and 2
+        assert ours["layer3.0.conv2"]["dilation"] == [1, 1]
+        assert ours["layer4.0.conv2"]["dilation"] == [2, 2]
+        assert ours["layer4.1.conv2"]["dilation"] == [4, 4]
+
+
+def instantiate_backbone(config_name: str) -> TimmBackbone:
+    """A backbone config of conf/backbone on the meta device (shapes only)."""
+    from hydra.utils import instantiate
+
+    config = compose_groups({"backbone": config_name}, ["backbone.pretrained=false"])
+    with torch.device("meta"):
+        return instantiate(config["backbone"])
