@@ -272,3 +272,14 @@ def test_class_count_mismatch_lists_keys(
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): classifier\.weight") as e:
         load_model_weights(other, state, source="x.pt")
     assert "unexpected keys (1): extra.weight" in str(e.value)
+
+
+def test_wrapper_prefixes_are_stripped_in_either_nesting():
+    from semseg.models.build import strip_wrapper_prefixes
+
+    one = torch.ones(1)
+    for prefix in ("module.", "_orig_mod.", "_orig_mod.module.", "module._orig_mod.", ""):
+        assert strip_wrapper_prefixes({f"{prefix}head.w": one, f"{prefix}b": one}) == {
+            "head.w": one,
+            "b": one,
+        }

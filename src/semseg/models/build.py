@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from semseg.errors import CheckpointError, UserError
 from semseg.models.base import AUX_HEAD, unwrap_model
@@ -40,14 +42,12 @@ def build_model(cfg: DictConfig | Mapping) -> nn.Module:
 
 
 def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The state dict without the ``module.`` (DDP) / ``_orig_mod.`` (torch.compile) prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in _WRAPPER_PREFIXES:
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
+    """The state dict without the ``module.`` (DDP) / ``_orig_mod.`` (torch.compile) prefixes,
+    in either nesting (a compiled DDP model, a DDP-wrapped compiled one)."""
+    out = OrderedDict(state_dict)  # torch strips in place
+    for prefix in (*_WRAPPER_PREFIXES, *_WRAPPER_PREFIXES):
+        consume_prefix_in_state_dict_if_present(out, prefix)
+    return dict(out)
 
 
 def listing(title: str, items: list[str]) -> str:
