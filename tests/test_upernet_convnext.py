@@ -14,12 +14,18 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from conftest import REPO, load_script, torchrun, train_in_process
+from conftest import (
+    REPO,
+    assert_model_zoo_row,
+    assert_onnx_export_matches,
+    assert_resume_is_exact,
+    load_script,
+    torchrun,
+    train_in_process,
+)
 
-from semseg.apps.zoo import build_model_zoo_row
 from semseg.cli import compose
 from semseg.engine.optim import LayerDecay
 from semseg.models import build_model, count_parameters, model_from_checkpoint
@@ -163,19 +169,7 @@ def test_narrow_model_trains_with_the_zoo_recipe(trained: Path) -> None:
 def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2, stop, resume to 4: weights, AdamW moments per layer-decay
     group and EMA, through the warm-up."""
-    common = narrow("schedule.max_iters=4", "schedule.warmup_iters=3",
-                    "schedule.checkpoint_interval=2", "trainer.eval_at_end=false",
-                    "trainer.ema.decay=0.5")  # fmt: skip
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_in_process(toy_root, straight, *common)
-    half = straight / "checkpoints/iter_000002.pt"
-    train_in_process(toy_root, resumed, *common, f"trainer.resume={half}")
-    a = load_checkpoint(straight / "checkpoints/last.pt")
-    b = load_checkpoint(resumed / "checkpoints/last.pt")
-    assert a["ema"].keys() == a["model"].keys()
-    for entry in ("model", "ema"):
-        for key, tensor in a[entry].items():
-            assert torch.equal(tensor, b[entry][key]), (entry, key)
+    a, b = assert_resume_is_exact(toy_root, tmp_path, *narrow("schedule.warmup_iters=3"))
     states = a["optimizer"]["state"]
     assert states and all({"exp_avg", "exp_avg_sq"} <= set(s) for s in states.values())
     for key, state in states.items():
@@ -184,7 +178,6 @@ def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     for key in ("last_epoch", "base_lrs", "_last_lr"):  # not _step_count: calls since creation
         assert a["scheduler"][key] == b["scheduler"][key], key
-    assert not all(torch.equal(t, a["model"][k]) for k, t in load_checkpoint(half)["model"].items())
 
 
 def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
@@ -197,28 +190,12 @@ def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
 
 
 def test_onnx_export_at_two_sizes(trained: Path, tmp_path: Path) -> None:
-    onnx_path = tmp_path / "upernet_convnext.onnx"
-    checkpoint = trained / "checkpoints/last.pt"
-    export = load_script("export_onnx").main
-    assert export([str(checkpoint), str(onnx_path), "--height", "64", "--width", "96"]) == 0
-    model, _, _ = model_from_checkpoint(checkpoint)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for shape in [(1, 3, 64, 96), (2, 3, 75, 110)]:
-        image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 255
-        with torch.no_grad():
-            expected = model(image).numpy()
-        (got,) = session.run(["logits"], {"image": image.numpy()})
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert_onnx_export_matches(trained / "checkpoints/last.pt", tmp_path / "upernet_convnext.onnx")
 
 
 def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
-    overrides = [f"run_dir={trained}", f"dataset.root={toy_root}", "device=cpu", "progress=false",
-                 "visuals.count=1", f"output_dir={tmp_path / 'zoo'}", "checkpoint=last.pt"]  # fmt: skip
-    out = build_model_zoo_row(compose("model_zoo", overrides))
-    model, _, _ = model_from_checkpoint(out / "weights.pt")
-    last = load_checkpoint(trained / "checkpoints/last.pt")["model"]
-    assert all(torch.equal(v, last[k]) for k, v in model.state_dict().items())
-    assert "mIoU" in json.loads((out / "scores-val.json").read_text())["metrics"]
+    out = assert_model_zoo_row(trained, toy_root, tmp_path / "zoo")
+    assert isinstance(model_from_checkpoint(out / "weights.pt")[0].backbone, ConvNeXtBackbone)
 
 
 def test_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
