@@ -86,8 +86,9 @@ def predict_logits(
 
     ``mode`` picks whole-image or sliding-window (``crop_size``/``stride`` as (h, w)) inference.
     With test-time augmentation (several ``scales`` and/or ``flip``) each view is resized back to
-    the input size (:func:`resize_logits`) and the *softmax probabilities* are averaged, as mmseg does; the result is
-    returned as their log (valid logits: softmax of it gives the averaged probabilities back).
+    the input size (:func:`resize_logits`) and the *softmax probabilities* are averaged, as mmseg
+    does; the result is returned as their log (valid logits: softmax of it gives the averaged
+    probabilities back).
     A single view returns the model's logits unchanged.
     """
     if mode not in _MODES:
