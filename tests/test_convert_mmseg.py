@@ -265,7 +265,7 @@ REFUSED = {
     # ConvNeXt V2 (global response norm in each block)
     "convnext_v2": (
         lambda: layout("upernet_convnext") | {"backbone.stages.0.0.grn.gamma": torch.empty(0)},
-        r"UPerHead on ConvNeXt.*keys without a mapping \(1\): backbone\.stages\.0\.0\.grn\.gamma",
+        r"UPerHead on mmcls/mmpretrain ConvNeXt.*keys without a mapping \(1\): backbone\.stages\.0\.0\.grn\.gamma",
     ),
 }  # fmt: skip
 
@@ -377,8 +377,7 @@ def test_convnext_file_version_sets_the_downsampling_norm_eps(
     assert load_script("convert_mmseg_checkpoint").main([str(src), str(out)]) == 0
     printed = capsys.readouterr().out
     assert (
-        "recognised mmseg UPerHead on ConvNeXt (mmcls/mmpretrain) (convnext_tiny, output "
-        in printed
+        "recognised mmseg UPerHead on mmcls/mmpretrain ConvNeXt (convnext_tiny, output " in printed
     )
     assert "built model=upernet backbone=convnext_tiny, auxiliary head kept" in printed
     assert ("backbone.downsample_norm_eps=1e-5" in printed) == (eps == 1e-5)

@@ -184,7 +184,7 @@ def _convnext_overrides(checkpoint: Mapping[str, Any]) -> list[str]:
 
 
 CONVNEXT = MmsegBackbone(
-    family="ConvNeXt (mmcls/mmpretrain)",
+    family="mmcls/mmpretrain ConvNeXt",
     marker="backbone.downsample_layers.0.0.weight",
     rules=mmcls_convnext_rules("backbone.", "backbone."),
     config_name=_convnext_config,
