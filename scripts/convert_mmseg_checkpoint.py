@@ -16,9 +16,9 @@ Config overrides of the converted model follow the paths, e.g. ``model.align_cor
 zoo's 769x769 rows) or ``model.aux_head=null`` (leave the auxiliary head's weights out: inference
 never uses them; kept by default, for fine-tuning). They come after the overrides the file
 implies, which are printed (ConvNeXt from mmcls 0.x, i.e. a file without mmengine's ``meta``:
-``backbone.downsample_norm_eps=1e-5``, as mmcls 0.x built it). mmcv / mmengine checkpoints may hold pickled
-objects (their ``meta``), which are refused unless ``--trust-pickle`` is given for a file from a
-source you trust.
+``+backbone.downsample_norm_eps=1e-5``, as mmcls 0.x built it). mmcv / mmengine checkpoints may
+hold pickled objects (their ``meta``), which are refused unless ``--trust-pickle`` is given for a
+file from a source you trust.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ in one number: the LayerNorm before each downsampling conv has eps 1e-5 (mmcls 0
 ``mmcls/models/backbones/convnext.py``: ``LayerNorm2d(self.channels[i - 1])``, nn.LayerNorm's
 default), not the ``norm_cfg``'s 1e-6. The ConvNeXt cases set that eps on mmpretrain's model, so
 the reference is mmcls 0.x's network; the converter gives a file without mmengine's ``meta``
-the same (``backbone.downsample_norm_eps=1e-5``), and ``--compare`` measures what 1e-6 changes.
+the same (``+backbone.downsample_norm_eps=1e-5``), and ``--compare`` measures what 1e-6 changes.
 """
 
 from __future__ import annotations

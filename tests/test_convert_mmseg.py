@@ -380,9 +380,9 @@ def test_convnext_file_version_sets_the_downsampling_norm_eps(
         "recognised mmseg UPerHead on mmcls/mmpretrain ConvNeXt (convnext_tiny, output " in printed
     )
     assert "built model=upernet backbone=convnext_tiny, auxiliary head kept" in printed
-    assert ("backbone.downsample_norm_eps=1e-5" in printed) == (eps == 1e-5)
+    assert ("+backbone.downsample_norm_eps=1e-5" in printed) == (eps == 1e-5)
     state = load_checkpoint(out)
-    assert state["config"]["backbone"]["downsample_norm_eps"] == eps
+    assert state["config"]["backbone"].get("downsample_norm_eps", 1e-6) == eps
     model, _, _ = model_from_checkpoint(out)
     stages = [model.backbone.model.get_submodule(f"stages_{i}") for i in range(4)]
     assert [s.downsample[0].eps for s in stages[1:]] == [eps] * 3

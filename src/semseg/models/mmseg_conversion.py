@@ -180,7 +180,7 @@ def _convnext_overrides(checkpoint: Mapping[str, Any]) -> list[str]:
     conv with eps 1e-5, mmpretrain 1.x (mmengine meta) with 1e-6, as timm does."""
     meta = checkpoint.get("meta")
     mmengine = isinstance(meta, Mapping) and "mmengine_version" in meta
-    return [] if mmengine else ["backbone.downsample_norm_eps=1e-5"]
+    return [] if mmengine else ["+backbone.downsample_norm_eps=1e-5"]
 
 
 CONVNEXT = MmsegBackbone(
