@@ -4,7 +4,9 @@ ones) into this project's checkpoint format: model + config + class names and pa
 The architecture is recognised from the file's keys and printed: Semantic FPN (model=semantic_fpn,
 semantic_fpn_gn), FCN, PSPNet, DeepLabV3, DeepLabV3+ (model=fcn, pspnet, deeplabv3, deeplabv3plus;
 dilated backbone=resnet50c_d8 / resnet101c_d8) and UPerNet (model=upernet, backbone=resnet50c), on
-ResNetV1c-50/101. Anything else is refused with one line; nothing is written then.
+ResNetV1c-50/101; UPerNet on ConvNeXt-T/S/B (mmcls 0.x ``mmcls.ConvNeXt`` as in the zoo, or
+mmpretrain 1.x; backbone=convnext_tiny|small|base, told apart by their shapes). Anything else is
+refused with one line; nothing is written then.
 
     python scripts/convert_mmseg_checkpoint.py pspnet_r50-d8_512x1024_40k_sem_seg_bdd100k.pth \
         checkpoints/pspnet_r50-d8_bdd100k.pt
@@ -12,9 +14,11 @@ ResNetV1c-50/101. Anything else is refused with one line; nothing is written the
 
 Config overrides of the converted model follow the paths, e.g. ``model.align_corners=true`` (the
 zoo's 769x769 rows) or ``model.aux_head=null`` (leave the auxiliary head's weights out: inference
-never uses them; kept by default, for fine-tuning). mmcv / mmengine checkpoints may hold pickled
-objects (their ``meta``), which are refused unless ``--trust-pickle`` is given for a file from a
-source you trust.
+never uses them; kept by default, for fine-tuning). They come after the overrides the file
+implies, which are printed (ConvNeXt from mmcls 0.x, i.e. a file without mmengine's ``meta``:
+``+backbone.downsample_norm_eps=1e-5``, as mmcls 0.x built it). mmcv / mmengine checkpoints may
+hold pickled objects (their ``meta``), which are refused unless ``--trust-pickle`` is given for a
+file from a source you trust.
 """
 
 from __future__ import annotations
@@ -60,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = "if you trust its source, rerun with --trust-pickle"
         state = torch_load_weights_only(args.input, trust_hint=hint)
     arch = recognise_mmseg(state)
-    overrides = list(args.overrides)
-    if arch.head.aux and not arch.has_aux:  # nothing to load into an auxiliary head
-        overrides.insert(0, f"model.{AUX_HEAD}=null")
+    overrides = [*arch.overrides, *args.overrides]
     groups = arch.config_groups
     config = compose_groups({**groups, "dataset": args.dataset}, overrides)
     checkpoint = mmseg_to_checkpoint(
@@ -75,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     save_checkpoint(checkpoint, args.output)
     kept = config["model"].get(AUX_HEAD) is not None
     aux = f", auxiliary head {'kept' if kept else 'left out'}" if arch.has_aux else ""
+    implied = f"; overrides the file implies: {' '.join(arch.overrides)}" if arch.overrides else ""
     print(
         f"recognised {arch.describe()}: built model={groups['model']} "
         f"backbone={groups['backbone']}{aux}; wrote {args.output} "
-        f"({len(checkpoint['model'])} tensors)"
+        f"({len(checkpoint['model'])} tensors){implied}"
     )
     return 0
 

@@ -1,7 +1,8 @@
 """Reference outputs of mmsegmentation's own models, for tests/test_mmseg_exactness.py.
 
 For each case of :data:`CASES` (an mmseg base config ``_base_/models/<name>.py`` with the BDD100K
-zoo's settings), this builds mmseg's model, fills it with seeded, variance-preserving random
+zoo's settings; the ConvNeXt cases put the zoo's ``mmcls.ConvNeXt`` backbone into UPerNet as its
+``upernet_convnext`` configs do), this builds mmseg's model, fills it with seeded, variance-preserving random
 weights (:func:`seeded_weights`: a function of each tensor's name and shape, so the tests recreate
 them without mmseg), runs it on structured street-like images (:func:`scene`) at a size that
 stride 32 divides and one that it does not, and through mmseg's whole test pipeline (load the PNG,
@@ -17,6 +18,9 @@ with this project's opencv-python-headless)::
     python -m venv --system-site-packages VENV          # reuses this project's torch
     VENV/bin/pip install --no-deps mmengine==0.10.7 mmcv-lite==2.1.0 mmsegmentation==1.2.2
     VENV/bin/pip install addict yapf rich termcolor prettytable scipy pyyaml packaging ftfy regex
+    # the ConvNeXt cases (mmpretrain's ConvNeXt is mmcls 0.x's, renamed):
+    VENV/bin/pip install --no-deps mmpretrain==1.2.0 einops "importlib-metadata<8.8" zipp \
+        model-index ordered-set mat4py
 
 mmcv-lite has no compiled ops, and mmseg imports ``mmcv.ops`` at module level: this script puts a
 stub ``mmcv.ops`` into ``sys.modules`` before importing mmseg (the models here use no such op).
@@ -30,7 +34,14 @@ Run from the repository root::
 whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at the zoo's scale
 1280x720 on a 640x480 scene (also with the zoo's mmseg 0.x float loading); it writes
 ``comparison.json`` next to the fixtures (about half an hour on 2 CPU cores; ``--cases`` and
-``--no-fixtures`` narrow it down).
+``--no-fixtures`` narrow it down; ``--cases`` also limits which fixtures are rewritten).
+
+The zoo's ConvNeXt rows were trained with mmcls 0.x, whose ConvNeXt differs from mmpretrain 1.2's
+in one number: the LayerNorm before each downsampling conv has eps 1e-5 (mmcls 0.25.0,
+``mmcls/models/backbones/convnext.py``: ``LayerNorm2d(self.channels[i - 1])``, nn.LayerNorm's
+default), not the ``norm_cfg``'s 1e-6. The ConvNeXt cases set that eps on mmpretrain's model, so
+the reference is mmcls 0.x's network; the converter gives a file without mmengine's ``meta``
+the same (``+backbone.downsample_norm_eps=1e-5``), and ``--compare`` measures what 1e-6 changes.
 """
 
 from __future__ import annotations
@@ -89,17 +100,42 @@ CASES: dict[str, dict[str, Any]] = {
         "depth": 101,
         "groups": {"model": "deeplabv3plus", "backbone": "resnet101c_d8"},
     },
-    # The zoo's 769x769 rows: align_corners=True in every resize.
+    # The zoo's 769x769 rows: align_corners=True in every resize (the final one to the image too).
     "upernet_align_corners": {
         "config": "upernet_r50",
         "align_corners": True,
         "groups": {"model": "upernet", "backbone": "resnet50c"},
         "overrides": ["model.align_corners=true"],
     },
+    # The zoo's UPerNet + ConvNeXt rows (mmcls 0.x ConvNeXt); S and B: the key layout only.
+    "upernet_convnext": {
+        "config": "upernet_r50",
+        "convnext": "tiny",
+        "groups": {"model": "upernet", "backbone": "convnext_tiny"},
+    },
+    "upernet_convnext_small": {
+        "config": "upernet_r50",
+        "convnext": "small",
+        "logits": False,
+        "groups": {"model": "upernet", "backbone": "convnext_small"},
+    },
+    "upernet_convnext_base": {
+        "config": "upernet_r50",
+        "convnext": "base",
+        "logits": False,
+        "groups": {"model": "upernet", "backbone": "convnext_base"},
+    },
 }
-# The cases whose whole test pipeline is compared (this project resizes the logits back to the
-# image with align_corners=False, as mmseg does for them).
-PIPELINE_CASES = [name for name, case in CASES.items() if not case.get("align_corners")]
+# The cases with logits fixtures (the others record mmseg's key layout and shapes only).
+LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
+# The zoo's mmcls.ConvNeXt of each size (sem_seg/configs/upernet/upernet_convnext-*_bdd100k.py):
+# (channels per stage, drop-path rate).
+CONVNEXT = {
+    "tiny": ([96, 192, 384, 768], 0.4),
+    "small": ([96, 192, 384, 768], 0.3),
+    "base": ([128, 256, 512, 1024], 0.4),
+}
+MMCLS0_DOWNSAMPLE_EPS = 1e-5
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,9 +148,10 @@ def seeded_weights(
     """Random tensors for an mmseg state dict, each a function of its key, shape and ``seed``.
 
     Variance-preserving, so that 50+ layers keep activations of order one and every branch
-    matters: convs He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1) (U(0.1, 0.3) on the
-    last norm of a residual block, which keeps the residual sum from doubling per block), biases
-    and running means N(0, 0.1), running variances U(0.5, 1.5).
+    matters: convs and linear layers He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1)
+    (U(0.1, 0.3) on the last norm of a residual block and on ConvNeXt's layer scales, which keeps
+    the residual sum from doubling per block), biases and running means N(0, 0.1), running
+    variances U(0.5, 1.5).
     """
     out: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():
@@ -126,10 +163,10 @@ def seeded_weights(
             out[key] = torch.rand(shape, generator=gen) + 0.5
         elif name in ("running_mean", "bias"):
             out[key] = torch.randn(shape, generator=gen) * 0.1
-        elif len(shape) == 4:
-            fan_in = shape[1] * shape[2] * shape[3]
+        elif len(shape) in (2, 4):
+            fan_in = int(np.prod(shape[1:]))
             out[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        elif ".bn3." in key:
+        elif ".bn3." in key or name == "gamma":
             out[key] = torch.rand(shape, generator=gen) * 0.2 + 0.1
         else:
             out[key] = torch.rand(shape, generator=gen) * 0.5 + 0.5
@@ -203,6 +240,15 @@ def import_mmseg() -> Any:
     return mmseg
 
 
+def convnext_backbone(arch: str) -> dict[str, Any]:
+    """The zoo's ``mmcls.ConvNeXt`` backbone config of ``arch``, as mmpretrain's."""
+    import mmpretrain.models  # noqa: F401  (registers mmpretrain.ConvNeXt)
+
+    return {"type": "mmpretrain.ConvNeXt", "arch": arch, "out_indices": [0, 1, 2, 3],
+            "drop_path_rate": CONVNEXT[arch][1], "layer_scale_init_value": 1.0,
+            "gap_before_final_norm": False}  # fmt: skip
+
+
 def mmseg_config(case: Mapping[str, Any]) -> Any:
     """mmseg's base config of ``case`` with the zoo's settings (BN for SyncBN: the same in eval)."""
     from mmengine import Config
@@ -212,8 +258,14 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
     cfg = Config.fromfile(str(base / f"{case['config']}.py"))
     bn = {"type": "BN", "requires_grad": True}
     cfg.model.pretrained = None
-    cfg.model.backbone.norm_cfg = bn
-    cfg.model.backbone.depth = case.get("depth", 50)
+    if "convnext" in case:  # sem_seg/configs/_base_/models/upernet_convnext.py and its rows
+        channels = CONVNEXT[case["convnext"]][0]
+        cfg.model.backbone = convnext_backbone(case["convnext"])
+        cfg.model.decode_head.in_channels = channels
+        cfg.model.auxiliary_head.in_channels = channels[2]
+    else:
+        cfg.model.backbone.norm_cfg = bn
+        cfg.model.backbone.depth = case.get("depth", 50)
     for head in ("decode_head", "auxiliary_head"):
         if head in cfg.model:
             cfg.model[head].norm_cfg = bn
@@ -232,6 +284,9 @@ def mmseg_model(case: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, tor
     from mmseg.apis import init_model
 
     model = init_model(mmseg_config(case), device="cpu")
+    if "convnext" in case:  # mmcls 0.x's eps (see the module docstring)
+        for layer in list(model.backbone.downsample_layers)[1:]:
+            layer[0].eps = MMCLS0_DOWNSAMPLE_EPS
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     weights = seeded_weights(shapes)
     model.load_state_dict(weights, strict=True)
@@ -271,47 +326,70 @@ def resnet_geometry(model: torch.nn.Module, size: Sequence[int]) -> dict[str, An
     return {"input": list(size), "stage_shapes": [list(o.shape) for o in outs], "conv2": blocks}
 
 
-def write_fixtures(out: Path) -> None:
+def write_fixtures(out: Path, cases: Sequence[str]) -> None:
+    """The fixtures of ``cases`` (the manifest's other entries kept); the input images are
+    written when missing (and must equal what is there otherwise)."""
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
     inputs = {f"{h}x{w}": scene(h, w, seed=i)[None] for i, (h, w) in enumerate(SIZES)}
-    np.savez_compressed(out / "inputs.npz", **inputs)
-    Image.fromarray(scene(*PIPELINE_IMAGE, seed=7)).save(out / "scene.png")
-    manifest: dict[str, Any] = {"pipeline_scale": list(PIPELINE_SCALE), "cases": {}}
-    for name, case in CASES.items():
+    if (out / "inputs.npz").is_file():
+        with np.load(out / "inputs.npz") as stored:
+            assert all(np.array_equal(stored[k], v) for k, v in inputs.items())
+    else:
+        np.savez_compressed(out / "inputs.npz", **inputs)
+    if not (out / "scene.png").is_file():
+        Image.fromarray(scene(*PIPELINE_IMAGE, seed=7)).save(out / "scene.png")
+    path = out / "cases.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {"cases": {}}
+    manifest["pipeline_scale"] = list(PIPELINE_SCALE)
+    for name in cases:
+        case = CASES[name]
         model, weights = mmseg_model(case)
-        arrays: dict[str, np.ndarray] = {}
-        for size, images in inputs.items():
-            for k, v in summary(mmseg_logits(model, images)[0]).items():
-                arrays[f"{size}_{k}"] = v
-        if name in PIPELINE_CASES:
-            logits = mmseg_pipeline_logits(model, out / "scene.png", PIPELINE_SCALE)
-            arrays |= {f"pipeline_{k}": v for k, v in summary(logits).items()}
-        np.savez_compressed(out / f"{name}.npz", **arrays)
         manifest["cases"][name] = {
             **case,
             "shapes": {k: list(v.shape) for k, v in weights.items()},
         }
-        manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
+        if "convnext" not in case:
+            manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
+        if name not in LOGIT_CASES:
+            print(f"{name}: {len(weights)} tensors (layout only)")
+            continue
+        arrays: dict[str, np.ndarray] = {}
+        for size, images in inputs.items():
+            for k, v in summary(mmseg_logits(model, images)[0]).items():
+                arrays[f"{size}_{k}"] = v
+        logits = mmseg_pipeline_logits(model, out / "scene.png", PIPELINE_SCALE)
+        arrays |= {f"pipeline_{k}": v for k, v in summary(logits).items()}
+        np.savez_compressed(out / f"{name}.npz", **arrays)
         print(
             f"{name}: {len(weights)} tensors, argmax classes {np.unique(arrays['64x128_argmax'])}"
         )
-    (out / "cases.json").write_text(json.dumps(manifest, separators=(",", ":")))
+    manifest["cases"] = {
+        name: manifest["cases"][name] for name in CASES if name in manifest["cases"]
+    }
+    path.write_text(json.dumps(manifest, separators=(",", ":")))
 
 
 # --------------------------------------------------------------------------------------------
 # --compare: this project's models on the same weights, whole maps
 
 
-def project_model(name: str, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    """This project's model of case ``name``: the weights converted as the converter script does."""
+def project_model(
+    name: str, weights: Mapping[str, torch.Tensor], *overrides: str
+) -> torch.nn.Module:
+    """This project's model of case ``name``: the weights converted as the converter script does
+    (the overrides the file implies, then the case's, then ``overrides``)."""
     from semseg.cli import compose_groups
     from semseg.data import dataset_meta
     from semseg.models import mmseg_to_checkpoint, model_from_checkpoint
+    from semseg.models.mmseg_conversion import recognise_mmseg
 
     case = CASES[name]
-    config = compose_groups({**case["groups"], "dataset": "bdd100k"}, case.get("overrides", []))
+    arch = recognise_mmseg(weights)
+    assert arch.config_groups == case["groups"], (arch.config_groups, case["groups"])
+    overrides = [*arch.overrides, *case.get("overrides", []), *overrides]
+    config = compose_groups({**arch.config_groups, "dataset": "bdd100k"}, overrides)
     state = mmseg_to_checkpoint(weights, name, config, dataset_meta(config["dataset"]))
     return model_from_checkpoint(state)[0]
 
@@ -331,21 +409,21 @@ def project_pipeline_logits(
     from PIL import Image
 
     from semseg.data import build_eval_transform
-    from semseg.evaluation.inference import predict_logits, resize_bilinear
+    from semseg.evaluation.inference import predict_logits, resize_logits
 
     image = np.array(Image.open(path).convert("RGB"))
     resized = build_eval_transform(scale)(image=image)["image"]
     x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
     with torch.no_grad():
-        return resize_bilinear(predict_logits(model, x), image.shape[:2])[0]
+        return resize_logits(model, predict_logits(model, x), image.shape[:2])[0]
 
 
 def compare(out: Path, cases: Sequence[str]) -> None:
     """Whole-map differences of ``cases`` into ``comparison.json`` (other cases' rows kept).
 
-    Pipeline rows for every case: of the align_corners case they measure what evaluation's
-    final resize (align_corners=False) changes; ``..._float32_load`` rows measure the zoo's mmseg
-    0.x loading (float image before the resize) against this project's (uint8).
+    Pipeline rows for every case; ``..._float32_load`` rows measure the zoo's mmseg 0.x loading
+    (float image before the resize) against this project's (uint8). ConvNeXt cases: the
+    ``..._eps_1e-6`` rows measure mmpretrain 1.x's downsampling-norm eps against mmcls 0.x's.
     """
     from PIL import Image
 
@@ -366,6 +444,12 @@ def compare(out: Path, cases: Sequence[str]) -> None:
                               mmseg_logits(ref_model, im)[0])
             for size, im in images.items()
         }  # fmt: skip
+        if "convnext" in case:
+            eps = project_model(name, weights, "backbone.downsample_norm_eps=1e-6")
+            for size, im in images.items():
+                rows[f"{size}_eps_1e-6"] = differences(
+                    eps(torch.from_numpy(im).permute(0, 3, 1, 2))[0], mmseg_logits(ref_model, im)[0]
+                )
         for label, image, scale, to_float32 in (
             ("pipeline_fixture", out / "scene.png", PIPELINE_SCALE, False),
             ("pipeline_640x480_into_1280x720", big, (1280, 720), False),
@@ -388,7 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compare", action="store_true", help="also compare this project's models (slow)"
     )
     parser.add_argument(
-        "--cases", nargs="+", choices=list(CASES), default=list(CASES), help="cases to compare"
+        "--cases",
+        nargs="+",
+        choices=list(CASES),
+        default=list(CASES),
+        help="cases to write and compare",
     )
     parser.add_argument(
         "--no-fixtures", action="store_true", help="only compare (the fixtures exist)"
@@ -396,9 +484,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
     if not args.no_fixtures:
-        write_fixtures(args.out)
+        write_fixtures(args.out, args.cases)
     if args.compare:
-        compare(args.out, args.cases)
+        compare(args.out, [name for name in args.cases if name in LOGIT_CASES])
     return 0
 
 

@@ -274,6 +274,74 @@ def load_script(name: str):
     return module
 
 
+def assert_resume_is_exact(toy_root: Path, tmp_path: Path, *overrides: str) -> tuple[dict, dict]:
+    """Train the smoke config with ``overrides`` for 4 iterations straight, and for 2, stopped,
+    then resumed from iteration 2's checkpoint to 4: both last.pt hold the same weights and EMA
+    weights (``trainer.ema.decay`` is set), which moved since iteration 2. Returns both last.pt
+    (straight, resumed), for the optimizer's state."""
+    import torch
+
+    from semseg.models.checkpoint import load_checkpoint
+
+    common = [*overrides, "schedule.max_iters=4", "schedule.checkpoint_interval=2",
+              "trainer.eval_at_end=false", "trainer.ema.decay=0.5"]  # fmt: skip
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_in_process(toy_root, straight, *common)
+    half = straight / "checkpoints/iter_000002.pt"
+    train_in_process(toy_root, resumed, *common, f"trainer.resume={half}")
+    a = load_checkpoint(straight / "checkpoints/last.pt")
+    b = load_checkpoint(resumed / "checkpoints/last.pt")
+    assert a["ema"].keys() == a["model"].keys()
+    for entry in ("model", "ema"):
+        for key, tensor in a[entry].items():
+            assert torch.equal(tensor, b[entry][key]), (entry, key)
+    assert not all(torch.equal(t, a["model"][k]) for k, t in load_checkpoint(half)["model"].items())
+    return a, b
+
+
+def assert_onnx_export_matches(checkpoint: Path, onnx_path: Path) -> None:
+    """``scripts/export_onnx.py`` on ``checkpoint`` (traced at 64x96), then onnxruntime's logits
+    against the model's at the traced size and at another batch and image size."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from semseg.models import model_from_checkpoint
+
+    export = load_script("export_onnx").main
+    assert export([str(checkpoint), str(onnx_path), "--height", "64", "--width", "96"]) == 0
+    model, _, _ = model_from_checkpoint(checkpoint)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 64, 96), (2, 3, 75, 110)]:
+        image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 255
+        with torch.no_grad():
+            expected = model(image).numpy()
+        (got,) = session.run(["logits"], {"image": image.numpy()})
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def assert_model_zoo_row(run_dir: Path, toy_root: Path, output_dir: Path) -> Path:
+    """The model-zoo folder of ``run_dir``'s last.pt (evaluated on the toy data): its weights are
+    the checkpoint's model, its scores hold the mIoU. Returns the folder."""
+    import json
+
+    import torch
+
+    from semseg.apps.zoo import build_model_zoo_row
+    from semseg.cli import compose
+    from semseg.models import model_from_checkpoint
+    from semseg.models.checkpoint import load_checkpoint
+
+    overrides = [f"run_dir={run_dir}", f"dataset.root={toy_root}", "device=cpu", "progress=false",
+                 "visuals.count=1", f"output_dir={output_dir}", "checkpoint=last.pt"]  # fmt: skip
+    out = build_model_zoo_row(compose("model_zoo", overrides))
+    model, _, _ = model_from_checkpoint(out / "weights.pt")
+    last = load_checkpoint(run_dir / "checkpoints/last.pt")["model"]
+    assert all(torch.equal(v, last[k]) for k, v in model.state_dict().items())
+    assert "mIoU" in json.loads((out / "scores-val.json").read_text())["metrics"]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # Real write faults: the kernel's own errors, not a patched library function
 

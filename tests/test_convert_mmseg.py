@@ -1,4 +1,6 @@
-"""mmseg Semantic FPN (ResNetV1c-50) checkpoints convert into this project's format."""
+"""mmseg checkpoints convert into this project's format: Semantic FPN (ResNetV1c-50) built by hand,
+and every architecture of the zoo from mmseg's own key layouts (ResNetV1c; UPerNet on mmcls 0.x /
+mmpretrain 1.x ConvNeXt-T/S/B)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ from conftest import load_script
 from semseg.cli import compose_groups
 from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
-from semseg.models import convert_mmseg_state_dict, mmseg_to_checkpoint, model_from_checkpoint
+from semseg.models import (
+    build_model,
+    convert_mmseg_state_dict,
+    mmseg_to_checkpoint,
+    model_from_checkpoint,
+)
 from semseg.models.checkpoint import load_checkpoint
 from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS, recognise_mmseg
 
@@ -171,8 +178,11 @@ MMSEG_CASES = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())
 
 
 def layout(case: str) -> dict[str, torch.Tensor]:
-    """The keys of mmseg's state dict of ``case`` with empty tensors (recognition reads keys)."""
-    return {key: torch.empty(0) for key in MMSEG_CASES[case]["shapes"]}
+    """mmseg's state dict of ``case``: its keys with tensors of their shapes on the meta device
+    (recognition reads keys, and shapes where sizes share their keys: ConvNeXt-S and -B)."""
+    return {
+        key: torch.empty(shape, device="meta") for key, shape in MMSEG_CASES[case]["shapes"].items()
+    }
 
 
 @pytest.mark.parametrize("case", list(MMSEG_CASES))
@@ -182,6 +192,22 @@ def test_architecture_recognised_from_keys(case: str) -> None:
     assert arch.has_aux == (case != "semantic_fpn")
     renamed = convert_mmseg_state_dict({"state_dict": layout(case)})
     assert len(renamed) == len(MMSEG_CASES[case]["shapes"])  # every key has a rule
+
+
+@pytest.mark.parametrize("case", list(MMSEG_CASES))
+def test_converted_layout_is_the_model_of_its_config(case: str) -> None:
+    """Every tensor of mmseg's model lands on a tensor of this project's model of the same shape,
+    and every tensor of that model is filled (ConvNeXt-S/B and ResNet-101 included)."""
+    arch = recognise_mmseg(layout(case))
+    config = compose_groups(
+        {**arch.config_groups, "dataset": "bdd100k"},
+        [*arch.overrides, "backbone.pretrained=false"],
+    )
+    with torch.device("meta"):
+        own = build_model(config).state_dict()
+    renamed = convert_mmseg_state_dict(layout(case))
+    assert set(renamed) == set(own)
+    assert {k: v.shape for k, v in renamed.items()} == {k: v.shape for k, v in own.items()}
 
 
 def test_group_norm_semantic_fpn_is_recognised(mmseg_sd: dict[str, torch.Tensor]) -> None:
@@ -230,6 +256,17 @@ REFUSED = {
                                  for i in range(6, 36)},
         r"ResNetV1c with \[3, 4, 36, 3\] blocks per stage",
     ),
+    # ConvNeXt-L (stem width 192) has no backbone config here
+    "convnext_large": (
+        lambda: layout("upernet_convnext_base")
+        | {"backbone.downsample_layers.0.0.weight": torch.empty(192, 3, 4, 4, device="meta")},
+        r"ConvNeXt with \[3, 3, 27, 3\] blocks per stage and stem width 192: only convnext_tiny",
+    ),
+    # ConvNeXt V2 (global response norm in each block)
+    "convnext_v2": (
+        lambda: layout("upernet_convnext") | {"backbone.stages.0.0.grn.gamma": torch.empty(0)},
+        r"UPerHead on mmcls/mmpretrain ConvNeXt.*keys without a mapping \(1\): backbone\.stages\.0\.0\.grn\.gamma",
+    ),
 }  # fmt: skip
 
 
@@ -240,7 +277,7 @@ def test_unsupported_architectures_are_refused_in_one_line(kind: str) -> None:
         convert_mmseg_state_dict(make())
     message = str(info.value)
     assert "\n" not in message
-    if kind != "resnet152":  # that one names the depths that have configs
+    if kind not in ("resnet152", "convnext_large"):  # those name the sizes that have configs
         assert "supported: " in message and "PSPHead (model=pspnet)" in message
 
 
@@ -314,3 +351,44 @@ def test_script_without_aux_weights_configures_no_aux_head(tmp_path: Path, capsy
     assert "built model=upernet backbone=resnet50c;" in capsys.readouterr().out
     config = load_checkpoint(out)["config"]
     assert config["model"]["aux_head"] is None and config["model"]["align_corners"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# ConvNeXt: mmcls 0.x (the zoo's) and mmpretrain 1.x files share their keys; mmcls 0.x built the
+# LayerNorm before each downsampling conv with eps 1e-5 (mmpretrain and timm: 1e-6).
+
+MMENGINE_META = {"mmengine_version": "0.10.7", "dataset_meta": {"classes": ["road"] * 19}}
+
+
+@pytest.mark.parametrize(
+    ("meta", "eps"),
+    [(None, 1e-5), ({"mmcv_version": "1.7.0", "mmseg_version": "0.30.0"}, 1e-5),
+     (MMENGINE_META, 1e-6)],
+    ids=["zoo-file-without-meta", "mmcls-0.x", "mmpretrain-1.x"],
+)  # fmt: skip
+def test_convnext_file_version_sets_the_downsampling_norm_eps(
+    meta: dict | None, eps: float, tmp_path: Path, capsys
+) -> None:
+    weights = load_script("mmseg_reference").seeded_weights(
+        MMSEG_CASES["upernet_convnext"]["shapes"]
+    )
+    src, out = tmp_path / "upernet_convnext-t.pth", tmp_path / "upernet_convnext-t.pt"
+    torch.save(weights if meta is None else {"meta": meta, "state_dict": weights}, src)
+    assert load_script("convert_mmseg_checkpoint").main([str(src), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        "recognised mmseg UPerHead on mmcls/mmpretrain ConvNeXt (convnext_tiny, output " in printed
+    )
+    assert "built model=upernet backbone=convnext_tiny, auxiliary head kept" in printed
+    assert ("+backbone.downsample_norm_eps=1e-5" in printed) == (eps == 1e-5)
+    state = load_checkpoint(out)
+    assert state["config"]["backbone"].get("downsample_norm_eps", 1e-6) == eps
+    model, _, _ = model_from_checkpoint(out)
+    stages = [model.backbone.model.get_submodule(f"stages_{i}") for i in range(4)]
+    assert [s.downsample[0].eps for s in stages[1:]] == [eps] * 3
+    assert model.backbone.model.stem_1.eps == 1e-6  # the stem's norm: norm_cfg's in both
+    assert torch.equal(
+        model.backbone.model.stages_2.blocks[8].mlp.fc2.weight,
+        weights["backbone.stages.2.8.pointwise_conv2.weight"],
+    )
+    assert torch.equal(model.backbone.norm3.bias, weights["backbone.norm3.bias"])

@@ -22,12 +22,8 @@ from omegaconf import OmegaConf
 from semseg.cli import CONF_DIR
 from semseg.errors import ConfigError
 from semseg.models import TimmBackbone, WeightsError, count_parameters, forward_gflops
-from semseg.models.convnext import (
-    ConvNeXtBackbone,
-    convert_mmcls_convnext,
-    mmcls_convnext_rules,
-    rename_keys,
-)
+from semseg.models.convnext import ConvNeXtBackbone, convert_mmcls_convnext
+from semseg.models.mmseg_conversion import mmcls_convnext_rules, rename_keys
 from semseg.models.semantic_fpn import semantic_fpn
 
 FIXTURES = REPO / "tests" / "fixtures" / "convnext"

@@ -12,15 +12,20 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, load_script, train_in_process
+from conftest import (
+    REPO,
+    assert_model_zoo_row,
+    assert_onnx_export_matches,
+    assert_resume_is_exact,
+    load_script,
+    train_in_process,
+)
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from semseg.apps.zoo import build_model_zoo_row
 from semseg.cli import compose, compose_groups
 from semseg.data import dataset_meta
 from semseg.engine.losses import OhemCrossEntropy, SegCrossEntropy
@@ -213,23 +218,10 @@ def test_each_decoder_trains_on_toy_data(name: str, trained: dict[str, Path]) ->
 def test_exact_resume_with_aux_head_and_ema(toy_root: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2, stop, resume to 4: weights (auxiliary head included),
     momenta and EMA."""
-    common = [*small("deeplabv3plus"), "schedule.max_iters=4", "schedule.checkpoint_interval=2",
-              "trainer.eval_at_end=false", "trainer.ema.decay=0.5"]  # fmt: skip
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_in_process(toy_root, straight, *common)
-    half = straight / "checkpoints/iter_000002.pt"
-    train_in_process(toy_root, resumed, *common, f"trainer.resume={half}")
-    a = load_checkpoint(straight / "checkpoints/last.pt")
-    b = load_checkpoint(resumed / "checkpoints/last.pt")
-    assert (
-        any(k.startswith("aux_head.") for k in a["model"]) and a["ema"].keys() == a["model"].keys()
-    )
-    for entry in ("model", "ema"):
-        for key, tensor in a[entry].items():
-            assert torch.equal(tensor, b[entry][key]), (entry, key)
+    a, b = assert_resume_is_exact(toy_root, tmp_path, *small("deeplabv3plus"))
+    assert any(k.startswith("aux_head.") for k in a["model"])
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-    assert not all(torch.equal(t, a["model"][k]) for k, t in load_checkpoint(half)["model"].items())
 
 
 def test_ddp_two_processes_train_a_decoder_with_aux_head(toy_root: Path, tmp_path: Path) -> None:
@@ -266,32 +258,13 @@ def test_inference_modes(trained: dict[str, Path]) -> None:
 def test_onnx_export_is_right_at_every_size(trained: dict[str, Path], tmp_path: Path) -> None:
     """Pyramid pooling (PSPNet, UPerNet) exports with bins that follow the input size
     (adaptive_avg_pool), not the example's."""
-    name = "pspnet"
-    onnx_path = tmp_path / f"{name}.onnx"
-    export = load_script("export_onnx").main
-    checkpoint = trained[name] / "checkpoints/last.pt"
-    assert export([str(checkpoint), str(onnx_path), "--height", "64", "--width", "96"]) == 0
-    model, _, _ = model_from_checkpoint(checkpoint)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    for shape in [(1, 3, 64, 96), (2, 3, 75, 110)]:
-        image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 255
-        with torch.no_grad():
-            expected = model(image).numpy()
-        (got,) = session.run(["logits"], {"image": image.numpy()})
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert_onnx_export_matches(trained["pspnet"] / "checkpoints/last.pt", tmp_path / "pspnet.onnx")
 
 
 def test_model_zoo_row_of_a_decoder(trained: dict[str, Path], toy_root: Path, tmp_path) -> None:
-    run_dir = trained["deeplabv3plus"]
-    overrides = [f"run_dir={run_dir}", f"dataset.root={toy_root}", "device=cpu", "progress=false",
-                 "visuals.count=1", f"output_dir={tmp_path / 'zoo'}", "checkpoint=last.pt"]  # fmt: skip
-    out = build_model_zoo_row(compose("model_zoo", overrides))
+    out = assert_model_zoo_row(trained["deeplabv3plus"], toy_root, tmp_path / "zoo")
     weights = load_checkpoint(out / "weights.pt")
     assert not any(k.startswith("aux_head.") for k in weights["model"])  # inference only
-    model, _, _ = model_from_checkpoint(out / "weights.pt")
-    last = load_checkpoint(run_dir / "checkpoints/last.pt")["model"]
-    assert all(torch.equal(v, last[k]) for k, v in model.state_dict().items())
-    assert "mIoU" in json.loads((out / "scores-val.json").read_text())["metrics"]
 
 
 def test_benchmark_counts_and_times_a_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -1,13 +1,15 @@
 """Converted mmseg models give mmseg's logits, layer for layer.
 
-The fixtures (tests/fixtures/mmseg/) come from mmsegmentation 1.2.2's own models, built from its
-base configs with the BDD100K zoo's settings and filled with seeded random weights
+The fixtures (tests/fixtures/mmseg/) come from mmsegmentation 1.2.2's own models (UPerNet on
+ConvNeXt: with mmpretrain 1.2.0's ConvNeXt, set to mmcls 0.x's numbers), built from its base
+configs with the BDD100K zoo's settings and filled with seeded random weights
 (scripts/mmseg_reference.py, run in a virtualenv with mmseg). Here the same weights are recreated
 without mmseg, converted as scripts/convert_mmseg_checkpoint.py converts a file, and run in this
 project's models: the logits must agree (max abs difference < 1e-3 on a 6-pixel grid, argmax
 agreement >= 99.9% on whole maps), at a size stride 32 divides and one it does not, and through
-the prediction path of src/predict.py (keep-ratio resize into the test scale, logits resized back)
-on the PNG file mmseg's test pipeline read.
+the prediction path of src/predict.py (keep-ratio resize into the test scale, logits resized back
+as the model resizes: align_corners on the zoo's 769x769 rows) on the PNG file mmseg's test
+pipeline read.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from PIL import Image
 from semseg.apps.predict import run_predict
 from semseg.cli import compose_groups
 from semseg.data import build_eval_transform, dataset_meta
-from semseg.evaluation.inference import predict_logits, resize_bilinear
+from semseg.evaluation.inference import predict_logits, resize_logits
 from semseg.models import mmseg_to_checkpoint, model_from_checkpoint
 from semseg.models.backbone import TimmBackbone
 from semseg.models.checkpoint import save_checkpoint
@@ -34,6 +36,7 @@ from semseg.models.mmseg_conversion import recognise_mmseg
 FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
 MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
 CASES = MANIFEST["cases"]
+LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
 PIPELINE_SCALE = MANIFEST["pipeline_scale"]
 reference = load_script("mmseg_reference")  # its weight and summary functions need no mmseg
 
@@ -48,15 +51,18 @@ def inputs() -> dict[str, torch.Tensor]:
         return {size: torch.from_numpy(data[size]).permute(0, 3, 1, 2) for size in data.files}
 
 
-def converted(name: str) -> dict:
+def converted(name: str, meta: dict | None = None) -> dict:
     """Case ``name``'s seeded mmseg weights as a checkpoint of this project (the converter's way:
-    the architecture recognised from the keys, its config groups composed, weights loaded)."""
+    the architecture recognised from the file, its config groups composed with the overrides the
+    file implies, weights loaded); ``meta``: the file's (none: a bare state dict)."""
     case = CASES[name]
     weights = reference.seeded_weights(case["shapes"])
-    arch = recognise_mmseg(weights)
+    checkpoint = weights if meta is None else {"meta": meta, "state_dict": weights}
+    arch = recognise_mmseg(checkpoint)
     assert arch.config_groups == case["groups"]
-    config = compose_groups({**arch.config_groups, "dataset": "bdd100k"}, case.get("overrides", []))
-    return mmseg_to_checkpoint(weights, name, config, dataset_meta(config["dataset"]))
+    overrides = [*arch.overrides, *case.get("overrides", [])]
+    config = compose_groups({**arch.config_groups, "dataset": "bdd100k"}, overrides)
+    return mmseg_to_checkpoint(checkpoint, name, config, dataset_meta(config["dataset"]))
 
 
 def assert_matches(logits: torch.Tensor, ref: np.lib.npyio.NpzFile, prefix: str) -> None:
@@ -74,25 +80,26 @@ def assert_matches(logits: torch.Tensor, ref: np.lib.npyio.NpzFile, prefix: str)
     np.testing.assert_allclose(ours["mean"], ref[f"{prefix}_mean"], atol=1e-4)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", LOGIT_CASES)
 def test_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
     model, _, _ = model_from_checkpoint(converted(name))
     ref = np.load(FIXTURES / f"{name}.npz")
     with torch.no_grad():
         for size, images in inputs.items():
             assert_matches(model(images)[0], ref, size)
-        if "pipeline_argmax" in ref.files:  # what src/predict.py computes for an image file
-            image = np.array(Image.open(FIXTURES / "scene.png").convert("RGB"))
-            resized = build_eval_transform(PIPELINE_SCALE)(image=image)["image"]
-            x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
-            logits = resize_bilinear(predict_logits(model, x), image.shape[:2])[0]
-            assert_matches(logits, ref, "pipeline")
+        # What src/predict.py computes for an image file.
+        image = np.array(Image.open(FIXTURES / "scene.png").convert("RGB"))
+        resized = build_eval_transform(PIPELINE_SCALE)(image=image)["image"]
+        x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
+        logits = resize_logits(model, predict_logits(model, x), image.shape[:2])[0]
+        assert_matches(logits, ref, "pipeline")
 
 
-def test_predict_entry_point_writes_mmseg_argmax(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["pspnet", "upernet_align_corners", "upernet_convnext"])
+def test_predict_entry_point_writes_mmseg_argmax(name: str, tmp_path: Path) -> None:
     """src/predict.py's runner on the PNG, with a converted checkpoint file: the mask it writes
-    is mmseg's test-pipeline argmax."""
-    name = "pspnet"
+    is mmseg's test-pipeline argmax (on the 769x769 rows' model too, whose final resize has
+    align_corners=True)."""
     checkpoint = save_checkpoint(converted(name), tmp_path / f"{name}.pt")
     images = tmp_path / "images"
     images.mkdir()

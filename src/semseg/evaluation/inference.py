@@ -55,11 +55,21 @@ def _slide(
 _MODES: dict[str, Callable[..., torch.Tensor]] = {"whole": _whole, "slide": _slide}
 
 
-def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_bilinear(
+    x: torch.Tensor, size: Sequence[int], align_corners: bool = False
+) -> torch.Tensor:
     """NxCxHxW float tensor resized to `size` (h, w) (returned as is when it already has it)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    return F.interpolate(x, size=tuple(int(v) for v in size), mode="bilinear", align_corners=False)
+    size = tuple(int(v) for v in size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def resize_logits(model: nn.Module, logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``logits`` of ``model`` resized to ``size`` (h, w) as the model resizes its own: with its
+    ``align_corners`` (mmseg's final resize to the image follows the decode head's; the zoo's
+    769x769 rows set it)."""
+    return resize_bilinear(logits, size, bool(getattr(model, "align_corners", False)))
 
 
 def predict_logits(
@@ -76,8 +86,9 @@ def predict_logits(
 
     ``mode`` picks whole-image or sliding-window (``crop_size``/``stride`` as (h, w)) inference.
     With test-time augmentation (several ``scales`` and/or ``flip``) each view is resized back to
-    the input size and the *softmax probabilities* are averaged, as mmseg does; the result is
-    returned as their log (valid logits: softmax of it gives the averaged probabilities back).
+    the input size (:func:`resize_logits`) and the *softmax probabilities* are averaged, as mmseg
+    does; the result is returned as their log (valid logits: softmax of it gives the averaged
+    probabilities back).
     A single view returns the model's logits unchanged.
     """
     if mode not in _MODES:
@@ -93,7 +104,7 @@ def predict_logits(
         x = resize_bilinear(images, [round(d * scale) for d in size]) if scale != 1 else images
         x = x.flip(-1) if flipped else x
         out = infer(model, x, crop_size=crop_size, stride=stride).float()
-        out = resize_bilinear(out.flip(-1) if flipped else out, size)
+        out = resize_logits(model, out.flip(-1) if flipped else out, size)
         if num_classes is not None and out.shape[1] != num_classes:
             raise ValueError(f"the model predicts {out.shape[1]} classes, expected {num_classes}")
         if len(views) == 1:
@@ -223,7 +234,7 @@ def predict_batches(
                 # The image may have been resized to the evaluation scale: the class ids are
                 # computed at the label's (or the original image's) own size.
                 outputs = [
-                    (part, resize_bilinear(logits[rows], size).argmax(1))
+                    (part, resize_logits(net, logits[rows], size).argmax(1))
                     for part, rows, size in _output_sizes(batch)
                 ]
             yield from outputs

@@ -3,9 +3,9 @@ builds it for segmentation (the BDD100K zoo's UPerNet rows): timm's ConvNeXt sta
 through its own LayerNorm (``norm0``..``norm3``, eps 1e-6), stochastic depth and layer scale as
 the config sets them.
 
-Also here: the key mapping from mmcls 0.x / mmpretrain 1.x ConvNeXt weights to this backbone (a
-table of regex rules, :func:`mmcls_convnext_rules`), ImageNet weights in either timm's or mmcls's
-layout, and the layer ids of mmseg's ``LearningRateDecayOptimizerConstructor`` (:meth:`layer_id`).
+Also here: ImageNet weights in either timm's or mmcls's layout (renamed by the converter's
+mmcls ConvNeXt rules, :func:`semseg.models.mmseg_conversion.mmcls_convnext_rules`), and the layer
+ids of mmseg's ``LearningRateDecayOptimizerConstructor`` (:meth:`layer_id`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXtStage
-from torch import Tensor
+from torch import Tensor, nn
 
 from semseg.errors import ConfigError
 from semseg.models.backbone import TimmBackbone
@@ -28,46 +28,13 @@ from semseg.models.backbone_weights import (
     read_weights_file,
 )
 from semseg.models.build import describe_key_mismatch, listing
+from semseg.models.mmseg_conversion import mmcls_convnext_rules, rename_keys
 
 log = logging.getLogger(__name__)
 
-# mmcls 0.x / mmpretrain 1.x ConvNeXt keys (relative to the backbone) -> this backbone's keys.
-# mmcls: downsample_layers.0 is the stem (conv, LN), downsample_layers.i (LN, conv) precedes
-# stage i, stages.i.j are the blocks, norm{i} the output norms. Both versions share these names.
-_MMCLS_RULES: tuple[tuple[str, str], ...] = (
-    (r"downsample_layers\.0\.([01])\.(weight|bias)", r"model.stem_\1.\2"),
-    (r"downsample_layers\.([1-3])\.([01])\.(weight|bias)", r"model.stages_\1.downsample.\2.\3"),
-    (r"stages\.(\d)\.(\d+)\.depthwise_conv\.(weight|bias)", r"model.stages_\1.blocks.\2.conv_dw.\3"),
-    (r"stages\.(\d)\.(\d+)\.norm\.(weight|bias)", r"model.stages_\1.blocks.\2.norm.\3"),
-    (r"stages\.(\d)\.(\d+)\.pointwise_conv1\.(weight|bias)", r"model.stages_\1.blocks.\2.mlp.fc1.\3"),
-    (r"stages\.(\d)\.(\d+)\.pointwise_conv2\.(weight|bias)", r"model.stages_\1.blocks.\2.mlp.fc2.\3"),
-    (r"stages\.(\d)\.(\d+)\.gamma", r"model.stages_\1.blocks.\2.gamma"),
-    (r"norm([0-3])\.(weight|bias)", r"norm\1.\2"),
-)  # fmt: skip
 _MMCLS_KEY = re.compile(r"^(?:backbone\.)?downsample_layers\.")
 # mmseg's LearningRateDecayOptimizerConstructor decay types for ConvNeXt.
 DECAY_TYPES = ("stage_wise", "layer_wise")
-
-
-def mmcls_convnext_rules(src: str = "", dst: str = "") -> list[tuple[re.Pattern, str]]:
-    """The mmcls/mmpretrain -> :class:`ConvNeXtBackbone` key rules as ``(pattern, replacement)``
-    pairs; ``src``/``dst`` prefix both sides (``"backbone."`` for whole segmentation models)."""
-    return [(re.compile(f"^{re.escape(src)}{p}$"), dst + r) for p, r in _MMCLS_RULES]
-
-
-def rename_keys(
-    state: Mapping[str, Tensor], rules: Sequence[tuple[re.Pattern, str]]
-) -> tuple[dict[str, Tensor], list[str]]:
-    """``state`` renamed by the first rule that matches each key, and the keys no rule matches."""
-    renamed, unmatched = {}, []
-    for key, value in state.items():
-        for pattern, replacement in rules:
-            if pattern.match(key):
-                renamed[pattern.sub(replacement, key)] = value
-                break
-        else:
-            unmatched.append(key)
-    return renamed, unmatched
 
 
 def is_mmcls_layout(state: Mapping[str, Tensor]) -> bool:
@@ -103,6 +70,8 @@ class ConvNeXtBackbone(TimmBackbone):
             (timm ``head.norm``, mmcls ``norm3``), as mmseg loads mmcls weights; the other output
             norms start at identity unless the file has them.
         weights: local weights file.
+        downsample_norm_eps: eps of the LayerNorm before each downsampling conv: 1e-6 in timm
+            and mmpretrain 1.x, 1e-5 in mmcls 0.x (which built the zoo's models).
         **kwargs: as :class:`TimmBackbone` (``out_strides``, ``grad_checkpointing``, and timm's
             ``drop_path_rate``, ``ls_init_value``, ...).
     """
@@ -112,6 +81,7 @@ class ConvNeXtBackbone(TimmBackbone):
         name: str,
         pretrained: bool = False,
         weights: str | os.PathLike | None = None,
+        downsample_norm_eps: float = 1e-6,
         **kwargs,
     ) -> None:
         # The output norms must exist before the weights load: the base class builds the stages
@@ -122,6 +92,9 @@ class ConvNeXtBackbone(TimmBackbone):
                 f"backbone.name={name} is not a timm ConvNeXt: {type(self).__name__} "
                 "(conf/backbone/convnext_*.yaml) needs convnext_tiny, convnext_small, convnext_base, ..."
             )
+        for stage in self.model.children():
+            if isinstance(stage, ConvNeXtStage) and isinstance(stage.downsample, nn.Sequential):
+                stage.downsample[0].eps = downsample_norm_eps
         self.stage_indices = list(self.model.feature_info.out_indices)
         for i, channels in zip(self.stage_indices, self.out_channels):
             self.add_module(f"norm{i}", LayerNorm2d(channels, eps=1e-6))

@@ -1,11 +1,12 @@
 """mmsegmentation checkpoints (mmseg 0.x / mmcv 1.x files like the BDD100K zoo's, and mmseg 1.x
 files) -> checkpoints of this project.
 
-What a file holds is recognised from its keys alone: the backbone family from ``backbone.*`` (one
-row of :data:`BACKBONES`), the architecture from the submodules of ``decode_head`` (one row of
-:data:`HEADS`). Each row brings the regex rules that rename its tensors; a new family (mmpretrain
-ConvNeXt, Swin) is one more row. The config of the converted model comes in as values: the
-converter script composes the groups that :func:`recognise_mmseg` names from ``conf/``.
+What a file holds is recognised from its keys (and, for the backbone's size, their shapes): the
+backbone family from ``backbone.*`` (one row of :data:`BACKBONES`), the architecture from the
+submodules of ``decode_head`` (one row of :data:`HEADS`). Each row brings the regex rules that
+rename its tensors; a new family (Swin) is one more row. The config of the converted model comes
+in as values: the converter script composes the groups that :func:`recognise_mmseg` names from
+``conf/``, with the overrides the file implies (:attr:`MmsegArchitecture.overrides`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ def _rules(*pairs: tuple[str, str]) -> list[Rule]:
     return [(re.compile(pattern), replacement) for pattern, replacement in pairs]
 
 
+def rename_keys(
+    state: Mapping[str, Tensor], rules: Sequence[Rule]
+) -> tuple[dict[str, Tensor], list[str]]:
+    """``state`` renamed by the first rule that matches each key, and the keys no rule matches."""
+    renamed, unmatched = {}, []
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            if pattern.match(key):
+                renamed[pattern.sub(replacement, key)] = value
+                break
+        else:
+            unmatched.append(key)
+    return renamed, unmatched
+
+
 def conv_module_rules(source: str, target: str) -> list[Rule]:
     """An mmseg head under ``source`` whose layers are mmcv ConvModules (``<name>.conv``,
     ``<name>.bn|gn``) and ``conv_seg``, as this project's head under ``target`` (torchvision
@@ -58,23 +74,34 @@ def conv_module_rules(source: str, target: str) -> list[Rule]:
 @dataclass(frozen=True)
 class MmsegBackbone:
     """An mmseg backbone family: recognised by ``marker`` (a key), renamed by ``rules``; its
-    ``conf/backbone`` name comes from ``config_name(keys, output_stride)``."""
+    ``conf/backbone`` name comes from ``config_name(state, output_stride)`` (the tensors, for
+    their keys and shapes). ``output_stride``: fixed by the family (a backbone that never dilates),
+    or None where the architecture's applies. ``overrides(checkpoint)``: config overrides that
+    the whole file (its ``meta`` too) implies."""
 
     family: str
     marker: str
     rules: list[Rule]
-    config_name: Callable[[Sequence[str], int], str]
+    config_name: Callable[[Mapping[str, Tensor], int], str]
+    output_stride: int | None = None
+    overrides: Callable[[Mapping[str, Any]], list[str]] = lambda checkpoint: []
 
 
 _RESNET_DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
 
 
-def _resnet_v1c_config(keys: Sequence[str], output_stride: int) -> str:
-    """``resnet50c``/``resnet101c`` (+ ``_d8`` at output stride 8) from the blocks per stage."""
-    blocks = tuple(
-        len({k.split(".")[2] for k in keys if k.startswith(f"backbone.layer{stage}.")})
-        for stage in range(1, 5)
+def _blocks_per_stage(state: Mapping[str, Tensor], stage_prefix: str, stages: range) -> tuple:
+    """How many blocks ``<stage_prefix><i>.<block>.`` keys name in each stage ``i``."""
+    depth = stage_prefix.count(".") + 1  # where the block index sits in the key
+    return tuple(
+        len({k.split(".")[depth] for k in state if k.startswith(f"{stage_prefix}{i}.")})
+        for i in stages
     )
+
+
+def _resnet_v1c_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``resnet50c``/``resnet101c`` (+ ``_d8`` at output stride 8) from the blocks per stage."""
+    blocks = _blocks_per_stage(state, "backbone.layer", range(1, 5))
     depth = _RESNET_DEPTHS.get(blocks)
     if depth is None:
         raise CheckpointError(
@@ -101,7 +128,71 @@ RESNET_V1C = MmsegBackbone(
     config_name=_resnet_v1c_config,
 )
 
-BACKBONES: list[MmsegBackbone] = [RESNET_V1C]
+
+# mmcls 0.x / mmpretrain 1.x ConvNeXt (``type="mmcls.ConvNeXt"`` / ``"mmpretrain.ConvNeXt"``, both
+# with these names) -> semseg.models.convnext.ConvNeXtBackbone. mmcls: downsample_layers.0 is the
+# stem (conv, LN), downsample_layers.i (LN, conv) precedes stage i, stages.i.j are the blocks,
+# norm{i} the output norms.
+_MMCLS_CONVNEXT = (
+    (r"downsample_layers\.0\.([01])\.(weight|bias)", r"model.stem_\1.\2"),
+    (r"downsample_layers\.([1-3])\.([01])\.(weight|bias)", r"model.stages_\1.downsample.\2.\3"),
+    (r"stages\.(\d)\.(\d+)\.depthwise_conv\.(weight|bias)", r"model.stages_\1.blocks.\2.conv_dw.\3"),
+    (r"stages\.(\d)\.(\d+)\.norm\.(weight|bias)", r"model.stages_\1.blocks.\2.norm.\3"),
+    (r"stages\.(\d)\.(\d+)\.pointwise_conv1\.(weight|bias)", r"model.stages_\1.blocks.\2.mlp.fc1.\3"),
+    (r"stages\.(\d)\.(\d+)\.pointwise_conv2\.(weight|bias)", r"model.stages_\1.blocks.\2.mlp.fc2.\3"),
+    (r"stages\.(\d)\.(\d+)\.gamma", r"model.stages_\1.blocks.\2.gamma"),
+    (r"norm([0-3])\.(weight|bias)", r"norm\1.\2"),
+)  # fmt: skip
+
+
+def mmcls_convnext_rules(src: str = "", dst: str = "") -> list[Rule]:
+    """The mmcls/mmpretrain ConvNeXt -> :class:`~semseg.models.convnext.ConvNeXtBackbone` key
+    rules; ``src``/``dst`` prefix both sides (``"backbone."`` for whole segmentation models)."""
+    return [(re.compile(f"^{re.escape(src)}{p}$"), dst + r) for p, r in _MMCLS_CONVNEXT]
+
+
+# (blocks per stage, stem width) -> conf/backbone
+_CONVNEXT_SIZES = {
+    ((3, 3, 9, 3), 96): "convnext_tiny",
+    ((3, 3, 27, 3), 96): "convnext_small",
+    ((3, 3, 27, 3), 128): "convnext_base",
+}
+
+
+def _convnext_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``convnext_tiny|small|base`` from the blocks per stage and the stem's width."""
+    blocks = _blocks_per_stage(state, "backbone.stages.", range(4))
+    width = int(state["backbone.downsample_layers.0.0.weight"].shape[0])
+    name = _CONVNEXT_SIZES.get((blocks, width))
+    if name is None:
+        known = "; ".join(
+            f"{n} {list(b)} blocks, width {w}" for (b, w), n in _CONVNEXT_SIZES.items()
+        )
+        raise CheckpointError(
+            f"ConvNeXt with {list(blocks)} blocks per stage and stem width {width}: only {known} "
+            "have backbone configs here"
+        )
+    return name
+
+
+def _convnext_overrides(checkpoint: Mapping[str, Any]) -> list[str]:
+    """mmcls 0.x (the zoo's files: mmcv meta or none) built the LayerNorm before each downsampling
+    conv with eps 1e-5, mmpretrain 1.x (mmengine meta) with 1e-6, as timm does."""
+    meta = checkpoint.get("meta")
+    mmengine = isinstance(meta, Mapping) and "mmengine_version" in meta
+    return [] if mmengine else ["+backbone.downsample_norm_eps=1e-5"]
+
+
+CONVNEXT = MmsegBackbone(
+    family="mmcls/mmpretrain ConvNeXt",
+    marker="backbone.downsample_layers.0.0.weight",
+    rules=mmcls_convnext_rules("backbone.", "backbone."),
+    config_name=_convnext_config,
+    output_stride=32,
+    overrides=_convnext_overrides,
+)
+
+BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT]
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,10 +267,17 @@ class MmsegArchitecture:
     head: MmsegHead
     backbone_config: str
     has_aux: bool
+    overrides: list[str]
+    """Config overrides the file implies (the user's come after them): no auxiliary head where
+    the file has none; backbone settings its version implies."""
 
     @property
     def config_groups(self) -> dict[str, str]:
         return {"model": self.head.model, "backbone": self.backbone_config}
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride or self.head.output_stride
 
     @property
     def rules(self) -> list[Rule]:
@@ -189,7 +287,7 @@ class MmsegArchitecture:
         aux = "; auxiliary FCNHead" if self.has_aux else ""
         return (
             f"mmseg {self.head.mmseg_type} on {self.backbone.family} "
-            f"({self.backbone_config}, output stride {self.head.output_stride}){aux}"
+            f"({self.backbone_config}, output stride {self.output_stride}){aux}"
         )
 
 
@@ -209,8 +307,9 @@ def _state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
 def recognise_mmseg(state: Mapping[str, Any]) -> MmsegArchitecture:
     """The backbone family and architecture of an mmseg state dict (or whole checkpoint); a
     CheckpointError naming what was found and what is supported when it is neither."""
-    keys = list(_state_dict(state))
-    backbone = next((b for b in BACKBONES if b.marker in keys), None)
+    tensors = _state_dict(state)
+    keys = list(tensors)
+    backbone = next((b for b in BACKBONES if b.marker in tensors), None)
     if backbone is None:
         found = ", ".join([k for k in keys if k.startswith("backbone.")][:3]) or "none"
         raise CheckpointError(
@@ -232,8 +331,11 @@ def recognise_mmseg(state: Mapping[str, Any]) -> MmsegArchitecture:
             f"{', '.join(sorted(submodules)) or 'none'}); {_supported()}"
         )
     has_aux = head.aux and any(k.startswith("auxiliary_head.") for k in keys)
+    overrides = [f"model.{AUX_HEAD}=null"] if head.aux and not has_aux else []
+    overrides += backbone.overrides(state)
+    output_stride = backbone.output_stride or head.output_stride
     return MmsegArchitecture(
-        backbone, head, backbone.config_name(keys, head.output_stride), has_aux
+        backbone, head, backbone.config_name(tensors, output_stride), has_aux, overrides
     )
 
 
@@ -242,14 +344,7 @@ def convert_mmseg_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
     the rules of its recognised backbone and architecture; a CheckpointError lists the keys no
     rule matches (e.g. deformable convolutions)."""
     arch = recognise_mmseg(state)
-    converted, unknown = {}, []
-    for key, value in _state_dict(state).items():
-        for pattern, replacement in arch.rules:
-            if pattern.match(key):
-                converted[pattern.sub(replacement, key)] = value
-                break
-        else:
-            unknown.append(key)
+    converted, unknown = rename_keys(_state_dict(state), arch.rules)
     if unknown:
         raise CheckpointError(
             f"not a supported {arch.describe()}: "
