@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, launch_ranks
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 from torch import nn
 
+from semseg.cli import compose_groups
 from semseg.distributed import check_local_rank, process_group_backend
 from semseg.engine.run_checkpoints import rng_state, set_rng_state
 from semseg.engine.trainer import sync_batchnorm
 from semseg.errors import ConfigError
-from semseg.models import TimmBackbone
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -69,11 +69,9 @@ BACKBONES = sorted(p.stem for p in (REPO / "conf/backbone").glob("*.yaml"))
 def test_sync_batchnorm_keeps_every_layer_output(name):
     """torch's converter would turn timm's BatchNormAct2d into a plain SyncBatchNorm and drop its
     activation (EfficientNet-B3: outputs off by up to ~2e4)."""
-    cfg = OmegaConf.load(REPO / f"conf/backbone/{name}.yaml")
-    cfg.pretrained, cfg.weights = False, None
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"}
+    cfg = compose_groups({"backbone": name}, ["backbone.pretrained=false"])["backbone"]
     torch.manual_seed(0)
-    backbone = TimmBackbone(**kwargs).eval()
+    backbone = instantiate(cfg).eval()  # the config's own class (ConvNeXt's output norms, ...)
     for m in backbone.modules():  # statistics away from the init values, so that norms matter
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
