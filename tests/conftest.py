@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,16 @@ def train_in_process(toy_root: Path, run_dir: Path, *overrides: str) -> dict:
         assert not leaked, f"the training run changed the process's global state: {leaked}"
 
 
+@pytest.fixture(scope="module")
+def module_tmp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A folder for the runs that a module's tests share, deleted after the module: run folders
+    with checkpoints weigh hundreds of MB, and ``tmp_path_retention_policy`` (setup.cfg) deletes
+    only ``tmp_path`` folders."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 SMOKE_ITERS = 2  # the fewest iterations that still write last.pt, best.pt and an evaluation
 
 
@@ -217,6 +228,7 @@ def smoke_run(toy_layout, tmp_path_factory: pytest.TempPathFactory):
                 run_dir,
                 f"dataset=toy_{layout}",
                 f"schedule.max_iters={SMOKE_ITERS}",
+                "trainer.keep_last=0",  # last.pt and best.pt only: the tests read nothing else
             )
             runs[layout] = run_dir
         return runs[layout]
@@ -562,6 +574,7 @@ def tiny_sweep(tmp_path_factory: pytest.TempPathFactory, toy_root: Path) -> Path
         "logger=wandb",
         "logger.mode=offline",
         f"optimizer.lr={','.join(map(str, SWEEP_LRS))}",
+        "trainer.keep_last=0",
     )
     return sweep_dir
 

@@ -294,11 +294,11 @@ def test_refused_file_writes_nothing(tmp_path: Path, capsys) -> None:
 
 
 @pytest.fixture(scope="module")
-def deeplabv3plus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def deeplabv3plus_file(module_tmp: Path) -> Path:
     """An mmseg 1.x checkpoint of DeepLabV3+ R-50-D8 (seeded weights in mmseg's layout): meta,
     state_dict, message hub, optimizer and schedulers, all plain data."""
     weights = load_script("mmseg_reference").seeded_weights(MMSEG_CASES["deeplabv3plus"]["shapes"])
-    path = tmp_path_factory.mktemp("mmseg") / "deeplabv3plus_r50-d8.pth"
+    path = module_tmp / "deeplabv3plus_r50-d8.pth"
     torch.save(
         {
             "meta": {"mmengine_version": "0.10.7", "epoch": 0, "iter": 80000,

@@ -190,11 +190,11 @@ def test_out_indices_are_checked() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def trained(toy_root: Path, module_tmp: Path) -> dict[str, Path]:
     """One short run per decoder (2 iterations, evaluated at the end); their run folders."""
     runs = {}
     for name in DECODERS:
-        run_dir = tmp_path_factory.mktemp(name)
+        run_dir = module_tmp / name
         train_in_process(toy_root, run_dir, *small(name), "schedule.max_iters=2")
         runs[name] = run_dir
     return runs

@@ -40,9 +40,9 @@ def run_dir(smoke_run) -> Path:
 
 
 @pytest.fixture(scope="module")
-def zoo(run_dir: Path, toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def zoo(run_dir: Path, toy_root: Path, module_tmp: Path) -> Path:
     """The model-zoo folder of ``run_dir``, written by the command line (toy data with a server)."""
-    out = tmp_path_factory.mktemp("zoo") / "row"
+    out = module_tmp / "zoo" / "row"
     run_entry(
         SCRIPT, f"run_dir={run_dir}", f"dataset.root={toy_root}", f"output_dir={out}",
         f"dataset.test_server={SERVER}", "visuals.count=3", "device=cpu",

@@ -143,9 +143,9 @@ def test_zoo_optimizer_groups_on_upernet() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(toy_root: Path, module_tmp: Path) -> Path:
     """Two iterations of the narrow model, evaluated at the end; its run folder."""
-    run_dir = tmp_path_factory.mktemp("upernet_convnext")
+    run_dir = module_tmp / "upernet_convnext"
     train_in_process(toy_root, run_dir, *narrow())
     return run_dir
 
