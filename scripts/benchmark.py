@@ -1,4 +1,4 @@
-"""Benchmark training step, data pipeline and inference (README "Performance").
+"""Benchmark training step, data pipeline and inference (docs/performance.md).
 
     python scripts/benchmark.py                                   # default: fast run on this machine
     python scripts/benchmark.py --precision bf16,fp32 --channels-last on,off backbone=resnet50

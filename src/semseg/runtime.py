@@ -64,7 +64,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> str:
     """The autocast precision. ``auto``: bf16 where the hardware runs it natively (Ampere+ GPUs,
     AVX512-BF16/AMX CPUs), fp16 on older GPUs, fp32 on other CPUs and on MPS (autocast support
-    there varies across macOS/torch versions; fp32 always works). README "Performance" has the
+    there varies across macOS/torch versions; fp32 always works). docs/performance.md has the
     figures behind each choice."""
     if precision != "auto":
         if precision not in PRECISIONS:
@@ -88,7 +88,7 @@ def cuda_precision(capability: tuple[int, int]) -> str:
 
 def resolve_channels_last(setting: str | bool, device: torch.device, precision: str) -> bool:
     """Whether to keep activations in channels_last (NHWC). ``auto`` picks the faster layout,
-    measured with scripts/benchmark.py (Semantic FPN R-50, 512x1024, s/step, README "Performance"):
+    measured with scripts/benchmark.py (Semantic FPN R-50, 512x1024, s/step, docs/performance.md):
 
     - CUDA: NHWC (tensor-core convolutions are NHWC-native);
     - CPUs with AVX-512: NHWC (oneDNN's blocked kernels: bf16 1.64 vs 2.26 s, fp32 3.42 vs 4.03 s);

@@ -1,6 +1,6 @@
 """Load run folders (or a W&B project) into pandas for analysis; `notebooks/analyze_runs.ipynb` calls these.
 
-A run folder (README "Where results land") holds `.hydra/{config,overrides}.yaml`,
+A run folder (README, "Where results land") holds `.hydra/{config,overrides}.yaml`,
 `metrics.jsonl`, `summary.json` and, after the final evaluation, `eval/confusion_matrix.npy` and
 `eval/examples/<name>_{image,pred,gt}.png`. A sweep folder holds one run folder per job.
 """
