@@ -109,6 +109,7 @@ BAD_TRAINER_SETTINGS = [
     ("trainer.channels_last=maybe", "trainer.channels_last must be one of auto, true, false"),
     ("trainer.precision=fp8", "precision must be one of auto, fp32, bf16, fp16"),
     ("device=cuda", "torch sees no CUDA device"),
+    ("trainer.progress_bar=maybe", "trainer.progress_bar must be auto, true or false"),
 ]
 
 
@@ -130,6 +131,19 @@ def test_bad_trainer_setting_through_train_py_is_one_line_exit_2(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+
+
+@pytest.mark.parametrize(("setting", "shown"), [("auto", False), ("true", True)])
+def test_progress_bar_is_left_out_of_log_files_by_default(tmp_path, setting, shown):
+    # stderr is a pipe here, as in a SLURM or nohup log: auto leaves the bar out, true forces it.
+    proc = run_entry(
+        "train.py",
+        "experiment=smoke",
+        f"hydra.run.dir={tmp_path}",
+        f"trainer.progress_bar={setting}",
+    )
+    assert ("train: 100%" in proc.stderr) is shown
+    assert "iter 4: val mIoU" in proc.stdout  # the log lines stay
 
 
 # Modules the training entry point must not load at start-up (each costs 0.3-2.5 s); they load

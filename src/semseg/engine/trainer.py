@@ -613,6 +613,7 @@ class Trainer:
                 pin_memory=self.device.type == "cuda",
             )
             batches = fixed_batches(batches, cfg.trainer.debug.overfit_batches)
+        hide_bar = _bar_disabled(cfg.trainer.progress_bar)  # checked on every rank
         layout = "channels_last" if self.channels_last else "NCHW"
         log.info(
             start_line(
@@ -639,7 +640,7 @@ class Trainer:
             initial=start_iter,
             desc="train",
             dynamic_ncols=True,
-            disable=not (env.is_main and cfg.trainer.progress_bar),
+            disable=hide_bar if env.is_main else True,
         )
         try:
             while self.state.iteration < max_iters:
@@ -729,6 +730,16 @@ class Trainer:
         )
         self.reporter.finish(summary, signum, self.state.metrics_iteration)
         return summary
+
+
+def _bar_disabled(setting: str | bool) -> bool | None:
+    """tqdm's ``disable`` for ``trainer.progress_bar``: ``auto`` (None) shows the bar at a terminal
+    only, so that log files under SLURM or ``nohup`` get the log lines without bar redraws."""
+    choices: dict[str, bool | None] = {"auto": None, "true": False, "false": True}
+    value = str(setting).lower()
+    if value not in choices:
+        raise ConfigError(f"trainer.progress_bar must be auto, true or false; got {setting!r}")
+    return choices[value]
 
 
 def _every(iteration: int, interval: int | None) -> bool:
