@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
 from conftest import read_jsonl, train_in_process
 
 from semseg.engine.debug import first_images, fixed_batches
@@ -39,6 +40,7 @@ def test_overfit_one_batch_drives_the_loss_down(toy_root, tmp_path):
     assert losses[-1] < 0.15 * losses[0], losses
 
 
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled:UserWarning")  # torch's own
 def test_anomaly_profile_and_fast_presets(toy_root, tmp_path, caplog):
     caplog.set_level(logging.INFO)
     train_in_process(toy_root, tmp_path / "anomaly", "debug=anomaly", "schedule.max_iters=2")
