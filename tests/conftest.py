@@ -17,8 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The suite runs in a bare shell: no network (the Hub's cache only, W&B off unless a test asks for
 # offline runs), no display. Set before anything imports huggingface_hub, wandb or matplotlib.
-for _key, _value in {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "MPLBACKEND": "Agg"}.items():
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+for _key, _value in {**OFFLINE_ENV, "MPLBACKEND": "Agg"}.items():
     os.environ.setdefault(_key, _value)
+# For subprocesses that import the test helpers (faulty_loss, ...).
+TESTS_ON_PATH = {
+    "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])
+}
+
+
+def child_env(*extras: dict | None) -> dict[str, str]:
+    """A test subprocess's environment: this process's, offline whatever the shell says (no Hub,
+    no W&B), then ``extras`` in order."""
+    env = {**os.environ, **OFFLINE_ENV}
+    for extra in extras:
+        env.update(extra or {})
+    return env
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +57,10 @@ def run_entry(
 ) -> subprocess.CompletedProcess:
     """Run ``src/<script>`` with Hydra overrides in a subprocess (optionally under a file-size
     limit, see :func:`file_size_limit_preexec`); fail the test with its output."""
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(REPO / "src" / script), *overrides],
         cwd=REPO,
-        env=full_env,
+        env=child_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -379,7 +392,7 @@ def run_python(
     return subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO,
-        env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -442,17 +455,16 @@ def launch_ranks(
     tasks (RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, no torchrun agent),
     with tests/ on the path (for ``faulty_loss``); waits for all of them, killing what is left
     after ``timeout`` seconds (then the test fails)."""
-    base = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        **SINGLE_THREAD_ENV,
-        "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "WORLD_SIZE": str(world_size),
-        **(env or {}),
-    }
+    base = child_env(
+        SINGLE_THREAD_ENV,
+        TESTS_ON_PATH,
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": str(world_size),
+        },
+        env,
+    )
     procs = [
         subprocess.Popen(
             [sys.executable, str(REPO / "src" / script), *overrides],
@@ -521,14 +533,7 @@ def torchrun(
             *overrides,
         ],
         cwd=REPO,
-        env={
-            **os.environ,
-            "WANDB_MODE": "disabled",
-            "HF_HUB_OFFLINE": "1",
-            **SINGLE_THREAD_ENV,
-            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
-            **(env or {}),
-        },
+        env=child_env(SINGLE_THREAD_ENV, TESTS_ON_PATH, env),
         timeout=timeout,
     )
     if check and proc.returncode != 0:

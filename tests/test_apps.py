@@ -18,6 +18,7 @@ import torch
 from conftest import (
     REPO,
     SINGLE_THREAD_ENV,
+    child_env,
     needs_cuda,
     run_entry,
     run_python,
@@ -243,7 +244,7 @@ def test_evaluate_under_torchrun_on_cpu(checkpoint: Path, toy_root: Path, tmp_pa
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          str(REPO / "src/evaluate.py"), *common, f"hydra.run.dir={tmp_path / 'two'}"],
-        cwd=REPO, env={**os.environ, **SINGLE_THREAD_ENV, "WANDB_MODE": "disabled"},
+        cwd=REPO, env=child_env(SINGLE_THREAD_ENV),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]

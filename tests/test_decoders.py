@@ -5,7 +5,6 @@ DDP, inference modes, ONNX export, the model-zoo writer, the benchmark, fine-tun
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from functools import partial
@@ -17,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from conftest import (
     REPO,
+    SINGLE_THREAD_ENV,
     assert_model_zoo_row,
     assert_onnx_export_matches,
     assert_resume_is_exact,
+    child_env,
     load_script,
     train_in_process,
 )
@@ -233,7 +234,7 @@ def test_ddp_two_processes_train_a_decoder_with_aux_head(toy_root: Path, tmp_pat
          str(REPO / "src/train.py"), "experiment=smoke", f"dataset.root={toy_root}",
          *small("pspnet"), "schedule.max_iters=1", "trainer.eval_at_end=false",
          f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"},
+        cwd=REPO, env=child_env(SINGLE_THREAD_ENV),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]

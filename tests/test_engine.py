@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from conftest import (
     REPO,
     SINGLE_THREAD_ENV,
+    child_env,
     compose_train,
     read_jsonl,
     run_entry,
@@ -191,7 +191,7 @@ def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path, caplo
     proc = subprocess.Popen(
         args,
         cwd=REPO,
-        env={**os.environ, "WANDB_MODE": "disabled", **SINGLE_THREAD_ENV},
+        env=child_env(SINGLE_THREAD_ENV),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
