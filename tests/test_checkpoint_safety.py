@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_smoke, fill_up, run_entry
+from helpers import compose_smoke, fill_up, run_entry
 
 from semseg.engine.run_checkpoints import load_latest_checkpoint
 from semseg.engine.trainer import Trainer
@@ -87,7 +87,7 @@ def test_pickled_backbone_weights_are_refused_not_misfit(evil: Path) -> None:
 @pytest.fixture
 def mmengine_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An mmseg 1.x-style checkpoint: the state dict plus an mmengine object in its meta."""
-    from test_convert_mmseg import mmseg_fpn_r50_v1c
+    from helpers import mmseg_fpn_r50_v1c
 
     module = types.ModuleType("mmengine.logging")
 
