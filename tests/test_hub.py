@@ -99,6 +99,16 @@ def test_bad_hub_references(hub_cache: Path, reference: str, message: str) -> No
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_cached_revision_without_the_weights_names_the_file(hub_cache, folder) -> None:
+    hub_cache_repo(hub_cache, "semseg-test/partial", folder, ["config.yaml"])
+    with pytest.raises(CheckpointError) as error:
+        load_model_checkpoint("hf://semseg-test/partial")
+    assert "semseg-test/partial@main has no model.safetensors in the Hugging Face cache" in str(
+        error.value
+    )
+    assert "HF_HUB_OFFLINE=1" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_bad_folders(folder: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
