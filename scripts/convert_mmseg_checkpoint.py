@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from semseg.checkpoints.file import save_checkpoint, torch_load_weights_only
 from semseg.cli import compose_groups, report_user_errors
 from semseg.data import dataset_meta
 from semseg.models.base import AUX_HEAD
-from semseg.models.checkpoint import save_checkpoint, torch_load_weights_only
 from semseg.models.mmseg_conversion import mmseg_to_checkpoint, recognise_mmseg
 
 

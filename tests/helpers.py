@@ -190,10 +190,10 @@ def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:
     """A checkpoint of a small Semantic FPN (resnet18, no pretrained weights, narrow FPN/head)."""
     import torch
 
+    from semseg.checkpoints.file import save_checkpoint
     from semseg.cli import compose_groups
     from semseg.data import dataset_meta
     from semseg.models import build_model
-    from semseg.models.checkpoint import save_checkpoint
 
     groups = {"model": "semantic_fpn", "backbone": "resnet18", "dataset": "toy_bdd100k"}
     overrides = ["backbone.pretrained=false", "model.fpn_channels=32", "model.head_channels=16"]
@@ -230,7 +230,7 @@ def assert_resume_is_exact(toy_root: Path, tmp_path: Path, *overrides: str) -> t
     (straight, resumed), for the optimizer's state."""
     import torch
 
-    from semseg.models.checkpoint import load_checkpoint
+    from semseg.checkpoints.file import load_checkpoint
 
     common = [*overrides, "schedule.max_iters=4", "schedule.checkpoint_interval=2",
               "trainer.eval_at_end=false", "trainer.ema.decay=0.5"]  # fmt: skip
@@ -277,9 +277,9 @@ def assert_model_zoo_row(run_dir: Path, toy_root: Path, output_dir: Path) -> Pat
     import torch
 
     from semseg.apps.zoo import build_model_zoo_row
+    from semseg.checkpoints.file import load_checkpoint
     from semseg.cli import compose
     from semseg.models import model_from_checkpoint
-    from semseg.models.checkpoint import load_checkpoint
 
     overrides = [f"run_dir={run_dir}", f"dataset.root={toy_root}", "device=cpu", "progress=false",
                  "visuals.count=1", f"output_dir={output_dir}", "checkpoint=last.pt"]  # fmt: skip

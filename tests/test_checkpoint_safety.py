@@ -13,12 +13,11 @@ import pytest
 import torch
 from helpers import compose_smoke, fill_up, run_entry
 
-from semseg.engine.run_checkpoints import load_latest_checkpoint
+from semseg.checkpoints.file import load_checkpoint, save_checkpoint
+from semseg.checkpoints.run_folder import CHECKPOINT_DIR, load_latest_checkpoint
 from semseg.engine.trainer import Trainer
 from semseg.errors import CheckpointError
 from semseg.models import TimmBackbone, WeightsError, model_from_checkpoint
-from semseg.models.checkpoint import load_checkpoint, save_checkpoint
-from semseg.tracking.record import CHECKPOINT_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +150,7 @@ def test_damaged_last_falls_back_to_newest_loadable_iter(
     last = ckpt_dir / "last.pt"
     data = (ckpt_dir / "iter_000004.pt").read_bytes()
     last.write_bytes(b"" if damage == "zero_bytes" else data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="semseg.engine.run_checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="semseg.checkpoints.run_folder"):
         path, state = load_latest_checkpoint(tmp_path)
     assert path.name == "iter_000004.pt" and state["iteration"] == 4
     (warning,) = [r.getMessage() for r in caplog.records]

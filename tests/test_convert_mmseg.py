@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import load_script, mmseg_fpn_r50_v1c
 
+from semseg.checkpoints.file import load_checkpoint
 from semseg.cli import compose_groups
 from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
@@ -21,7 +22,6 @@ from semseg.models import (
     mmseg_to_checkpoint,
     model_from_checkpoint,
 )
-from semseg.models.checkpoint import load_checkpoint
 from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS, recognise_mmseg
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import train_in_process
 
-from semseg.models.checkpoint import load_checkpoint
+from semseg.checkpoints.file import load_checkpoint
 from semseg.runtime import cuda_precision
 
 pytestmark = [

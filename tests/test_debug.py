@@ -8,8 +8,8 @@ import logging
 import pytest
 from helpers import read_jsonl, train_in_process
 
+from semseg.checkpoints.file import load_checkpoint
 from semseg.engine.debug import first_images, fixed_batches
-from semseg.models.checkpoint import load_checkpoint
 
 
 def test_fixed_batches_repeat_the_first_ones():

@@ -27,6 +27,7 @@ from helpers import (
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from semseg.checkpoints.file import load_checkpoint, make_checkpoint, save_checkpoint
 from semseg.cli import compose, compose_groups
 from semseg.data import dataset_meta
 from semseg.engine.losses import OhemCrossEntropy, SegCrossEntropy
@@ -35,7 +36,6 @@ from semseg.errors import CheckpointError, ConfigError
 from semseg.evaluation.inference import predict_logits
 from semseg.models import EncoderDecoder, build_model, count_parameters, model_from_checkpoint
 from semseg.models.backbone import BackboneStrideError, TimmBackbone
-from semseg.models.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from semseg.models.decoders import adaptive_avg_pool
 from semseg_bench import runner as bench_runner
 from semseg_bench.timing import matmul_peak_flops

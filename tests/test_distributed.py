@@ -12,9 +12,9 @@ from helpers import REPO, launch_ranks
 from hydra.utils import instantiate
 from torch import nn
 
+from semseg.checkpoints.rng import rng_state, set_rng_state
 from semseg.cli import compose_groups
 from semseg.distributed import check_local_rank, process_group_backend
-from semseg.engine.run_checkpoints import rng_state, set_rng_state
 from semseg.engine.trainer import sync_batchnorm
 from semseg.errors import ConfigError
 

@@ -10,9 +10,9 @@ import torch
 from helpers import REPO, read_jsonl, train_in_process
 from omegaconf import OmegaConf
 
+from semseg.checkpoints.file import load_checkpoint
 from semseg.engine.trainer import build_ema, check_best_metric, restore_ema
 from semseg.errors import ConfigError
-from semseg.models.checkpoint import load_checkpoint
 
 
 def ema_cfg(**overrides: object):

@@ -25,12 +25,12 @@ from helpers import (
 )
 from omegaconf import OmegaConf
 
+from semseg.checkpoints.file import load_checkpoint, save_checkpoint
+from semseg.checkpoints.run_folder import load_latest_checkpoint, prune_checkpoints
 from semseg.engine.losses import SegCrossEntropy
 from semseg.engine.optim import PolyLR, build_optimizer, build_scheduler
-from semseg.engine.run_checkpoints import load_latest_checkpoint, prune_checkpoints
 from semseg.engine.trainer import NonFiniteLossError
 from semseg.errors import CheckpointError
-from semseg.models.checkpoint import load_checkpoint, save_checkpoint
 
 
 def reference_poly(it: int, lr0: float = 0.01, max_iters: int = 40000) -> float:

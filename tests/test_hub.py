@@ -16,11 +16,11 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 from semseg.apps.evaluate import run_evaluate
+from semseg.checkpoints.file import load_checkpoint, save_checkpoint
+from semseg.checkpoints.model_folder import load_model_checkpoint, save_model_folder
 from semseg.cli import compose_groups
 from semseg.errors import CheckpointError
 from semseg.models import build_model, model_from_checkpoint
-from semseg.models.checkpoint import load_checkpoint, save_checkpoint
-from semseg.models.hub import load_model_checkpoint, save_model_folder
 
 REPO_ID = "semseg-test/tiny"
 FILES = ["config.yaml", "model.safetensors"]
@@ -99,6 +99,16 @@ def test_bad_hub_references(hub_cache: Path, reference: str, message: str) -> No
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_cached_revision_without_the_weights_names_the_file(hub_cache, folder) -> None:
+    hub_cache_repo(hub_cache, "semseg-test/partial", folder, ["config.yaml"])
+    with pytest.raises(CheckpointError) as error:
+        load_model_checkpoint("hf://semseg-test/partial")
+    assert "semseg-test/partial@main has no model.safetensors in the Hugging Face cache" in str(
+        error.value
+    )
+    assert "HF_HUB_OFFLINE=1" in str(error.value) and "\n" not in str(error.value)
+
+
 def test_bad_folders(folder: Path, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -110,7 +120,7 @@ def test_bad_folders(folder: Path, tmp_path: Path) -> None:
     (damaged / "config.yaml").write_text((folder / "config.yaml").read_text())
     (damaged / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:999])
     for path, message in [
-        (empty, "holds no model.safetensors (nor weights.pt)"),
+        (empty, "holds no model.safetensors: point at a model folder"),
         (no_config, "has model.safetensors but no config.yaml"),
         (damaged, "cannot read model.safetensors of"),
     ]:
@@ -132,7 +142,7 @@ def test_bad_reference_through_evaluate_py(toy_root: Path, tmp_path: Path) -> No
 
 
 UNREACHABLE = """
-from semseg.models.hub import load_model_checkpoint
+from semseg.checkpoints.model_folder import load_model_checkpoint
 from semseg.errors import CheckpointError
 for ref in ("hf://semseg-test/missing", "hf://semseg-test/tiny@v1"):
     try:
@@ -168,7 +178,7 @@ def test_a_config_that_names_other_code_is_refused(converted: Path, tmp_path: Pa
     state = load_checkpoint(converted)
     victim = tmp_path / "written.pt"
     attacks = {
-        "model": {"_target_": "semseg.models.checkpoint.save_checkpoint",
+        "model": {"_target_": "semseg.checkpoints.file.save_checkpoint",
                   "state": {}, "path": str(victim)},
         "backbone": {"_target_": "os.system", "command": f"touch {victim}"},
     }  # fmt: skip

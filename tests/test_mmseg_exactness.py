@@ -25,12 +25,12 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from semseg.apps.predict import run_predict
+from semseg.checkpoints.file import save_checkpoint
 from semseg.cli import compose_groups
 from semseg.data import build_eval_transform, dataset_meta
 from semseg.evaluation.inference import predict_logits, resize_logits
 from semseg.models import mmseg_to_checkpoint, model_from_checkpoint
 from semseg.models.backbone import TimmBackbone
-from semseg.models.checkpoint import save_checkpoint
 from semseg.models.mmseg_conversion import recognise_mmseg
 
 FIXTURES = REPO / "tests" / "fixtures" / "mmseg"

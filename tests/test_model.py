@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from semseg.checkpoints.file import save_checkpoint
 from semseg.cli import CONF_DIR, compose_groups
 from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
@@ -28,7 +29,6 @@ from semseg.models import (
     model_from_checkpoint,
 )
 from semseg.models.backbone_weights import build_timm_model, feature_key_map
-from semseg.models.checkpoint import save_checkpoint
 from semseg.models.semantic_fpn import semantic_fpn
 
 BACKBONE_CONFIGS = sorted((CONF_DIR / "backbone").glob("*.yaml"))

@@ -27,13 +27,13 @@ from helpers import (
 )
 from omegaconf import OmegaConf
 
+from semseg.checkpoints.file import load_checkpoint
+from semseg.checkpoints.resume import ResumeConfigError
 from semseg.cli import compose
 from semseg.data import build_dataset, build_eval_loader, build_train_loader
-from semseg.engine.run_checkpoints import ResumeConfigError
 from semseg.errors import UserError
 from semseg.evaluation import evaluate_model
 from semseg.models import model_from_checkpoint
-from semseg.models.checkpoint import load_checkpoint
 
 
 def _first(folder: Path, pattern: str) -> Path:
@@ -316,7 +316,7 @@ def test_torchrun_restart_continues_the_same_run_bit_exact(toy_root, tmp_path):
 
 KEEP_SAVING = """
 import sys, torch
-from semseg.models.checkpoint import save_checkpoint
+from semseg.checkpoints.file import save_checkpoint
 path = sys.argv[1]
 for i in range(1, 1000):
     save_checkpoint({"model": {"w": torch.full((32 * 2**20,), float(i))}, "iteration": i}, path)
@@ -327,7 +327,7 @@ for i in range(1, 1000):
 def test_sigkill_during_a_checkpoint_write_leaves_last_loadable(tmp_path):
     """A real kill in the middle of a real save (its temporary file half written): last.pt is the
     previous checkpoint, whole; the next run's start removes the partial file."""
-    from semseg.engine.run_checkpoints import remove_partial_checkpoints
+    from semseg.checkpoints.run_folder import remove_partial_checkpoints
 
     ckpt_dir = tmp_path / "checkpoints"
     ckpt_dir.mkdir()

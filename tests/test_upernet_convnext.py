@@ -26,10 +26,10 @@ from helpers import (
     train_in_process,
 )
 
+from semseg.checkpoints.file import load_checkpoint
 from semseg.cli import compose
 from semseg.engine.optim import LayerDecay
 from semseg.models import build_model, count_parameters, model_from_checkpoint
-from semseg.models.checkpoint import load_checkpoint
 from semseg.models.convnext import ConvNeXtBackbone
 from semseg.models.decoders import FCNHead, UPerHead
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict

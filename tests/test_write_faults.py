@@ -9,15 +9,15 @@ import pytest
 import torch
 from helpers import fill_up, run_python
 
+from semseg.checkpoints.file import copy_checkpoint, load_checkpoint, save_checkpoint
 from semseg.files import WriteError, write_atomically, write_json
-from semseg.models.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
 
 MB = 2**20
 
 # In a subprocess: save a ~8 MB checkpoint over last.pt (and copy over it), print what happened.
 SAVE_BIG = """
 import sys, torch
-from semseg.models.checkpoint import copy_checkpoint, save_checkpoint
+from semseg.checkpoints.file import copy_checkpoint, save_checkpoint
 from semseg.files import WriteError
 folder = sys.argv[1] if len(sys.argv) > 1 else {folder!r}
 big = {{"model": {{"w": torch.randn(2 * 2**20)}}, "iteration": 3}}

@@ -15,11 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from semseg.checkpoints.hub import HF_SCHEME
+from semseg.checkpoints.model_folder import load_model_checkpoint
 from semseg.data import build_dataset, build_eval_loader, check_dataset_config, eval_scale
 from semseg.distributed import DistEnv, destroy, get_rank, init_distributed
 from semseg.errors import ConfigError
 from semseg.models import model_from_checkpoint
-from semseg.models.hub import HF_SCHEME, load_model_checkpoint
 from semseg.runtime import (
     configure_backends,
     cuda_precision,

@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from semseg.apps.card import Score, card_header, describe_model, score_table, sha256, usage_lines
+from semseg.checkpoints.model_folder import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_model_checkpoint,
+    save_model_folder,
+)
 from semseg.errors import ConfigError
 from semseg.files import write_folder_atomically, write_text
 from semseg.models import model_from_checkpoint
-from semseg.models.hub import CONFIG_FILE, WEIGHTS_FILE, load_model_checkpoint, save_model_folder
 
 CONVERTER = "scripts/convert_mmseg_checkpoint.py"
 

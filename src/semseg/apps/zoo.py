@@ -47,6 +47,10 @@ from semseg.apps.common import (
     process_group,
     split_loader,
 )
+from semseg.checkpoints.file import load_checkpoint, save_checkpoint
+from semseg.checkpoints.model_folder import WEIGHTS_FILE as SAFETENSORS_FILE
+from semseg.checkpoints.model_folder import save_model_folder
+from semseg.checkpoints.run_folder import CHECKPOINT_DIR
 from semseg.data import eval_scale, read_rgb
 from semseg.errors import CheckpointError, ConfigError
 from semseg.evaluation import (
@@ -60,10 +64,6 @@ from semseg.evaluation import (
 )
 from semseg.evaluation.submission import ScalabelWriter, zip_masks
 from semseg.files import write_folder_atomically, write_json, write_text
-from semseg.models.checkpoint import load_checkpoint, save_checkpoint
-from semseg.models.hub import WEIGHTS_FILE as SAFETENSORS_FILE
-from semseg.models.hub import save_model_folder
-from semseg.tracking.record import CHECKPOINT_DIR
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ def first_images(dataset: Dataset, count: int | None) -> Dataset:
 
 
 class DebugSession:
-    """Anomaly detection and the profiler, entered by :meth:`start` and left by :meth:`close`.
+    """Anomaly detection and the profiler, entered by :meth:`start` (or ``with``) and left by
+    :meth:`close`.
 
     :meth:`step` is called after every training iteration (it drives the profiler's schedule).
     """
@@ -85,6 +86,12 @@ class DebugSession:
             )
             self._stack.enter_context(self.profiler)
         return self
+
+    def __enter__(self) -> DebugSession:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def step(self) -> None:
         if self.profiler is not None:

@@ -1,8 +1,9 @@
 """Training: a composed config in, a trained run folder out (DDP, mixed precision, exact resume).
 
-Read it top-down: what stops a run early, the weights' moving average, what a run reports, ONE
-iteration (:func:`train_step`), then :class:`Trainer`: set-up, resume, checkpoints, validation,
-and :meth:`Trainer.fit`, the loop with its log / eval / checkpoint / stop cadence and its ending.
+Read it top-down: what stops a run early, the weights' moving average, ONE iteration
+(:func:`train_step`), then :class:`Trainer`: set-up, resume, checkpoints, validation, and
+:meth:`Trainer.fit`, the loop with its log / eval / checkpoint / stop cadence and its ending.
+What a run reports is :mod:`semseg.tracking.report`'s; the checkpoints are :mod:`semseg.checkpoints`'.
 """
 
 from __future__ import annotations
@@ -23,6 +24,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from semseg.checkpoints.file import load_checkpoint, make_checkpoint, save_checkpoint
+from semseg.checkpoints.resume import (
+    TrainState,
+    check_resume_config,
+    data_position,
+    data_stream_change,
+    restore_optimizer,
+)
+from semseg.checkpoints.rng import restore_rank_rng, rng_state, seed_everything
+from semseg.checkpoints.run_folder import (
+    CHECKPOINT_DIR,
+    checkpoint_path,
+    load_latest_checkpoint,
+    remove_partial_checkpoints,
+    save_iteration_checkpoint,
+)
 from semseg.data import build_dataset, build_eval_loader, build_train_loader, dataset_meta
 from semseg.distributed import (
     DistEnv,
@@ -34,28 +51,18 @@ from semseg.distributed import (
     init_distributed,
     wrap_ddp,
 )
-from semseg.engine import run_checkpoints as ckpts
 from semseg.engine.debug import DebugSession, first_images, fixed_batches
 from semseg.engine.losses import build_loss
 from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import EvalResult, evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
-from semseg.models.checkpoint import (
-    copy_checkpoint,
-    load_checkpoint,
-    make_checkpoint,
-    save_checkpoint,
-)
 from semseg.runtime import autocast, configure_backends, resolve_channels_last, resolve_precision
-from semseg.tracking import RunRecorder, build_logger
-from semseg.tracking.record import CHECKPOINT_DIR
+from semseg.tracking.report import EMA_PREFIX, RunReporter, run_summary, start_line, train_row
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NonFiniteLossError", "Trainer", "optimized_metric", "train", "train_step"]
-
-EMA_PREFIX = "val_ema/"
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,15 +81,16 @@ class PreemptionFlag:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
+    def __enter__(self) -> PreemptionFlag:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             with contextlib.suppress(ValueError):  # not the main thread (e.g. some launchers)
                 self._previous[sig] = signal.signal(sig, self._handle)
+        return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
 
-    def restore(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -175,182 +183,6 @@ def check_best_metric(name: str, ema: nn.Module | None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# What a run reports: a start-up line, a row per log step, a line per evaluation, the summary and
-# the ending. Rank 0 sends them to metrics.jsonl / summary.json, the experiment loggers and the log.
-
-
-def start_line(
-    params: int,
-    gflops: float,
-    crop: tuple[int, int],
-    device: torch.device,
-    precision: str,
-    world_size: int,
-    global_batch: int,
-) -> str:
-    """Model size and cost, device, precision, processes and global batch."""
-    return (
-        f"model: {params / 1e6:.2f}M parameters, {gflops:.1f} GFLOPs forward at "
-        f"{crop[0]}x{crop[1]}; {device}, precision {precision}, {world_size} "
-        f"process(es), global batch {global_batch}"
-    )
-
-
-def train_row(
-    loss: float, lr: float, images: int, seconds: float, clipper: GradClipper | None
-) -> dict[str, float]:
-    """One ``metrics.jsonl`` row of training figures since the last log step."""
-    row = {"loss": loss, "lr": lr, "img_per_s": images / seconds}
-    if clipper is not None:  # the mean pre-clip gradient norm since the last log step
-        row["grad_norm"] = clipper.mean_norm()
-    return row
-
-
-def train_line(iteration: int, max_iters: int, row: Mapping[str, float]) -> str:
-    return (
-        f"iter {iteration}/{max_iters}  loss {row['loss']:.4f}  lr {row['lr']:.3e}  "
-        f"{row['img_per_s']:.1f} img/s"
-    )
-
-
-def eval_line(iteration: int, metrics: Mapping[str, float]) -> str:
-    ema_miou = metrics.get(f"{EMA_PREFIX}mIoU")
-    ema = "" if ema_miou is None else f"  EMA mIoU {100 * ema_miou:.2f}%"
-    return (
-        f"iter {iteration}: val mIoU {100 * metrics['val/mIoU']:.2f}%  "
-        f"pixel acc {100 * metrics['val/pixel_acc']:.2f}%{ema}"
-    )
-
-
-def run_summary(
-    metrics: Mapping[str, float],
-    last_loss: float,
-    iteration: int,
-    steps: int,
-    wall: float,
-    global_batch: int,
-    params: int,
-    gflops: float,
-) -> dict[str, Any]:
-    """``summary.json``: the last evaluation plus loss, steps, wall time, throughput and size."""
-    return {
-        **metrics,
-        "loss": last_loss,
-        "steps": iteration,
-        "wall_s": wall,
-        "img_per_s": steps * global_batch / wall if wall > 0 else float("nan"),
-        "params": params,
-        "gflops": gflops,
-    }
-
-
-def final_line(summary: Mapping[str, Any], run_dir: Path) -> str | None:
-    """The last line of a finished run that evaluated; None when it did not."""
-    if "val/mIoU" not in summary:
-        return None
-    return f"final val mIoU: {100 * summary['val/mIoU']:.2f}% (run folder {run_dir})"
-
-
-def stopped_message(
-    iteration: int,
-    max_iters: int,
-    metrics: Mapping[str, float],
-    metrics_iteration: int | None,
-    signum: int,
-    run_dir: Path,
-) -> str:
-    """The last line of a preempted run: where it stopped, its last evaluation, how to go on."""
-    last_eval = (
-        f"last val mIoU {100 * metrics['val/mIoU']:.2f}% (iteration {metrics_iteration})"
-        if "val/mIoU" in metrics
-        else "no evaluation yet"
-    )
-    return (
-        f"stopped at iteration {iteration} of {max_iters} by signal "
-        f"{signal.Signals(signum).name}; {last_eval}; checkpoints/last.pt saved; continue with "
-        f"trainer.resume=auto hydra.run.dir={run_dir}"
-    )
-
-
-class RunReporter:
-    """Rank 0 records and reports; on the other ranks every method does nothing.
-
-    ``resumed_at``: the iteration a resumed run continues from (its metrics.jsonl lines after
-    that iteration are dropped: they will be logged again).
-    """
-
-    def __init__(
-        self, cfg: DictConfig, run_dir: Path, is_main: bool, resumed_at: int | None = None
-    ) -> None:
-        self.run_dir, self.is_main = run_dir, is_main
-        self.max_iters = int(cfg.schedule.max_iters)
-        self.recorder = RunRecorder(run_dir, resumed_at) if is_main else None
-        self.logger = build_logger(
-            cfg.get("logger") or {"_target_": "semseg.tracking.NullLogger"},
-            run_dir,
-            OmegaConf.to_container(cfg, resolve=True),
-            is_main=is_main,
-        )
-
-    def train(self, iteration: int, row: Mapping[str, float], bar: tqdm) -> None:
-        """One ``metrics.jsonl`` row, logger point, progress-bar update and log line."""
-        if not self.is_main:
-            return
-        self.recorder.log(iteration, row)
-        self.logger.log_metrics({f"train/{k}": v for k, v in row.items()}, iteration)
-        bar.set_postfix(
-            loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['img_per_s']:.1f}"
-        )
-        log.info(train_line(iteration, self.max_iters, row))
-
-    def evaluation(
-        self,
-        iteration: int,
-        metrics: Mapping[str, float],
-        result: EvalResult,
-        palette: Any,
-        final: bool,
-    ) -> None:
-        """The metrics, the example predictions and, at the end, the notebook's artifacts."""
-        if not self.is_main:
-            return
-        self.recorder.log(iteration, metrics)
-        self.logger.log_metrics(metrics, iteration)
-        self.logger.log_predictions(result.examples, palette, iteration)
-        log.info(eval_line(iteration, metrics))
-        if final:  # for the analysis notebook
-            self.recorder.write_eval_artifacts(result.confmat, result.examples)
-
-    def finish(
-        self, summary: dict[str, Any], signum: int | None, metrics_iteration: int | None
-    ) -> None:
-        """``summary.json`` and the last line: where a preempted run (``signum``) stopped and how
-        to continue, or the final mIoU."""
-        if not self.is_main:
-            return
-        self.recorder.write_summary(summary)
-        self.logger.log_summary(summary)
-        if signum is not None:
-            log.warning(
-                stopped_message(
-                    summary["steps"],
-                    self.max_iters,
-                    summary,
-                    metrics_iteration,
-                    signum,
-                    self.run_dir,
-                )
-            )
-        elif (line := final_line(summary, self.run_dir)) is not None:
-            log.info(line)
-
-    def close(self) -> None:
-        self.logger.finish()
-        if self.recorder is not None:
-            self.recorder.close()
-
-
-# --------------------------------------------------------------------------------------------
 # One iteration
 
 
@@ -406,6 +238,27 @@ def sync_batchnorm(model: nn.Module) -> nn.Module:
     return convert_sync_batchnorm(model)
 
 
+class LogWindow:
+    """The losses since the last log step, summed on the device (no host sync in between), and
+    the steps and time they took."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.restart()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def read(self) -> tuple[float, int, float]:
+        """(mean loss, steps, seconds) since the last restart (one host sync)."""
+        return self.loss_sum.item() / self.steps, self.steps, time.perf_counter() - self.since
+
+    def restart(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.since = 0, time.perf_counter()
+
+
 class Trainer:
     """Builds a run from the composed config and trains it. ``Trainer(cfg).fit()`` returns the summary."""
 
@@ -423,7 +276,7 @@ class Trainer:
         self.accumulate = int(cfg.trainer.accumulate)
         self.global_batch = int(cfg.dataset.batch_size) * self.env.world_size * self.accumulate
         configure_backends(self.device)
-        ckpts.seed_everything(cfg.seed)  # identical initial weights on every rank
+        seed_everything(cfg.seed)  # identical initial weights on every rank
 
         data_cfg = cfg.dataset
         self.train_set = build_dataset(data_cfg, data_cfg.train_split, train=True)
@@ -450,7 +303,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.state = ckpts.TrainState()
+        self.state = TrainState()
         if self.env.rank != 0:  # each rank its own dropout stream; a resume restores them all
             torch.manual_seed(cfg.seed * 1000 + self.env.rank * 7919)
         resumed = self._resume()
@@ -474,9 +327,9 @@ class Trainer:
         if not resume:
             return False
         if self.env.is_main:
-            ckpts.remove_partial_checkpoints(self.run_dir)
+            remove_partial_checkpoints(self.run_dir)
         path, ckpt = (
-            ckpts.load_latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume), None)
+            load_latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume), None)
         )
         if path is None:
             log.info(
@@ -484,12 +337,12 @@ class Trainer:
             )
             return False
         ckpt = ckpt or load_checkpoint(path)
-        ckpts.check_resume_config(
+        check_resume_config(
             ckpt.get("config") or {}, OmegaConf.to_container(self.cfg, resolve=True), str(path)
         )
         load_model_weights(self.model, ckpt["model"], source=f"trainer.resume={path}")
         restore_ema(self.ema, ckpt, self.model, f"trainer.resume={path}")
-        ckpts.restore_optimizer(self.optimizer, ckpt["optimizer"])
+        restore_optimizer(self.optimizer, ckpt["optimizer"])
         # Rebuilt, not loaded: LambdaLR.load_state_dict would bring back the old schedule's fields.
         self.scheduler = build_scheduler(
             self.optimizer, self.cfg.schedule, start_iter=int(ckpt["iteration"])
@@ -497,17 +350,17 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         for warning in (
-            ckpts.restore_rank_rng(ckpt, self.env.rank, self.env.world_size, self.device, path),
-            ckpts.data_stream_change(ckpt.get("data_position"), self._data_position(), path),
+            restore_rank_rng(ckpt, self.env.rank, self.env.world_size, self.device, path),
+            data_stream_change(ckpt.get("data_position"), self._data_position(), path),
         ):
             if warning:
                 log.warning(warning)
-        self.state = ckpts.TrainState.from_checkpoint(ckpt)
+        self.state = TrainState.from_checkpoint(ckpt)
         log.info("resumed from %s at iteration %d", path, self.state.iteration)
         return True
 
     def _data_position(self) -> dict[str, int]:
-        return ckpts.data_position(
+        return data_position(
             self.state.iteration,
             self.accumulate,
             int(self.cfg.dataset.batch_size),
@@ -515,12 +368,13 @@ class Trainer:
             int(self.cfg.seed),
         )
 
-    def save(self, name: str, weights: nn.Module | None = None) -> Path | None:
-        """Rank 0 writes ``checkpoints/<name>.pt`` atomically (``"model"``: ``weights``, default the model)."""
-        rng_per_rank = all_gather_object(ckpts.rng_state(self.device))  # every rank calls save()
+    def _checkpoint_state(self, weights: nn.Module | None = None) -> dict[str, Any] | None:
+        """This run's checkpoint (``"model"``: ``weights``, default the model) on rank 0, None on
+        the others; every rank calls it (each rank's RNG states travel to rank 0)."""
+        rng_per_rank = all_gather_object(rng_state(self.device))
         if not self.env.is_main:
             return None
-        state = make_checkpoint(
+        return make_checkpoint(
             (weights or self.model).state_dict(),
             OmegaConf.to_container(self.cfg, resolve=True),
             self.meta,
@@ -537,14 +391,19 @@ class Trainer:
             metrics_iteration=self.state.metrics_iteration,
             precision=self.precision,  # what validation ran in: evaluate.py's default for this run
         )
-        return save_checkpoint(state, self.run_dir / CHECKPOINT_DIR / f"{name}.pt")
+
+    def save(self, name: str, weights: nn.Module | None = None) -> Path | None:
+        """Rank 0 writes ``checkpoints/<name>.pt`` atomically (``"model"``: ``weights``, default the model)."""
+        state = self._checkpoint_state(weights)
+        return (
+            None if state is None else save_checkpoint(state, checkpoint_path(self.run_dir, name))
+        )
 
     def checkpoint(self) -> None:
         """``iter_XXXXXX.pt`` + ``last.pt``, keeping the newest ``trainer.keep_last``."""
-        path = self.save(f"iter_{self.state.iteration:06d}")
-        if path is not None:
-            copy_checkpoint(path, path.parent / "last.pt")
-            ckpts.prune_checkpoints(self.run_dir, int(self.cfg.trainer.keep_last))
+        state = self._checkpoint_state()
+        if state is not None:
+            save_iteration_checkpoint(state, self.run_dir, int(self.cfg.trainer.keep_last))
 
     # -- validation ----------------------------------------------------------------------------
     def _validate(self, model: nn.Module, num_examples: int) -> EvalResult:
@@ -595,123 +454,146 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        cfg, sched, env = self.cfg, self.cfg.schedule, self.env
+        """Train to ``schedule.max_iters``, or until a stop signal; returns the summary."""
+        sched, eval_at_end = self.cfg.schedule, self.cfg.trainer.eval_at_end
         max_iters = int(sched.max_iters)
-        crop_h, crop_w = cfg.dataset.train_pipeline.crop_size
-        params = count_parameters(self.model)
-        batch = int(cfg.dataset.batch_size)
         with torch.random.fork_rng(devices=[]):  # neither may shift the RNG stream (exact resume)
-            gflops = forward_gflops(self.model, crop_h, crop_w) if env.is_main else float("nan")
-            batches = build_train_loader(
-                self.train_set,
-                batch,
-                cfg.dataset.num_workers,
-                seed=cfg.seed,
-                rank=env.rank,
-                world_size=env.world_size,
-                start_batch=self.state.iteration * self.accumulate,
-                pin_memory=self.device.type == "cuda",
-            )
-            batches = fixed_batches(batches, cfg.trainer.debug.overfit_batches)
-        hide_bar = _bar_disabled(cfg.trainer.progress_bar)  # checked on every rank
-        layout = "channels_last" if self.channels_last else "NCHW"
-        log.info(
-            start_line(
-                params,
-                gflops,
-                (crop_h, crop_w),
-                self.device,
-                f"{self.precision}, {layout}",
-                env.world_size,
-                self.global_batch,
-            )
-        )
-        preempt = PreemptionFlag()
-        preempt.install()
-        debug = DebugSession(cfg.trainer.debug, self.run_dir, self.device, env.rank).start()
-        self.train_model.train()
-        non_finite = NonFiniteGuard(self.device, self.run_dir / CHECKPOINT_DIR)
-        loss_sum = torch.zeros((), device=self.device)
-        n_logged, start_iter = 0, self.state.iteration
-        t_log = t_start = time.perf_counter()
-        last_loss = float("nan")
-        bar = tqdm(
-            total=max_iters,
-            initial=start_iter,
-            desc="train",
-            dynamic_ncols=True,
-            disable=hide_bar if env.is_main else True,
-        )
-        try:
+            gflops = self._forward_gflops()
+            batches = self._train_batches()
+        self._log_start(gflops)
+        with contextlib.ExitStack() as ending:
+            ending.callback(self.reporter.close)
+            preempt = ending.enter_context(PreemptionFlag())
+            bar = ending.enter_context(self._progress_bar(max_iters))
+            debug = ending.enter_context(self._debug_session())
+            self.train_model.train()
+            non_finite = NonFiniteGuard(self.device, self.run_dir / CHECKPOINT_DIR)
+            start_iter, start_time = self.state.iteration, time.perf_counter()
+            window = LogWindow(self.device)
+            last_loss, stopped_by = float("nan"), None
             while self.state.iteration < max_iters:
-                try:
-                    loss = train_step(
-                        self.train_model,
-                        batches,
-                        self.loss_fn,
-                        self.optimizer,
-                        self.scheduler,
-                        self.scaler,
-                        device=self.device,
-                        precision=self.precision,
-                        accumulate=self.accumulate,
-                        channels_last=self.channels_last,
-                        clip=self.clipper,
-                    )
-                except torch.cuda.OutOfMemoryError as e:
-                    raise out_of_memory_error(
-                        self.state.iteration + 1, batch, crop_h, crop_w
-                    ) from e
-                self.state.iteration = it = self.state.iteration + 1
-                if self.ema is not None:
-                    self.ema.update(self.model, step=it)
+                loss = self._step(batches)
+                it = self.state.iteration
                 debug.step()
                 non_finite.see(loss, it)
-                loss_sum += loss
-                n_logged += 1
+                window.add(loss)
                 bar.update(1)
 
                 # The cadence: every rank takes the same branches at the same iterations.
                 at_end = it == max_iters
                 at_log = it % sched.log_interval == 0 or at_end
                 at_ckpt = _every(it, sched.checkpoint_interval) or at_end
-                at_eval = _every(it, sched.eval_interval) or (at_end and cfg.trainer.eval_at_end)
+                at_eval = _every(it, sched.eval_interval) or (at_end and eval_at_end)
                 if at_log or at_ckpt or at_eval:
                     non_finite.check()
                 if at_log:
-                    last_loss = loss_sum.item() / n_logged
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    seconds = time.perf_counter() - t_log
-                    row = train_row(
-                        last_loss, lr, n_logged * self.global_batch, seconds, self.clipper
-                    )
-                    self.reporter.train(it, row, bar)
-                    loss_sum.zero_()
-                    n_logged, t_log = 0, time.perf_counter()
+                    last_loss = self._log_train(window, bar)
                 if at_eval:
                     self.evaluate(final=at_end)
                     self.train_model.train()
                 if at_ckpt:
                     self.checkpoint()
-                if preempt.agreed(env, at_log):
+                if preempt.agreed(self.env, at_log):
                     non_finite.check()
                     if not at_ckpt:
                         self.checkpoint()
-                    return self._finish(
-                        t_start, start_iter, params, gflops, last_loss, preempt.signum
-                    )
-            return self._finish(t_start, start_iter, params, gflops, last_loss)
-        finally:
-            debug.close()
-            bar.close()
-            preempt.restore()
-            self.reporter.close()
+                    stopped_by = preempt.signum
+                    break
+            return self._finish(start_time, start_iter, gflops, last_loss, stopped_by)
+
+    def _forward_gflops(self) -> float:
+        """The model's forward GFLOPs at the training crop (rank 0 only: NaN elsewhere)."""
+        if not self.env.is_main:
+            return float("nan")
+        return forward_gflops(self.model, *self.cfg.dataset.train_pipeline.crop_size)
+
+    def _train_batches(self) -> Iterator[dict[str, Any]]:
+        """This rank's training batches from the run's position in the data stream on."""
+        data = self.cfg.dataset
+        batches = build_train_loader(
+            self.train_set,
+            int(data.batch_size),
+            data.num_workers,
+            seed=self.cfg.seed,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            start_batch=self.state.iteration * self.accumulate,
+            pin_memory=self.device.type == "cuda",
+        )
+        return fixed_batches(batches, self.cfg.trainer.debug.overfit_batches)
+
+    def _log_start(self, gflops: float) -> None:
+        layout = "channels_last" if self.channels_last else "NCHW"
+        log.info(
+            start_line(
+                count_parameters(self.model),
+                gflops,
+                tuple(self.cfg.dataset.train_pipeline.crop_size),
+                self.device,
+                f"{self.precision}, {layout}",
+                self.env.world_size,
+                self.global_batch,
+            )
+        )
+
+    def _progress_bar(self, max_iters: int) -> tqdm:
+        """Rank 0's bar of ``trainer.progress_bar`` (the setting is checked on every rank)."""
+        hide = _bar_disabled(self.cfg.trainer.progress_bar)
+        return tqdm(
+            total=max_iters,
+            initial=self.state.iteration,
+            desc="train",
+            dynamic_ncols=True,
+            disable=hide if self.env.is_main else True,
+        )
+
+    def _debug_session(self) -> DebugSession:
+        """Anomaly detection and the profiler of ``trainer.debug`` (a context manager)."""
+        return DebugSession(self.cfg.trainer.debug, self.run_dir, self.device, self.env.rank)
+
+    def _step(self, batches: Iterator[dict[str, Any]]) -> torch.Tensor:
+        """One iteration (:func:`train_step`) and the EMA update; the loss, on the device."""
+        try:
+            loss = train_step(
+                self.train_model,
+                batches,
+                self.loss_fn,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                device=self.device,
+                precision=self.precision,
+                accumulate=self.accumulate,
+                channels_last=self.channels_last,
+                clip=self.clipper,
+            )
+        except torch.cuda.OutOfMemoryError as e:
+            crop_h, crop_w = self.cfg.dataset.train_pipeline.crop_size
+            batch = int(self.cfg.dataset.batch_size)
+            raise out_of_memory_error(self.state.iteration + 1, batch, crop_h, crop_w) from e
+        self.state.iteration += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.iteration)
+        return loss
+
+    def _log_train(self, window: LogWindow, bar: tqdm) -> float:
+        """Report the training figures since the last log step; their mean loss."""
+        loss, steps, seconds = window.read()
+        row = train_row(
+            loss,
+            self.optimizer.param_groups[0]["lr"],
+            steps * self.global_batch,
+            seconds,
+            self.clipper.mean_norm() if self.clipper is not None else None,
+        )
+        self.reporter.train(self.state.iteration, row, bar)
+        window.restart()
+        return loss
 
     def _finish(
         self,
-        t_start: float,
+        start_time: float,
         start_iter: int,
-        params: int,
         gflops: float,
         last_loss: float,
         signum: int | None = None,
@@ -723,9 +605,9 @@ class Trainer:
             last_loss,
             it,
             it - start_iter,
-            time.perf_counter() - t_start,
+            time.perf_counter() - start_time,
             self.global_batch,
-            params,
+            count_parameters(self.model),
             gflops,
         )
         self.reporter.finish(summary, signum, self.state.metrics_iteration)

@@ -21,9 +21,9 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from semseg.checkpoints.file import torch_load_weights_only
 from semseg.errors import CheckpointError, UserError
 from semseg.models.build import describe_key_mismatch
-from semseg.models.checkpoint import torch_load_weights_only
 
 log = logging.getLogger(__name__)
 # What the hub and torch.hub raise when weights cannot be fetched or read from the cache.

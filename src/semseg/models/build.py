@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
+from semseg.checkpoints.model_folder import load_model_checkpoint
 from semseg.errors import CheckpointError, UserError
 from semseg.models.base import AUX_HEAD, unwrap_model
-from semseg.models.hub import load_model_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def model_from_checkpoint(
     source: str | None = None,
 ) -> tuple[nn.Module, dict, dict]:
     """Rebuild the model stored in a checkpoint of this project (a file, a model folder or
-    ``hf://<org>/<name>[@<revision>]``, see :mod:`semseg.models.hub`): ``(model, meta, config)``.
+    ``hf://<org>/<name>[@<revision>]``, see :mod:`semseg.checkpoints.model_folder`): ``(model, meta, config)``.
 
     The architecture comes from the checkpoint's config (backbone without pretrained weights),
     without the auxiliary head, which only training uses; the weights are loaded strictly. The

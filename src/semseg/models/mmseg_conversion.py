@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from semseg.checkpoints.file import make_checkpoint
 from semseg.errors import CheckpointError
 from semseg.models.base import AUX_HEAD
 from semseg.models.build import (
@@ -28,7 +29,6 @@ from semseg.models.build import (
     load_model_weights,
     strip_wrapper_prefixes,
 )
-from semseg.models.checkpoint import make_checkpoint
 
 Rule = tuple[re.Pattern, str]
 # The config groups of the reference row (Semantic FPN R-50); recognise_mmseg() names any file's.

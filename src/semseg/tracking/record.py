@@ -1,5 +1,6 @@
 """The local run record: `metrics.jsonl` and `summary.json` in the run folder (always written),
-and the names of the run folder's parts (the run-folder contract).
+and the final evaluation's artifacts under `eval/` (the run-folder contract; the checkpoints are
+`semseg.checkpoints.run_folder`'s).
 
 This is what the notebook and `semseg.tracking.runs` read when there is no W&B server, so it is
 written whatever logger is configured. Rank 0 only: the engine builds one on the main process.
@@ -20,7 +21,6 @@ from semseg.files import reporting_write_errors, write_atomically, write_json
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_DIR = "checkpoints"  # last.pt, best.pt, iter_XXXXXX.pt
 # The final evaluation's artifacts for the notebook: eval/confusion_matrix.npy and
 # eval/examples/<name>_{image,pred,gt}.png (read by semseg.tracking.runs).
 EVAL_DIR = "eval"

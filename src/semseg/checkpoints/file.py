@@ -1,5 +1,5 @@
-"""The checkpoint file of this project: its entries, format version and meta; atomic writes and
-loads that never run code from the file.
+"""The checkpoint file (``.pt``): its entries (:data:`CHECKPOINT_KEYS`), format version, atomic
+writes, and loads that never run code from the file.
 
 The trainer and the mmseg converter both build their checkpoints with :func:`make_checkpoint`,
 so that every reader (resume, evaluation, prediction, export) sees the same entries.
