@@ -87,6 +87,22 @@ def needs_cuda(test):
     return skip(pytest.mark.cuda(test))
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_cuda_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A test without the ``cuda`` marker sees a machine without a GPU, in this process and in the
+    processes it starts (``CUDA_VISIBLE_DEVICES=""``): ``device=auto``, ``precision=auto`` and the
+    numbers compared bit for bit are the CPU's wherever the suite runs. A CUDA test gets
+    deterministic cuDNN kernels (no autotuning), so that its numbers repeat."""
+    import torch
+
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
 def smoke_overrides(toy_root: Path, run_dir: Path, *extra: str) -> list[str]:
     """A seconds-long CPU training run on the tiny dataset, writing into ``run_dir``."""
     return [
