@@ -373,7 +373,6 @@ def train_step(
     """Forward, backward and update over ``accumulate`` micro-batches; returns the loss on the
     device (no host sync). ``model`` may be wrapped in DDP; ``forward`` computes a micro-batch's
     loss (:func:`~semseg.engine.compiled_step.forward_loss`, or its compiled :class:`StepForward`)."""
-    ddp = getattr(model, "_orig_mod", model)  # a model compiled by the caller wraps the DDP object
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for micro in range(accumulate):
@@ -384,8 +383,8 @@ def train_step(
             images = images.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(device, non_blocking=True).long()
         # Under DDP only the last micro-batch all-reduces gradients.
-        skip_sync = micro < accumulate - 1 and isinstance(ddp, DistributedDataParallel)
-        with ddp.no_sync() if skip_sync else contextlib.nullcontext():
+        skip_sync = micro < accumulate - 1 and isinstance(model, DistributedDataParallel)
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
             loss = forward(model, loss_fn, images, target, device, precision) / accumulate
         scaler.scale(loss).backward()
         total += loss.detach()
