@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import collections
 import copy
+import logging
+import math
 
 import pytest
 import torch
@@ -186,3 +188,17 @@ def test_cuda_graphs_refuses_what_it_cannot_serve():
         build_step_forward(True, True, torch.device("cuda", 0), sync_bn=True)
     assert build_step_forward(False, False, CPU, sync_bn=False).compile_s is None
     assert build_step_forward(True, False, CPU, sync_bn=False).mode == "default"
+
+
+def test_compile_time_is_the_first_step_and_is_logged(caplog):
+    """``compile_s`` runs from the first call of the compiled forward to the second one."""
+    forward = build_step_forward(True, False, CPU, sync_bn=False)
+    assert math.isnan(forward.compile_s)
+    forward.fn = lambda *args: torch.ones(())  # stands in for the compiled function: no compiling
+    with caplog.at_level(logging.INFO, logger="semseg.engine.compiled_step"):
+        forward()
+        assert math.isnan(forward.compile_s)  # the first step is not over yet
+        forward()
+        forward()
+    assert forward.compile_s >= 0 and caplog.text.count("the first step took") == 1
+    assert "TORCHINDUCTOR_CACHE_DIR" in caplog.text
