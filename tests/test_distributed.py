@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, launch_ranks, needs_cuda
+from helpers import REPO, launch_ranks, needs_cuda
 from hydra.utils import instantiate
 from torch import nn
 

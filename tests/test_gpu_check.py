@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, child_env, load_script
+from helpers import REPO, child_env, load_script
 
 ALL_BUT = "toy,benchmark,cuda_graphs,evaluate,torchrun,predict,onnx"
 

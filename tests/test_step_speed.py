@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose_train
+from helpers import compose_train
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
