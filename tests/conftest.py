@@ -11,6 +11,22 @@ import pytest
 from helpers import SMOKE_ITERS, SWEEP_LRS, smoke_sweep, tiny_checkpoint, train_in_process
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_cuda_marked(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
+    """A test without the ``cuda`` marker sees a machine without a GPU, in this process and in the
+    processes it starts (``CUDA_VISIBLE_DEVICES=""``): ``device=auto``, ``precision=auto`` and the
+    numbers compared bit for bit are the CPU's wherever the suite runs. A CUDA test gets
+    deterministic cuDNN kernels (no autotuning), so that its numbers repeat."""
+    import torch
+
+    if request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 train / 4 val / 2 test street scenes of 64x128, written once per test session."""

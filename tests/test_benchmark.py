@@ -18,7 +18,7 @@ from semseg.runtime import resolve_channels_last, resolve_precision
 from semseg_bench import runner
 from semseg_bench.cli import main
 from semseg_bench.options import parse_args
-from semseg_bench.timing import matmul_peak_flops
+from semseg_bench.timing import Setting, StepCounts, matmul_peak_flops, time_calls
 from semseg_bench.train import auto_choice
 
 CPU = torch.device("cpu")
@@ -86,9 +86,12 @@ def test_benchmark_tiny_run_writes_json(
     ]
     for row in train:
         assert row["batch_size"] == 2 and row["crop"] == [32, 64]
-        for key in ("s_per_step", "img_per_s", "peak_mem_mb", "achieved_tflops", "peak_fraction",
-                    "final_loss", "speedup_vs_fp32_nchw"):  # fmt: skip
+        for key in ("s_per_step", "img_per_s", "peak_mem_mb", "warmup_peak_mem_mb",
+                    "first_call_s", "achieved_tflops", "peak_fraction", "final_loss",
+                    "speedup_vs_fp32_nchw"):  # fmt: skip
             assert _positive(row[key]), key
+        assert row["compile_s"] is None  # eager
+        assert row["s_per_step"] == pytest.approx(row["timed_window_s"] / row["steps"])
         assert row["mem_kind"].startswith("rss")
 
     # auto's pick, as the trainer resolves it, measured among the rows and set against the fastest
@@ -150,3 +153,29 @@ def test_auto_choice_ratio_and_unmeasured_pick() -> None:
     assert unmeasured["measured"] is False and unmeasured["compile"] is True
     assert unmeasured["s_per_step"] is None and unmeasured["ratio"] is None
     assert unmeasured["fastest"]["s_per_step"] == 1.5
+
+
+def test_time_calls_times_a_window_and_keeps_the_warmup_peak_apart() -> None:
+    """s/step is one synchronised window over the steps; a warm-up-only allocation (cuDNN's
+    autotuning workspace on a GPU) shows in the warm-up peak, not in the steady-state one."""
+    calls = []
+
+    def step() -> int:
+        if not calls:  # the first call only: 256 MiB, touched, then freed
+            torch.ones(64 * 2**20).sum()
+        calls.append(1)
+        return len(calls)
+
+    timing, last = time_calls(step, StepCounts(warmup=2, steps=3), CPU)
+    assert last == 5 and len(timing["warmup_s"]) == 2
+    assert timing["first_call_s"] == timing["warmup_s"][0] > 0
+    assert timing["s_per_step"] == pytest.approx(timing["timed_window_s"] / 3)
+    assert _positive(timing["peak_mem_mb"]) and _positive(timing["warmup_peak_mem_mb"])
+    if timing["mem_kind"] == "rss_peak":  # the peak could be reset between the phases
+        assert timing["warmup_peak_mem_mb"] > timing["peak_mem_mb"] + 200
+
+
+def test_compile_option_takes_cuda_graphs() -> None:
+    assert parse_args(["--compile", "off,on,cuda_graphs"]).compile == [False, True, "cuda_graphs"]
+    assert Setting("bf16", True, "cuda_graphs").cuda_graphs
+    assert not Setting("bf16", True, True).cuda_graphs

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, launch_ranks
+from helpers import REPO, launch_ranks, needs_cuda
 from hydra.utils import instantiate
 from torch import nn
 
@@ -19,7 +19,6 @@ from semseg.engine.trainer import sync_batchnorm
 from semseg.errors import ConfigError
 
 CPU = torch.device("cpu")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def test_backend_per_device_type():

@@ -11,7 +11,6 @@ from omegaconf import DictConfig
 from semseg.evaluation.inference import inference_kwargs, predict_logits
 from semseg.models import build_model
 from semseg.runtime import autocast
-from semseg_bench.memory import PeakMemory
 from semseg_bench.timing import Setting, StepCounts, time_calls
 
 
@@ -44,8 +43,8 @@ def bench_infer(
         with autocast(device, setting.precision):
             return predict_logits(run_model, images, **kwargs).argmax(1)
 
-    with PeakMemory(device) as mem, torch.inference_mode():
-        timing, _ = time_calls(predict, job.counts, label="predict_logits")
+    with torch.inference_mode():
+        timing, _ = time_calls(predict, job.counts, device)
     return {
         **setting.row(),
         "batch_size": job.batch,
@@ -53,6 +52,4 @@ def bench_infer(
         "steps": job.counts.steps,
         **timing,
         "img_per_s": job.batch / timing["s_per_step"],
-        "peak_mem_mb": mem.peak_mb,
-        "mem_kind": mem.kind,
     }

@@ -23,7 +23,7 @@ class BenchOptions:
     device: str = "auto"
     precisions: list[str] = field(default_factory=lambda: ["auto"])
     channels_last: list[bool | str] = field(default_factory=lambda: ["auto"])
-    compile: list[bool] = field(default_factory=lambda: [False])
+    compile: list[bool | str] = field(default_factory=lambda: [False])
     batch_size: int | None = None  # None: dataset.batch_size
     crop: list[int] | None = None  # (h, w); None: dataset.train_pipeline.crop_size
     steps: int = 5
@@ -57,6 +57,11 @@ def _on_off(text: str) -> bool:
     if value in ("off", "false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def _compile(text: str) -> bool | str:
+    """on/off, or ``cuda_graphs`` (``trainer.cuda_graphs``: CUDA only)."""
+    return "cuda_graphs" if text.lower() == "cuda_graphs" else _on_off(text)
 
 
 def _layout(text: str) -> bool | str:
@@ -110,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.channels_last,
         help="comma list of on|off|auto (auto: the layout training picks for the precision)",
     )
-    p.add_argument("--compile", type=_csv(_on_off), default=d.compile, help="torch.compile on,off")
+    p.add_argument(
+        "--compile",
+        type=_csv(_compile),
+        default=d.compile,
+        help="comma list of off|on|cuda_graphs (torch.compile; cuda_graphs: mode reduce-overhead)",
+    )
     p.add_argument("--batch-size", type=int, help="train batch (default: dataset.batch_size)")
     _size(p, "--crop", None, "train crop (default: dataset.train_pipeline.crop_size)")
     p.add_argument("--steps", type=int, default=d.steps, help="timed train steps")

@@ -7,8 +7,9 @@ from typing import Any
 _SETTING_KEYS = ("precision", "channels_last", "compile")
 _TRAIN_COLUMNS = {
     "precision": "precision", "channels_last": "channels_last", "compile": "compile",
-    "batch_size": "batch", "s_per_step": "s/step", "s_per_step_median": "median s/step",
-    "img_per_s": "img/s", "peak_mem_mb": "peak MiB", "achieved_tflops": "TFLOP/s",
+    "batch_size": "batch", "s_per_step": "s/step", "img_per_s": "img/s",
+    "peak_mem_mb": "peak MiB", "warmup_peak_mem_mb": "warm-up peak MiB",
+    "compile_s": "compile s", "achieved_tflops": "TFLOP/s",
     "peak_fraction": "of matmul peak", "speedup_vs_fp32_nchw": "speed-up vs fp32 NCHW",
     "cpu_share": "CPU share",
 }  # fmt: skip
@@ -57,7 +58,8 @@ def _table(rows: list[dict[str, Any]], columns: dict[str, str]) -> str:
 
 def _describe(setting: dict[str, Any]) -> str:
     layout = "channels_last" if setting["channels_last"] else "NCHW"
-    return f"{setting['precision']}, {layout}" + (", compiled" if setting["compile"] else "")
+    compiled = {False: "", True: ", compiled", "cuda_graphs": ", CUDA graphs"}[setting["compile"]]
+    return f"{setting['precision']}, {layout}{compiled}"
 
 
 def format_auto(auto: dict[str, Any]) -> str:

@@ -209,7 +209,8 @@ def run_benchmark(
         finish = functools.partial(add_utilisation, flops_per_image=flops, peaks=peaks)
         result["train"] = measure_rows("train", runs, finish, device)
         add_speedups(result["train"])
-        result["auto"] = auto_choice(result["train"], device, bool(cfg.trainer.compile))
+        compiled = "cuda_graphs" if cfg.trainer.cuda_graphs else bool(cfg.trainer.compile)
+        result["auto"] = auto_choice(result["train"], device, compiled)
     if "data" in opts.only:
         result["data"] = bench_data(cfg.dataset, data_job(opts, cfg, plan, device))
         for row in result["data"]["rows"]:

@@ -1,8 +1,9 @@
-"""Timing with ``torch.utils.benchmark``: per-step statistics of the measured calls, the device's
+"""Timing with ``torch.utils.benchmark``: N calls between two synchronisations, the device's
 matrix-multiply peak, and the share of that peak a measured row reached.
 
 Every clock read goes through ``torch.utils.benchmark.timer``, which synchronises the accelerator
-first, so a step's time includes its queued GPU work.
+first, so a timed window includes its queued GPU work; the calls inside it do not wait for each
+other, as in training.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Measurement, TaskSpec, Timer
+from torch.utils.benchmark import Timer
 from torch.utils.benchmark import timer as synced_clock
+
+from semseg_bench.memory import PeakMemory
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,12 @@ class StepCounts:
 
 @dataclass(frozen=True)
 class Setting:
-    """How the model runs while it is measured: autocast precision, memory layout, torch.compile."""
+    """How the model runs while it is measured: autocast precision, memory layout, torch.compile
+    (False, True, or ``"cuda_graphs"``: mode reduce-overhead, as ``trainer.cuda_graphs``)."""
 
     precision: str
     channels_last: bool
-    compile: bool
+    compile: bool | str
 
     def row(self) -> dict[str, Any]:
         """The setting's columns of a result row."""
@@ -45,44 +49,50 @@ class Setting:
 
     def runnable(self, model: nn.Module) -> nn.Module:
         """``model`` (already in :attr:`memory_format`) compiled when the setting says so."""
-        return torch.compile(model) if self.compile else model
+        if not self.compile:
+            return model
+        return torch.compile(model, mode="reduce-overhead" if self.cuda_graphs else None)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.compile == "cuda_graphs"
 
 
 def time_calls(
-    fn: Callable[[], Any], counts: StepCounts, label: str = ""
+    fn: Callable[[], Any], counts: StepCounts, device: torch.device
 ) -> tuple[dict[str, Any], Any]:
-    """Call ``fn`` ``counts.warmup`` then ``counts.steps`` times: statistics of the timed calls
-    (a :class:`~torch.utils.benchmark.Measurement` of one call per run) and the last result.
+    """Call ``fn`` ``counts.warmup`` times, each timed (the first one compiles and autotunes),
+    then ``counts.steps`` times between two synchronisations; the timings, the peak memory of the
+    two phases, and the last result.
 
-    A fixed number of calls rather than ``Timer.blocked_autorange``: a training step takes
-    seconds, and ``Timer.timeit`` adds warm-up calls of its own.
-    ``cpu_share``: this process's CPU time over wall time x torch threads while timed. Well
+    ``s_per_step`` is the timed window over ``steps``: no sync between the calls, so the device's
+    queue stays full as in training. ``warmup_peak_mem_mb`` is the warm-up's peak (cuDNN's
+    autotuning workspaces, compiling), ``peak_mem_mb`` the steady state's.
+    ``cpu_share``: this process's CPU time over wall time x torch threads in the window. Well
     below 1 on a CPU run means other processes took cores: the numbers are then pessimistic.
     """
-    times: list[float] = []
-    first = float("nan")
-    cpu0 = wall0 = 0.0
+    warmup_times: list[float] = []
     out = None
-    for i in range(counts.warmup + counts.steps):
-        if i == counts.warmup:
-            cpu0, wall0 = time.process_time(), synced_clock()
-        start = synced_clock()
-        out = fn()
-        elapsed = synced_clock() - start
-        first = elapsed if i == 0 else first
-        if i >= counts.warmup:
-            times.append(elapsed)
-    cpu_share = (time.process_time() - cpu0) / ((synced_clock() - wall0) * torch.get_num_threads())
-    spec = TaskSpec(stmt=label or "fn()", setup="pass", num_threads=torch.get_num_threads())
-    measured = Measurement(number_per_run=1, raw_times=times, task_spec=spec)
+    with PeakMemory(device) as warmup_mem:
+        for _ in range(counts.warmup):
+            start = synced_clock()
+            out = fn()
+            warmup_times.append(synced_clock() - start)
+    with PeakMemory(device) as mem:
+        cpu0, start = time.process_time(), synced_clock()
+        for _ in range(counts.steps):
+            out = fn()
+        window = synced_clock() - start
+        cpu_share = (time.process_time() - cpu0) / (window * torch.get_num_threads())
     stats = {
-        "first_call_s": first,
-        "s_per_step": measured.mean,
-        "s_per_step_median": measured.median,
-        "s_per_step_min": min(measured.times),
-        "s_per_step_max": max(measured.times),
-        "step_times": measured.times,
+        "first_call_s": warmup_times[0] if warmup_times else float("nan"),
+        "warmup_s": warmup_times,
+        "s_per_step": window / counts.steps,
+        "timed_window_s": window,
         "cpu_share": cpu_share,
+        "peak_mem_mb": mem.peak_mb,
+        "warmup_peak_mem_mb": warmup_mem.peak_mb if warmup_times else float("nan"),
+        "mem_kind": mem.kind,
     }
     return stats, out
 

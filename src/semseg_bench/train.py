@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
+from semseg.engine.compiled_step import build_step_forward
 from semseg.engine.optim import build_optimizer, build_scheduler
 from semseg.engine.trainer import train_step
 from semseg.models import build_model
 from semseg.runtime import resolve_channels_last, resolve_precision
-from semseg_bench.memory import PeakMemory
 from semseg_bench.timing import Setting, StepCounts, time_calls
 
 
@@ -94,7 +94,10 @@ def synthetic_batch(
 def bench_train(
     cfg: DictConfig, device: torch.device, setting: Setting, job: TrainJob
 ) -> dict[str, Any]:
-    """Time ``train_step`` exactly as the Trainer calls it (accumulate 1) on a fixed batch."""
+    """Time ``train_step`` exactly as the Trainer calls it (accumulate 1) on a fixed batch.
+
+    ``compile_s``: a compiled setting's first step (compiling forward and backward, autotuning).
+    """
     torch.manual_seed(0)
     model = build_model(cfg).to(device).to(memory_format=setting.memory_format).train()
     loss_fn = build_bench_loss(cfg, device)
@@ -104,13 +107,13 @@ def bench_train(
     host_batch = synthetic_batch(job.batch, job.crop, int(cfg.dataset.num_classes))
     if device.type == "cuda":  # the loader pins memory on CUDA
         host_batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in host_batch.items()}
+    forward = build_step_forward(bool(setting.compile), setting.cuda_graphs, device, sync_bn=False)
     step = functools.partial(
-        train_step, setting.runnable(model), itertools.repeat(host_batch), loss_fn, optimizer,
-        scheduler, scaler, device=device, precision=setting.precision,
-        channels_last=setting.channels_last,
+        train_step, model, itertools.repeat(host_batch), loss_fn, optimizer, scheduler, scaler,
+        device=device, precision=setting.precision, channels_last=setting.channels_last,
+        forward=forward,
     )  # fmt: skip
-    with PeakMemory(device) as mem:
-        timing, loss = time_calls(step, job.counts, label="train_step")
+    timing, loss = time_calls(step, job.counts, device)
     return {
         **setting.row(),
         "batch_size": job.batch,
@@ -119,8 +122,7 @@ def bench_train(
         "warmup": job.counts.warmup,
         **timing,
         "img_per_s": job.batch / timing["s_per_step"],
-        "peak_mem_mb": mem.peak_mb,
-        "mem_kind": mem.kind,
+        "compile_s": timing["first_call_s"] if setting.compile else None,
         "final_loss": float(loss.item()),
     }
 
@@ -137,12 +139,15 @@ def _setting(row: dict[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in ("precision", "channels_last", "compile")}
 
 
-def auto_choice(rows: list[dict[str, Any]], device: torch.device, compiled: bool) -> dict[str, Any]:
+def auto_choice(
+    rows: list[dict[str, Any]], device: torch.device, compiled: bool | str
+) -> dict[str, Any]:
     """What ``trainer.precision=auto`` and ``trainer.channels_last=auto`` pick on ``device`` (the
     shared policy of semseg.runtime), its measured s/step if it was among ``rows``, the fastest
     measured setting, and ``ratio`` = auto's s/step over the fastest's (1.0: auto is the fastest).
 
-    ``compiled``: the run's ``trainer.compile`` (the policy does not choose it).
+    ``compiled``: the run's ``trainer.compile`` (``"cuda_graphs"``: ``trainer.cuda_graphs``; the
+    policy does not choose it).
     """
     precision = resolve_precision("auto", device)
     auto = Setting(precision, resolve_channels_last("auto", device, precision), compiled)

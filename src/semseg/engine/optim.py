@@ -165,6 +165,7 @@ class GradClipper:
 
     def __init__(self, max_norm: float, device: torch.device | str = "cpu") -> None:
         self.max_norm = float(max_norm)
+        self._params: list[torch.Tensor] | None = None
         self._norm_sum = torch.zeros((), device=device)
         self._count = torch.zeros((), dtype=torch.long, device=device)
 
@@ -172,10 +173,10 @@ class GradClipper:
         self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
     ) -> torch.Tensor:
         scaler.unscale_(optimizer)  # a no-op when the scaler is disabled
-        params = [
-            p for group in optimizer.param_groups for p in group["params"] if p.grad is not None
-        ]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        if self._params is None:  # the optimizer's parameters, listed once
+            self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        # foreach kernels over every gradient (parameters without one are left out by torch)
+        norm = torch.nn.utils.clip_grad_norm_(self._params, self.max_norm)
         finite = torch.isfinite(norm)
         self._norm_sum += torch.where(finite, norm.detach(), 0.0)
         self._count += finite

@@ -13,7 +13,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +51,14 @@ from semseg.distributed import (
     init_distributed,
     wrap_ddp,
 )
+from semseg.engine.compiled_step import build_step_forward, forward_loss
 from semseg.engine.debug import DebugSession, first_images, fixed_batches
 from semseg.engine.losses import build_loss
 from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
 from semseg.errors import ConfigError, UserError
 from semseg.evaluation.inference import EvalResult, evaluate_model
 from semseg.models import build_model, count_parameters, forward_gflops, load_model_weights
-from semseg.runtime import autocast, configure_backends, resolve_channels_last, resolve_precision
+from semseg.runtime import configure_backends, resolve_channels_last, resolve_precision
 from semseg.tracking.report import EMA_PREFIX, RunReporter, run_summary, start_line, train_row
 
 log = logging.getLogger(__name__)
@@ -199,10 +200,11 @@ def train_step(
     accumulate: int = 1,
     channels_last: bool = False,
     clip: GradClipper | None = None,
+    forward: Callable[..., torch.Tensor] = forward_loss,
 ) -> torch.Tensor:
     """Forward, backward and update over ``accumulate`` micro-batches; returns the loss on the
-    device (no host sync). ``model`` may be wrapped in DDP and/or ``torch.compile``."""
-    ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP object
+    device (no host sync). ``model`` may be wrapped in DDP; ``forward`` computes a micro-batch's
+    loss (:func:`~semseg.engine.compiled_step.forward_loss`, or its compiled :class:`StepForward`)."""
     optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for micro in range(accumulate):
@@ -213,9 +215,9 @@ def train_step(
             images = images.contiguous(memory_format=torch.channels_last)
         target = batch["mask"].to(device, non_blocking=True).long()
         # Under DDP only the last micro-batch all-reduces gradients.
-        skip_sync = micro < accumulate - 1 and isinstance(ddp, DistributedDataParallel)
-        with ddp.no_sync() if skip_sync else contextlib.nullcontext(), autocast(device, precision):
-            loss = loss_fn(model(images), target) / accumulate
+        skip_sync = micro < accumulate - 1 and isinstance(model, DistributedDataParallel)
+        with model.no_sync() if skip_sync else contextlib.nullcontext():
+            loss = forward(model, loss_fn, images, target, device, precision) / accumulate
         scaler.scale(loss).backward()
         total += loss.detach()
     if clip is not None:  # after the last micro-batch: the accumulated (all-reduced) gradients
@@ -309,8 +311,12 @@ class Trainer:
         resumed = self._resume()
 
         self.train_model: nn.Module = wrap_ddp(self.model, self.env)
-        if cfg.trainer.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.forward = build_step_forward(
+            bool(cfg.trainer.compile),
+            bool(cfg.trainer.cuda_graphs),
+            self.device,
+            sync_bn=self.env.distributed and self.device.type == "cuda" and cfg.trainer.sync_bn,
+        )
         self._val_loader: torch.utils.data.DataLoader | None = None  # built at the first evaluation
         self.reporter = RunReporter(
             cfg, self.run_dir, self.env.is_main, self.state.iteration if resumed else None
@@ -566,6 +572,7 @@ class Trainer:
                 accumulate=self.accumulate,
                 channels_last=self.channels_last,
                 clip=self.clipper,
+                forward=self.forward,
             )
         except torch.cuda.OutOfMemoryError as e:
             crop_h, crop_w = self.cfg.dataset.train_pipeline.crop_size
@@ -610,6 +617,8 @@ class Trainer:
             count_parameters(self.model),
             gflops,
         )
+        if self.forward.compile_s is not None:  # trainer.compile / cuda_graphs
+            summary["compile_s"] = self.forward.compile_s
         self.reporter.finish(summary, signum, self.state.metrics_iteration)
         return summary
 
