@@ -47,8 +47,10 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> di
         )
         rc, out = proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as e:
-        rc, out = "timeout", f"{e.stdout or ''}{e.stderr or ''}"
-        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        # The output so far comes as bytes, whatever ``text`` says.
+        parts = (e.stdout or b"", e.stderr or b"")
+        rc = "timeout"
+        out = "".join(p.decode(errors="replace") if isinstance(p, bytes) else p for p in parts)
     record: dict[str, Any] = {
         "command": shlex.join(cmd),
         "rc": rc,
