@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from conftest import (
     REPO,
     SINGLE_THREAD_ENV,
     child_env,
+    data_overrides,
     needs_cuda,
     run_entry,
     run_python,
@@ -251,6 +253,23 @@ def test_evaluate_under_torchrun_on_cpu(checkpoint: Path, toy_root: Path, tmp_pa
     report = json.loads((tmp_path / "two" / "eval_val.json").read_text())
     assert report["confusion_matrix"] == single["confusion_matrix"]
     assert report["metrics"] == pytest.approx(single["metrics"], abs=1e-12)
+
+
+def test_predict_under_torchrun_counts_every_ranks_images(
+    checkpoint: Path, toy_root: Path, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "src/predict.py"), f"checkpoint={checkpoint}", *data_overrides(toy_root),
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env=child_env(SINGLE_THREAD_ENV),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    masks = sorted((tmp_path / "predictions").rglob("*.png"))
+    counts = re.findall(r"wrote (\d+) predictions", proc.stdout + proc.stderr)
+    assert counts == ["4"] and len(list((toy_root / "images/10k/val").iterdir())) == 4, counts
+    assert len(masks) == 8  # a mask and a colour map per image
 
 
 # --------------------------------------------------------------------------------------------
