@@ -33,10 +33,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_stamp", run_stamp)
 
 
+def several_processes_launched() -> bool:
+    """Whether a launcher may have started several processes (torchrun's ``WORLD_SIZE``, a SLURM
+    job's tasks): read from the environment, so that a single process never imports torch here
+    (printing a config or the help stays fast)."""
+    return any(int(os.environ.get(key, "1")) > 1 for key in ("WORLD_SIZE", "SLURM_NTASKS"))
+
+
 def _share_stamp_across_ranks() -> None:
     """Under torchrun every rank composes its own config: rank 0 picks the run stamp for all (and
     workers that torchrun restarts get the first start's: they continue in the same folder)."""
-    if _STAMP_ENV in os.environ:
+    if _STAMP_ENV in os.environ or not several_processes_launched():
         return
     from semseg.distributed import agree_on, env_world_size
 
