@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "src/train.py",
             *quick,
             f"schedule.max_iters={args.toy_iters}",
-            f"schedule.eval_interval={max(1, args.toy_iters // 2)}",
+            f"trainer.eval_interval={max(1, args.toy_iters // 2)}",
             f"hydra.run.dir={toy}",
         ],
         timeout=240,

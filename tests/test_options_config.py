@@ -14,7 +14,7 @@ def test_options_are_off_by_default():
     cfg = compose_train()
     assert cfg.loss._target_ == "semseg.engine.losses.SegCrossEntropy"
     assert cfg.loss.normalize == "all" and "class_weight" not in cfg.loss
-    assert cfg.trainer.clip_grad_norm is None and cfg.trainer.ema.decay is None
+    assert cfg.trainer.clip_grad_norm is None and cfg.trainer.ema is None
     assert cfg.trainer.best_metric == "val/mIoU"
     assert OmegaConf.to_container(cfg.trainer.debug) == {
         "overfit_batches": 0,
@@ -33,6 +33,7 @@ def test_options_are_off_by_default():
         (["loss=ce_weighted"], "loss.class_weight", "auto"),
         (["debug=overfit"], "trainer.debug.overfit_batches", 1),
         (["debug=anomaly"], "trainer.debug.detect_anomaly", True),
+        (["trainer/ema=timm"], "trainer.ema.decay", 0.999),
         (["debug=profile"], "trainer.debug.profile.active", 3),
         (["debug=fast"], "schedule.max_iters", 6),
         (["experiment=smoke", "debug=fast"], "schedule.max_iters", 6),  # debug wins over experiment

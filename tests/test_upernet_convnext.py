@@ -59,8 +59,8 @@ def narrow(*extra: str) -> list[str]:
         "model=upernet", "backbone=convnext_tiny", "backbone.name=convnext_atto",
         "backbone.pretrained=false", "model.decode_head.channels=32",
         "model.aux_head.channels=16", "optimizer=adamw_convnext", "schedule=warmup_poly_40k",
-        "schedule.max_iters=2", "schedule.warmup_iters=1", "schedule.eval_interval=null",
-        "schedule.checkpoint_interval=null", "schedule.log_interval=1", *extra,
+        "schedule.max_iters=2", "schedule.warmup_iters=1", "trainer.eval_interval=null",
+        "trainer.checkpoint_interval=null", "trainer.log_interval=1", *extra,
     ]  # fmt: skip
 
 
