@@ -71,10 +71,9 @@ def test_no_decay_groups_for_norm_and_bias():
             "_partial_": True,
             "lr": 0.1,
             "weight_decay": 0.5,
-            "no_decay_norm_and_bias": True,
         }
     )
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, OmegaConf.load(REPO / "conf/param_groups/no_decay.yaml"))
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3, 3, 3])]
     assert (

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 
 import pytest
 from conftest import REPO, compose_train, resolved, run_entry, smoke_overrides
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 
@@ -23,6 +25,21 @@ def test_options_are_off_by_default():
         "eval_images": None,
     }
     assert cfg.logger._target_ == "semseg.tracking.NullLogger"
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "param_groups"),
+    [("sgd", None), ("adamw", "no_decay_norm_and_bias"), ("adamw_convnext", "LayerDecay")],
+)
+def test_the_optimizer_node_holds_only_the_optimizers_arguments(
+    optimizer: str, param_groups: str | None
+) -> None:
+    cfg = compose_train(f"optimizer={optimizer}")
+    arguments = set(inspect.signature(get_class(cfg.optimizer._target_)).parameters)
+    assert set(cfg.optimizer) - {"_target_", "_partial_"} <= arguments
+    # Param-group settings are their own node, which the optimizer's config may pick.
+    chosen = None if cfg.param_groups is None else cfg.param_groups._target_.rsplit(".", 1)[-1]
+    assert chosen == param_groups
 
 
 @pytest.mark.parametrize(

@@ -448,7 +448,7 @@ class Trainer:
         self.clipper = build_grad_clipper(cfg.trainer.clip_grad_norm, self.device)
         self.ema = build_ema(cfg.trainer.ema, self.model)  # before _resume, which restores it
         self.best_metric = check_best_metric(cfg.trainer.best_metric, self.ema)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, cfg.param_groups)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = ckpts.TrainState()
