@@ -196,15 +196,23 @@ def test_eval_batches_are_pinned_for_cuda_only(monkeypatch, toy_root: Path) -> N
     assert cpu.num_workers == 2  # no more workers than the 2 batches of 4 images
 
 
-def test_evaluation_does_not_generate_data(checkpoint: Path, tmp_path: Path) -> None:
-    """Only the entry points generate toy data (an explicit call): the app itself reports the
-    missing folder."""
-    missing = tmp_path / "toy"
-    cfg = config("evaluate", f"checkpoint={checkpoint}", "dataset=toy_bdd100k",
+def test_dataset_building_generates_toy_data_only(checkpoint: Path, tmp_path: Path) -> None:
+    """Generated data (``dataset.generate``) is written where datasets are built, for every entry
+    point alike; a real dataset's missing folder is one line, and nothing is created."""
+    missing = tmp_path / "bdd100k"
+    cfg = config("evaluate", f"checkpoint={checkpoint}", "dataset=bdd100k",
                  f"dataset.root={missing}", "device=cpu", f"output_dir={tmp_path / 'out'}")  # fmt: skip
     with pytest.raises(DatasetError, match=f"dataset root {missing} does not exist"):
         run_evaluate(cfg)
     assert not missing.exists()
+    toy = tmp_path / "toy"
+    cfg = config("evaluate", f"checkpoint={checkpoint}", "dataset=toy_bdd100k",
+                 f"dataset.root={toy}", "dataset.generate.num_train=0", "dataset.generate.num_val=2",
+                 "dataset.generate.num_test=0", "device=cpu", f"output_dir={tmp_path / 'out'}")  # fmt: skip
+    report = run_evaluate(cfg)
+    assert (
+        len(list((toy / "images/10k/val").iterdir())) == 2 and 0 <= report["metrics"]["mIoU"] <= 1
+    )
 
 
 ENSURE = """
