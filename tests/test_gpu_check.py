@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from conftest import load_script
+from helpers import load_script
 
 
 def test_a_timed_out_step_keeps_its_output_as_text() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, compose_train, train_in_process
+from helpers import REPO, compose_train, train_in_process
 from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 

@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from conftest import REPO, compose_train, resolved, run_entry, smoke_overrides
+from helpers import REPO, compose_train, resolved, run_entry, smoke_overrides
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 

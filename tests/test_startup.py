@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, child_env
+from helpers import REPO, child_env
 
 COMMANDS = {
     "train --cfg job": ["src/train.py", "--cfg", "job"],

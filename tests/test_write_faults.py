@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import child_env, fill_up, run_python
+from helpers import child_env, fill_up, run_python
 
 from semseg.errors import ConfigError
 from semseg.files import (
