@@ -10,9 +10,9 @@ Options select what is measured; positional arguments are Hydra overrides of con
 
 from pathlib import Path
 
-from semseg.cli import prepare
+from semseg.cli import prepare, report_user_errors
 from semseg_bench.cli import main
 
 if __name__ == "__main__":
     prepare(Path(__file__).resolve().parents[1])
-    raise SystemExit(main())
+    raise SystemExit(report_user_errors(main)())

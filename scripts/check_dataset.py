@@ -16,13 +16,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra.errors import HydraException
-
-from semseg.cli import compose
+from semseg.cli import compose, report_user_errors
 from semseg.data.checker import check_dataset
 from semseg.errors import UserError
 
 
+@report_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: check the splits of a dataset root; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,16 +32,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="more dataset overrides (dataset.key=value)")
     args = parser.parse_args(argv)
     if not args.root.is_dir():
-        print(f"error: dataset root {args.root} does not exist", file=sys.stderr)
-        return 2
-    try:
-        cfg = compose(
-            "train", [f"dataset={args.dataset}", f"dataset.root={args.root}", *args.overrides]
-        )
-        return 0 if check_dataset(cfg.dataset, args.splits, args.workers) else 1
-    except (UserError, HydraException) as exc:  # bad data, unknown --dataset or override
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise UserError(f"dataset root {args.root} does not exist")
+    cfg = compose(
+        "train", [f"dataset={args.dataset}", f"dataset.root={args.root}", *args.overrides]
+    )
+    return 0 if check_dataset(cfg.dataset, args.splits, args.workers) else 1
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 from semseg.checkpoints.file import save_checkpoint, torch_load_weights_only
 from semseg.cli import compose_groups, report_user_errors
 from semseg.data import dataset_meta
+from semseg.errors import UserError
 from semseg.models.base import AUX_HEAD
 from semseg.models.mmseg_conversion import mmseg_to_checkpoint, recognise_mmseg
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if not args.input.is_file():
-        parser.error(f"input checkpoint not found: {args.input}")
+        raise UserError(f"input checkpoint not found: {args.input}")
     if args.trust_pickle:
         state = torch.load(args.input, map_location="cpu", weights_only=False)
     else:

@@ -229,7 +229,7 @@ def run_steps(check: Checklist, args: argparse.Namespace, work: Path, output: Pa
     toy_run = check.run(
         "toy",
         [py, "src/train.py", *quick, f"schedule.max_iters={args.toy_iters}",
-         f"schedule.eval_interval={max(1, args.toy_iters // 2)}", f"hydra.run.dir={toy}"],
+         f"trainer.eval_interval={max(1, args.toy_iters // 2)}", f"hydra.run.dir={toy}"],
         lambda _: {"summary": summary(toy)},
     )  # fmt: skip
     bench = [py, "scripts/benchmark.py", f"--device={args.device}", "--steps=10", "--warmup=3",

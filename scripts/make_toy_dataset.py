@@ -7,6 +7,7 @@ python scripts/make_toy_dataset.py --layout folder --root data/toy_folder
 
 import argparse
 
+from semseg.cli import report_user_errors
 from semseg.data.toy import make_toy_bdd100k, make_toy_cityscapes, make_toy_folder
 
 GENERATORS = {
@@ -16,6 +17,7 @@ GENERATORS = {
 }
 
 
+@report_user_errors
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", choices=sorted(GENERATORS), default="bdd100k")

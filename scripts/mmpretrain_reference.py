@@ -48,6 +48,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from semseg.cli import report_user_errors
+
 SIZES = ((32, 64), (36, 44))
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -245,6 +247,7 @@ def schedule_reference(scales: Sequence[float]) -> dict:
     return out
 
 
+@report_user_errors
 def main(argv: Sequence[str] | None = None) -> None:
     """Write the fixtures (see the module docstring)."""
     from safetensors.torch import save_file

@@ -58,6 +58,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from semseg.cli import report_user_errors
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
 MEAN = (123.675, 116.28, 103.53)
@@ -465,6 +467,7 @@ def compare(out: Path, cases: Sequence[str]) -> None:
     path.write_text(json.dumps(report, indent=1))
 
 
+@report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=FIXTURES, help="fixture folder")

@@ -19,12 +19,9 @@ semseg.cli.prepare(Path(__file__).resolve().parents[1])
 @hydra.main(config_path="../conf", config_name="model_zoo", version_base="1.3")
 @semseg.cli.report_user_errors
 def main(cfg: DictConfig) -> None:
-    from semseg.apps.zoo import build_model_zoo_row, zoo_source
-    from semseg.data import ensure_toy_dataset
+    from semseg.apps.zoo import build_model_zoo_row
 
-    source = zoo_source(cfg)
-    ensure_toy_dataset(source.dataset_cfg)  # generated toy data: written on first use
-    build_model_zoo_row(cfg, source)
+    build_model_zoo_row(cfg)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,7 @@ semseg.cli.prepare(Path(__file__).resolve().parents[1])
 @semseg.cli.report_user_errors
 def main(cfg: DictConfig) -> None:
     from semseg.apps.evaluate import run_evaluate
-    from semseg.data import ensure_toy_dataset
 
-    if cfg.get("checkpoint"):
-        ensure_toy_dataset(cfg.dataset)  # generated toy data: written on first use
     run_evaluate(cfg)
 
 

@@ -18,10 +18,7 @@ semseg.cli.prepare(Path(__file__).resolve().parents[1])
 @semseg.cli.report_user_errors
 def main(cfg: DictConfig) -> None:
     from semseg.apps.predict import run_predict
-    from semseg.data import ensure_toy_dataset
 
-    if not cfg.get("input_dir"):
-        ensure_toy_dataset(cfg.dataset)  # generated toy data: written on first use
     run_predict(cfg)
 
 

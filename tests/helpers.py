@@ -226,14 +226,14 @@ def load_script(name: str):
 def assert_resume_is_exact(toy_root: Path, tmp_path: Path, *overrides: str) -> tuple[dict, dict]:
     """Train the smoke config with ``overrides`` for 4 iterations straight, and for 2, stopped,
     then resumed from iteration 2's checkpoint to 4: both last.pt hold the same weights and EMA
-    weights (``trainer.ema.decay`` is set), which moved since iteration 2. Returns both last.pt
+    weights (``trainer/ema=timm``), which moved since iteration 2. Returns both last.pt
     (straight, resumed), for the optimizer's state."""
     import torch
 
     from semseg.checkpoints.file import load_checkpoint
 
-    common = [*overrides, "schedule.max_iters=4", "schedule.checkpoint_interval=2",
-              "trainer.eval_at_end=false", "trainer.ema.decay=0.5"]  # fmt: skip
+    common = [*overrides, "schedule.max_iters=4", "trainer.checkpoint_interval=2",
+              "trainer.eval_at_end=false", "trainer/ema=timm", "trainer.ema.decay=0.5"]  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_in_process(toy_root, straight, *common)
     half = straight / "checkpoints/iter_000002.pt"

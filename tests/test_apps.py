@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from helpers import (
     REPO,
     SINGLE_THREAD_ENV,
     child_env,
+    data_overrides,
     needs_cuda,
     run_entry,
     run_python,
@@ -194,15 +196,23 @@ def test_eval_batches_are_pinned_for_cuda_only(monkeypatch, toy_root: Path) -> N
     assert cpu.num_workers == 2  # no more workers than the 2 batches of 4 images
 
 
-def test_evaluation_does_not_generate_data(checkpoint: Path, tmp_path: Path) -> None:
-    """Only the entry points generate toy data (an explicit call): the app itself reports the
-    missing folder."""
-    missing = tmp_path / "toy"
-    cfg = config("evaluate", f"checkpoint={checkpoint}", "dataset=toy_bdd100k",
+def test_dataset_building_generates_toy_data_only(checkpoint: Path, tmp_path: Path) -> None:
+    """Generated data (``dataset.generate``) is written where datasets are built, for every entry
+    point alike; a real dataset's missing folder is one line, and nothing is created."""
+    missing = tmp_path / "bdd100k"
+    cfg = config("evaluate", f"checkpoint={checkpoint}", "dataset=bdd100k",
                  f"dataset.root={missing}", "device=cpu", f"output_dir={tmp_path / 'out'}")  # fmt: skip
     with pytest.raises(DatasetError, match=f"dataset root {missing} does not exist"):
         run_evaluate(cfg)
     assert not missing.exists()
+    toy = tmp_path / "toy"
+    cfg = config("evaluate", f"checkpoint={checkpoint}", "dataset=toy_bdd100k",
+                 f"dataset.root={toy}", "dataset.generate.num_train=0", "dataset.generate.num_val=2",
+                 "dataset.generate.num_test=0", "device=cpu", f"output_dir={tmp_path / 'out'}")  # fmt: skip
+    report = run_evaluate(cfg)
+    assert (
+        len(list((toy / "images/10k/val").iterdir())) == 2 and 0 <= report["metrics"]["mIoU"] <= 1
+    )
 
 
 ENSURE = """
@@ -251,6 +261,23 @@ def test_evaluate_under_torchrun_on_cpu(checkpoint: Path, toy_root: Path, tmp_pa
     report = json.loads((tmp_path / "two" / "eval_val.json").read_text())
     assert report["confusion_matrix"] == single["confusion_matrix"]
     assert report["metrics"] == pytest.approx(single["metrics"], abs=1e-12)
+
+
+def test_predict_under_torchrun_counts_every_ranks_images(
+    checkpoint: Path, toy_root: Path, tmp_path: Path
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "src/predict.py"), f"checkpoint={checkpoint}", *data_overrides(toy_root),
+         f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, env=child_env(SINGLE_THREAD_ENV),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    masks = sorted((tmp_path / "predictions").rglob("*.png"))
+    counts = re.findall(r"wrote (\d+) predictions", proc.stdout + proc.stderr)
+    assert counts == ["4"] and len(list((toy_root / "images/10k/val").iterdir())) == 4, counts
+    assert len(masks) == 8  # a mask and a colour map per image
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,9 +59,18 @@ def test_broken_data_reports_every_problem(toy, tmp_path, capsys):
         assert text in out, text
 
 
-def test_missing_split_and_root(toy, tmp_path):
+def test_missing_split_and_root(toy, tmp_path, capsys):
     assert main([str(toy), "--splits", "nosplit"]) == 1
-    assert main([str(tmp_path / "nothing")]) == 2
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path / "nothing")])
+    assert info.value.code == 2
+    out = capsys.readouterr()
+    assert out.err == f"error: dataset root {tmp_path / 'nothing'} does not exist\n"
+    with pytest.raises(SystemExit):
+        main([str(toy), "--dataset", "nope"])
+    assert capsys.readouterr().err.startswith(
+        "error: In 'train': Could not find 'dataset/nope'; Available options in 'dataset': bdd100k, "
+    )
     root = tmp_path / "nolabels"
     shutil.copytree(toy, root)
     shutil.rmtree(root / "labels/sem_seg/masks/val")

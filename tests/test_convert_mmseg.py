@@ -108,7 +108,7 @@ def test_script_end_to_end(mmseg_sd: dict[str, torch.Tensor], tmp_path: Path) ->
     )
     # (the script built the model and loaded these weights strictly before writing them)
     assert torch.equal(state["model"]["classifier.bias"], mmseg_sd["decode_head.conv_seg.bias"])
-    with pytest.raises(SystemExit):  # argparse: "input checkpoint not found"
+    with pytest.raises(SystemExit):  # error: input checkpoint not found
         script.main([str(tmp_path / "missing.pth"), str(out)])
 
 

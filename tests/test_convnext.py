@@ -218,7 +218,7 @@ def test_each_size_trains_with_the_zoo_recipe(size: str, toy_root: Path, tmp_pat
     summary = train_in_process(
         toy_root, tmp_path, f"backbone=convnext_{size}", "backbone.pretrained=false",
         "optimizer=adamw_convnext", "schedule=warmup_poly_40k", "schedule.max_iters=3",
-        "schedule.warmup_iters=2", "schedule.eval_interval=1000", "schedule.log_interval=1",
+        "schedule.warmup_iters=2", "trainer.eval_interval=1000", "trainer.log_interval=1",
         "trainer.eval_at_end=false", "trainer.keep_last=0",
     )  # fmt: skip
     assert summary["steps"] == 3

@@ -29,7 +29,7 @@ def test_overfit_one_batch_drives_the_loss_down(toy_root, tmp_path):
         run_dir,
         "debug=overfit",
         "schedule.max_iters=25",
-        "schedule.log_interval=1",
+        "trainer.log_interval=1",
         "optimizer.lr=0.05",
         "trainer.precision=fp32",
     )

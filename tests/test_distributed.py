@@ -87,7 +87,7 @@ def test_sync_batchnorm_keeps_every_layer_output(name):
 
 
 SMOKE = (
-    "experiment=smoke", "schedule.max_iters=8", "schedule.log_interval=2",
+    "experiment=smoke", "schedule.max_iters=8", "trainer.log_interval=2",
     "trainer.eval_at_end=false", "dataset.batch_size=1", "device=cpu",
 )  # fmt: skip
 

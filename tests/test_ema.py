@@ -16,7 +16,7 @@ from semseg.errors import ConfigError
 
 
 def ema_cfg(**overrides: object):
-    cfg = OmegaConf.load(REPO / "conf/trainer/default.yaml").ema
+    cfg = OmegaConf.load(REPO / "conf/trainer/ema/timm.yaml")
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -24,11 +24,12 @@ def ema_cfg(**overrides: object):
 
 def test_ema_is_off_by_default_and_checks_its_decay():
     model = torch.nn.Linear(2, 2)
-    assert build_ema(ema_cfg(), model) is None
-    for bad in (0, 1, 1.5, -0.1, True, "high"):
+    assert OmegaConf.load(REPO / "conf/trainer/default.yaml").ema is None
+    assert build_ema(None, model) is None
+    for bad in (0, 1, 1.5, -0.1, True, "high", None):
         with pytest.raises(ConfigError, match=r"trainer.ema.decay=.* must be in \(0, 1\)"):
             build_ema(ema_cfg(decay=bad), model)
-    with pytest.raises(ConfigError, match=r"trainer\.ema\.decay"):
+    with pytest.raises(ConfigError, match=r"needs an EMA: add trainer/ema=timm"):
         check_best_metric("val_ema/mIoU", None)
     with pytest.raises(ConfigError, match=r"trainer\.best_metric"):
         check_best_metric("loss", None)
@@ -133,11 +134,12 @@ def test_ema_clip_and_many_loggers_in_one_short_run(toy_root, tmp_path):
     summary = train_in_process(
         toy_root,
         run_dir,
+        "trainer/ema=timm",
         "trainer.ema.decay=0.5",
         "trainer.best_metric=val_ema/mIoU",
         "trainer.clip_grad_norm=1.0",
         "logger=many",
-        "schedule.eval_interval=2",
+        "trainer.eval_interval=2",
         "trainer.precision=fp32",
     )
     rows = read_jsonl(run_dir / "metrics.jsonl")

@@ -71,10 +71,9 @@ def test_no_decay_groups_for_norm_and_bias():
             "_partial_": True,
             "lr": 0.1,
             "weight_decay": 0.5,
-            "no_decay_norm_and_bias": True,
         }
     )
-    opt = build_optimizer(cfg, model)
+    opt = build_optimizer(cfg, model, OmegaConf.load(REPO / "conf/param_groups/no_decay.yaml"))
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3, 3, 3])]
     assert (
@@ -129,8 +128,8 @@ def test_tiny_training_run_writes_the_run_folder(toy_root, tmp_path):
             toy_root,
             run_dir,
             "schedule.max_iters=30",
-            "schedule.log_interval=5",
-            "schedule.checkpoint_interval=10",
+            "trainer.log_interval=5",
+            "trainer.checkpoint_interval=10",
         ),
         env=SINGLE_THREAD_ENV,
     )
@@ -186,7 +185,7 @@ def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path, caplo
     args = [
         sys.executable,
         str(REPO / "src/train.py"),
-        *smoke_overrides(toy_root, run_dir, "schedule.max_iters=100000", "schedule.log_interval=1"),
+        *smoke_overrides(toy_root, run_dir, "schedule.max_iters=100000", "trainer.log_interval=1"),
     ]
     proc = subprocess.Popen(
         args,
@@ -216,7 +215,7 @@ def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path, caplo
         toy_root,
         run_dir,
         f"schedule.max_iters={stopped_at + 3}",
-        "schedule.log_interval=1",
+        "trainer.log_interval=1",
         "trainer.resume=auto",
     )
     assert summary["steps"] == stopped_at + 3 and "val/mIoU" in summary
@@ -233,7 +232,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path):
             toy_root,
             run_dir,
             "schedule.max_iters=10",
-            "schedule.checkpoint_interval=2",
+            "trainer.checkpoint_interval=2",
             "loss._target_=faulty_loss.FaultOnRank",
             "+loss.fault=nonfinite",
             "+loss.at=4",

@@ -11,7 +11,7 @@ import torch
 from helpers import REPO
 from omegaconf import OmegaConf
 
-from semseg.cli import compose_groups
+from semseg.cli import compose, compose_groups
 from semseg.engine.optim import build_optimizer, build_scheduler
 from semseg.errors import ConfigError
 from semseg.models import build_model
@@ -24,8 +24,12 @@ SCHEDULES = json.loads((FIXTURES / "schedules.json").read_text())
 
 
 def optimizer_config(*overrides: str):
-    cfg = OmegaConf.load(REPO / "conf" / "optimizer" / "adamw_convnext.yaml")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    """``optimizer=adamw_convnext`` as training composes it: the optimizer and its param_groups."""
+    return compose("train", ["optimizer=adamw_convnext", *overrides])
+
+
+def build(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    return build_optimizer(cfg.optimizer, model, cfg.param_groups)
 
 
 def resnet18_fpn(model: str = "semantic_fpn") -> torch.nn.Module:
@@ -47,7 +51,7 @@ def test_convnext_groups_equal_mmseg_constructor(key: str) -> None:
         model = semantic_fpn(ConvNeXtBackbone(f"convnext_{arch}"), num_classes=19)
     cfg = optimizer_config(f"param_groups.decay_type={decay_type}",
                            f"param_groups.num_layers={num_layers}")  # fmt: skip
-    ours = per_parameter(build_optimizer(cfg, model), model)
+    ours = per_parameter(build(cfg, model), model)
     assert len(ours) == sum(1 for _ in model.parameters())  # every parameter, once
 
     table = MMSEG["groups"][key]
@@ -68,7 +72,7 @@ def test_convnext_groups_equal_mmseg_constructor(key: str) -> None:
         if not name.startswith("backbone."):
             assert value == (1e-4, 0.05 if shapes[name].ndim > 1 else 0.0), name
     # The first group is the head's: the lr the trainer logs is the schedule's.
-    assert build_optimizer(cfg, model).param_groups[0]["lr"] == 1e-4
+    assert build(cfg, model).param_groups[0]["lr"] == 1e-4
 
 
 def test_zoo_groups_have_the_stage_wise_scales() -> None:
@@ -144,7 +148,7 @@ def test_no_decay_split_is_the_former_rule() -> None:
         for name, p in module.named_parameters(recurse=False):
             former = isinstance(module, norm_types) or name == "bias" or p.ndim <= 1
             (no_decay if former else decay).append(id(p))
-    optimizer = build_optimizer(OmegaConf.load(REPO / "conf" / "optimizer" / "adamw.yaml"), model)
+    optimizer = build(compose("train", ["optimizer=adamw"]), model)
     first, second = optimizer.param_groups
     assert [id(p) for p in first["params"]] == decay and first["weight_decay"] == 0.01
     assert [id(p) for p in second["params"]] == no_decay and second["weight_decay"] == 0.0
@@ -153,8 +157,6 @@ def test_no_decay_split_is_the_former_rule() -> None:
 def test_layer_decay_config_errors() -> None:
     model = semantic_fpn(ConvNeXtBackbone("convnext_atto"), num_classes=3)
     with pytest.raises(ConfigError, match="decay_type='block_wise' must be one of"):
-        build_optimizer(optimizer_config("param_groups.decay_type=block_wise"), model)
-    with pytest.raises(ConfigError, match=r"no_decay_norm_and_bias and optimizer\.param_groups"):
-        build_optimizer(optimizer_config("no_decay_norm_and_bias=true"), model)
+        build(optimizer_config("param_groups.decay_type=block_wise"), model)
     with pytest.raises(ConfigError, match=r"numbers its layers.*TimmBackbone"):
-        build_optimizer(optimizer_config(), resnet18_fpn())
+        build(optimizer_config(), resnet18_fpn())

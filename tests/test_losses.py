@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import REPO, compose_train, train_in_process
 from omegaconf import OmegaConf
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from semseg.data import class_pixel_counts
 from semseg.engine.losses import (
@@ -60,6 +62,77 @@ def test_ohem_with_min_kept_above_the_pixels_warns_once_and_is_plain_ce(caplog):
     assert second.item() == first.item()
     warnings = [r for r in caplog.records if "loss.min_kept=100000" in r.getMessage()]
     assert len(warnings) == 1 and "plain cross-entropy" in warnings[0].getMessage()
+
+
+def previous_ohem(loss: OhemCrossEntropy, logits: torch.Tensor, target: torch.Tensor):
+    """OhemCrossEntropy.forward as it was before the threshold stayed on the device (it indexed
+    the sorted probabilities with a tensor: a host sync), the reference for the values."""
+    valid = target != loss.ignore_index
+    safe_target = target.masked_fill(~valid, 0)
+    per_pixel = F.cross_entropy(logits.float(), safe_target, reduction="none")
+    with torch.no_grad():
+        prob = torch.exp(-per_pixel).masked_fill(~valid, 2.0)
+        batch_kept = loss.min_kept * target.shape[0]
+        smallest = prob.flatten().topk(batch_kept + 1, largest=False).values
+        position = (valid.sum() - 1).clamp(0, batch_kept)
+        kept = valid & (prob < smallest[position].clamp_min(loss.thresh))
+    weight = kept.float()
+    if loss.class_weight is not None:
+        weight = weight * loss.class_weight[safe_target]
+    return (per_pixel * weight).sum() / loss.denominator(target)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the reads of a tensor's value on the host (``.item()``, tensor-valued indices, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+OHEM_CASES = {
+    "reference": {},
+    "valid": {"normalize": "valid"},
+    "weighted": {"class_weight": [0.5, 1.0, 2.0, 1.5, 3.0]},
+    "few valid": {"min_kept": 300},  # fewer valid pixels than min_kept x images: the last one
+    "high thresh": {"thresh": 0.99, "min_kept": 20},
+}
+
+
+@pytest.mark.parametrize("case", sorted(OHEM_CASES))
+def test_ohem_equals_the_previous_threshold_without_a_host_sync(case: str) -> None:
+    torch.manual_seed(sorted(OHEM_CASES).index(case))
+    kwargs = {"min_kept": 50, **OHEM_CASES[case]}
+    loss = OhemCrossEntropy(**kwargs)
+    target = torch.randint(0, 5, (2, 16, 24))
+    ignored = 0.8 if case == "few valid" else 0.2
+    target[torch.rand(target.shape) < ignored] = 255
+    logits = torch.randn(2, 5, 16, 24, requires_grad=True)
+    reference = previous_ohem(loss, logits, target)
+    (expected_grad,) = torch.autograd.grad(reference, logits)
+    with HostSyncs() as syncs:
+        value = loss(logits, target)
+        value.backward()
+    assert syncs.count == 0
+    assert torch.equal(value, reference) and torch.equal(logits.grad, expected_grad)
+
+
+def test_ohem_samples_the_decode_head_only() -> None:
+    # mmseg: each head has its own loss; the zoo's auxiliary head has no pixel sampler.
+    torch.manual_seed(0)
+    target = torch.randint(0, 5, (2, 16, 24))
+    out, aux = torch.randn(2, 2, 5, 16, 24).unbind(0)
+    ohem = OhemCrossEntropy(min_kept=20, aux_weight=0.4)
+    both = ohem({"out": out, "aux": aux}, target)
+    assert both == ohem(out, target) + 0.4 * SegCrossEntropy()(aux, target)
+    assert ohem(aux, target) < SegCrossEntropy()(aux, target)  # OHEM would drop pixels there
+    with HostSyncs() as syncs:
+        ohem({"out": out, "aux": aux}, target)
+    assert syncs.count == 0
 
 
 def test_class_weights_follow_mmseg_normalisation():

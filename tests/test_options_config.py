@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 
 import pytest
 from helpers import REPO, compose_train, resolved, run_entry, smoke_overrides
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 
@@ -14,7 +16,7 @@ def test_options_are_off_by_default():
     cfg = compose_train()
     assert cfg.loss._target_ == "semseg.engine.losses.SegCrossEntropy"
     assert cfg.loss.normalize == "all" and "class_weight" not in cfg.loss
-    assert cfg.trainer.clip_grad_norm is None and cfg.trainer.ema.decay is None
+    assert cfg.trainer.clip_grad_norm is None and cfg.trainer.ema is None
     assert cfg.trainer.best_metric == "val/mIoU"
     assert OmegaConf.to_container(cfg.trainer.debug) == {
         "overfit_batches": 0,
@@ -26,6 +28,21 @@ def test_options_are_off_by_default():
 
 
 @pytest.mark.parametrize(
+    ("optimizer", "param_groups"),
+    [("sgd", None), ("adamw", "no_decay_norm_and_bias"), ("adamw_convnext", "LayerDecay")],
+)
+def test_the_optimizer_node_holds_only_the_optimizers_arguments(
+    optimizer: str, param_groups: str | None
+) -> None:
+    cfg = compose_train(f"optimizer={optimizer}")
+    arguments = set(inspect.signature(get_class(cfg.optimizer._target_)).parameters)
+    assert set(cfg.optimizer) - {"_target_", "_partial_"} <= arguments
+    # Param-group settings are their own node, which the optimizer's config may pick.
+    chosen = None if cfg.param_groups is None else cfg.param_groups._target_.rsplit(".", 1)[-1]
+    assert chosen == param_groups
+
+
+@pytest.mark.parametrize(
     ("overrides", "key", "value"),
     [
         (["loss=ohem"], "loss.min_kept", 100000),
@@ -33,6 +50,7 @@ def test_options_are_off_by_default():
         (["loss=ce_weighted"], "loss.class_weight", "auto"),
         (["debug=overfit"], "trainer.debug.overfit_batches", 1),
         (["debug=anomaly"], "trainer.debug.detect_anomaly", True),
+        (["trainer/ema=timm"], "trainer.ema.decay", 0.999),
         (["debug=profile"], "trainer.debug.profile.active", 3),
         (["debug=fast"], "schedule.max_iters", 6),
         (["experiment=smoke", "debug=fast"], "schedule.max_iters", 6),  # debug wins over experiment

@@ -143,10 +143,11 @@ def _lrs(run_dir: Path) -> dict[int, float]:
 # 8 iterations with a checkpoint at 4, which the resume tests below continue from.
 EIGHT_ITERATIONS = (
     "schedule.max_iters=8",
-    "schedule.checkpoint_interval=4",
-    "schedule.log_interval=1",
+    "trainer.checkpoint_interval=4",
+    "trainer.log_interval=1",
     "trainer.precision=fp32",
     "trainer.eval_at_end=false",
+    "trainer/ema=timm",
     "trainer.ema.decay=0.5",  # the EMA of the weights resumes exactly too
 )
 
@@ -227,7 +228,7 @@ def test_ddp_two_processes_share_one_run_folder_and_resume_bit_exact(toy_root, t
         "experiment=smoke",
         f"dataset.root={toy_root}",
         "schedule.max_iters=8",
-        "schedule.checkpoint_interval=4",
+        "trainer.checkpoint_interval=4",
         "trainer.precision=fp32",
         "dataset.batch_size=1",
         "dataset.eval_batch_size=1",
@@ -291,7 +292,7 @@ def test_torchrun_restart_continues_the_same_run_bit_exact(toy_root, tmp_path):
     uninterrupted run, bit for bit."""
     common = [
         "experiment=smoke", f"dataset.root={toy_root}", "schedule.max_iters=12",
-        "schedule.checkpoint_interval=4", "trainer.precision=fp32", "dataset.batch_size=1",
+        "trainer.checkpoint_interval=4", "trainer.precision=fp32", "dataset.batch_size=1",
         "dataset.eval_batch_size=1", "device=cpu",
     ]  # fmt: skip
     straight, restarted = tmp_path / "straight", tmp_path / "restarted"

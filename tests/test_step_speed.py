@@ -27,7 +27,6 @@ NUM_CLASSES = 19  # toy_bdd100k
 # on the values (nonzero-like).
 SYNC_OPS = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select",
             "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"}  # fmt: skip
-OHEM_SYNC = pytest.mark.xfail(strict=True, reason="OHEM threshold sync (fixed in the OHEM change)")
 LOSSES = {
     "ce": [],
     "ce_weighted": ["loss=ce_weighted", f"loss.class_weight=[{','.join(['1.5'] * NUM_CLASSES)}]"],
@@ -72,15 +71,19 @@ def synthetic_batches(batch: int = 2, size: int = 32):
 def sync_params():
     """Every loss (plain options), then every option (plain cross-entropy)."""
     for name, overrides in LOSSES.items():
-        marks = [OHEM_SYNC] if name == "ohem" else []
-        yield pytest.param(overrides, id=name, marks=marks)
+        yield pytest.param(overrides, id=name)
     options = {
-        "ema": ["trainer.ema.decay=0.9"],
+        "ema": ["trainer/ema=timm", "trainer.ema.decay=0.9"],
         "clip": ["trainer.clip_grad_norm=1.0"],
         "accumulate": ["trainer.accumulate=2"],
         "bf16": ["trainer.precision=bf16"],
         "adamw": ["optimizer=adamw"],
-        "all": ["trainer.ema.decay=0.9", "trainer.clip_grad_norm=1.0", "trainer.accumulate=2"],
+        "all": [
+            "trainer/ema=timm",
+            "trainer.ema.decay=0.9",
+            "trainer.clip_grad_norm=1.0",
+            "trainer.accumulate=2",
+        ],
     }
     for name, overrides in options.items():
         yield pytest.param(overrides, id=name)
@@ -131,9 +134,7 @@ def test_fp16_gradscaler_syncs_only_without_a_fused_optimizer(fused, syncs):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize(
-    "loss", [pytest.param(name, marks=[OHEM_SYNC] if name == "ohem" else []) for name in LOSSES]
-)
+@pytest.mark.parametrize("loss", list(LOSSES))
 def test_the_compiled_forward_has_no_graph_break(loss, precision):
     """torch.compile captures forward + loss of a micro-batch in ONE graph (what CUDA graphs need)."""
     _, model, loss_fn = tiny_setup(*LOSSES[loss])

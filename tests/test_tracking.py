@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 import semseg.tracking.wandb_logger as wandb_logger
+from semseg.errors import ConfigError
 from semseg.tracking import NullLogger, RunRecorder, WandbLogger, build_logger, git_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,8 +147,13 @@ def test_wandb_disabled_writes_no_run(tmp_path: Path) -> None:
 
 
 def test_wandb_bad_mode_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"logger\.mode"):
+    with pytest.raises(ConfigError) as info:
         make_logger(tmp_path, mode="offlin")
+    assert str(info.value) == (
+        "logger.mode='offlin' is not one of online | offline | disabled (conf/logger/wandb.yaml)"
+    )
+    with pytest.raises(ConfigError, match=r"^logger\.image_style='grid' must be masks \| side"):
+        make_logger(tmp_path, image_style="grid")
 
 
 def test_wandb_init_failure_warns_once_and_never_raises(

@@ -59,8 +59,8 @@ def narrow(*extra: str) -> list[str]:
         "model=upernet", "backbone=convnext_tiny", "backbone.name=convnext_atto",
         "backbone.pretrained=false", "model.decode_head.channels=32",
         "model.aux_head.channels=16", "optimizer=adamw_convnext", "schedule=warmup_poly_40k",
-        "schedule.max_iters=2", "schedule.warmup_iters=1", "schedule.eval_interval=null",
-        "schedule.checkpoint_interval=null", "schedule.log_interval=1", *extra,
+        "schedule.max_iters=2", "schedule.warmup_iters=1", "trainer.eval_interval=null",
+        "trainer.checkpoint_interval=null", "trainer.log_interval=1", *extra,
     ]  # fmt: skip
 
 
@@ -83,7 +83,7 @@ def test_zoo_row_is_the_zoo_config(row: str) -> None:
     opt = cfg.optimizer
     assert opt._target_ == "torch.optim.AdamW" and (opt.lr, opt.weight_decay) == (1e-4, 0.05)
     assert list(opt.betas) == [0.9, 0.999]
-    groups = opt.param_groups
+    groups = cfg.param_groups  # the optimizer's choice, a node of its own
     assert (groups.decay_rate, groups.decay_type, groups.num_layers) == (0.9, "stage_wise", 6)
     s = cfg.schedule
     assert (s.max_iters, s.power, s.min_lr) == (iters, 1.0, 0.0)

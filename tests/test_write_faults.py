@@ -3,14 +3,27 @@ every write fails in one line naming the folder and the reason, and nothing is l
 
 from __future__ import annotations
 
+import errno
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import fill_up, run_python
+from helpers import child_env, fill_up, run_python
 
 from semseg.checkpoints.file import copy_checkpoint, load_checkpoint, save_checkpoint
-from semseg.files import WriteError, write_atomically, write_json
+from semseg.errors import ConfigError
+from semseg.files import (
+    WriteError,
+    restore_interrupted_folder,
+    write_atomically,
+    write_folder_atomically,
+    write_json,
+)
 
 MB = 2**20
 
@@ -78,3 +91,83 @@ def test_a_full_disk_never_hides_other_errors(tmp_path: Path) -> None:
     save_checkpoint({"model": {}}, tmp_path / "a.pt")
     copy_checkpoint(tmp_path / "a.pt", tmp_path / "b.pt")
     assert load_checkpoint(tmp_path / "b.pt")["model"] == {}
+
+
+def _folder(path: Path, text: str) -> Callable[[Path], None]:
+    """A ``write`` for write_folder_atomically: one file ``a`` holding ``text``."""
+    return lambda tmp: (tmp / "a").write_text(text)
+
+
+def test_failed_second_rename_keeps_the_old_folder(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "row"
+    write_folder_atomically(out, _folder(out, "old"))
+    real_replace = os.replace
+
+    def refuse_new(src, dst) -> None:  # the old folder moves aside; the new one is refused
+        if Path(src).name.endswith(f".{os.getpid()}.tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_new)
+    with pytest.raises(WriteError) as info:
+        write_folder_atomically(out, _folder(out, "new"), "Hub folder", overwrite=True)
+    assert str(info.value) == (
+        f"cannot move the new Hub folder into place at {out}: Permission denied; "
+        "the previous Hub folder is kept there"
+    )
+    assert (out / "a").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["row"]  # no temporary folder
+
+
+def test_failed_rollback_keeps_both_and_says_where(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "row"
+    write_folder_atomically(out, _folder(out, "old"))
+    real_replace = os.replace
+
+    def refuse_into_place(src, dst) -> None:  # only moving aside works
+        if Path(dst) == out:
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_into_place)
+    with pytest.raises(WriteError, match=r"kept at .*\.old\.tmp and the new one at .*\.new$"):
+        write_folder_atomically(out, _folder(out, "new"), overwrite=True)
+    texts = sorted((p / "a").read_text() for p in tmp_path.iterdir())
+    assert texts == ["new", "old"]
+    monkeypatch.undo()
+    assert restore_interrupted_folder(out) is not None and (out / "a").read_text() == "old"
+
+
+# In a subprocess: write the folder again, killed (SIGKILL, by the test's own hook) right after
+# the old folder was moved aside, before the new one is renamed into place.
+KILLED_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+from semseg.files import write_folder_atomically
+real_replace = os.replace
+def replace_then_die(src, dst):
+    real_replace(src, dst)
+    if Path(dst).name.endswith(".old.tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace_then_die
+write_folder_atomically(sys.argv[1], lambda tmp: (tmp / "a").write_text("new"), overwrite=True)
+"""
+
+
+def test_a_kill_between_the_renames_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "row"
+    write_folder_atomically(out, _folder(out, "old"))
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, str(out)], env=child_env(), timeout=120
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # the window the kill hit: the old folder is aside
+    assert [(p / "a").read_text() for p in tmp_path.glob(".row.*.old.tmp")] == ["old"]
+    # The next writer puts the old folder back first: refusing to overwrite it, or failing, or
+    # replacing it.
+    with pytest.raises(ConfigError, match="exists"):
+        write_folder_atomically(out, _folder(out, "newer"))
+    assert (out / "a").read_text() == "old"
+    write_folder_atomically(out, _folder(out, "newer"), overwrite=True)
+    assert (out / "a").read_text() == "newer"
+    assert [p.name for p in tmp_path.iterdir()] == ["row"]

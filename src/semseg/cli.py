@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from semseg.errors import UserError
+from semseg.errors import ConfigError, UserError
 
 _STAMP_ENV = "SEMSEG_RUN_STAMP"
 # The repository's config tree (the package is installed editable from src/).
@@ -33,10 +33,17 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("run_stamp", run_stamp)
 
 
+def several_processes_launched() -> bool:
+    """Whether a launcher may have started several processes (torchrun's ``WORLD_SIZE``, a SLURM
+    job's tasks): read from the environment, so that a single process never imports torch here
+    (printing a config or the help stays fast)."""
+    return any(int(os.environ.get(key, "1")) > 1 for key in ("WORLD_SIZE", "SLURM_NTASKS"))
+
+
 def _share_stamp_across_ranks() -> None:
     """Under torchrun every rank composes its own config: rank 0 picks the run stamp for all (and
     workers that torchrun restarts get the first start's: they continue in the same folder)."""
-    if _STAMP_ENV in os.environ:
+    if _STAMP_ENV in os.environ or not several_processes_launched():
         return
     from semseg.distributed import agree_on, env_world_size
 
@@ -57,11 +64,15 @@ def compose(config_name: str | None = "train", overrides: Sequence[str] = ()) ->
     one place besides ``@hydra.main`` where configs are composed."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.errors import ConfigCompositionException, OverrideParseException
 
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        try:
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+        except (ConfigCompositionException, OverrideParseException) as e:  # a bad override
+            raise ConfigError(one_line(str(e))) from None
 
 
 def compose_groups(groups: Mapping[str, str], overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -71,6 +82,20 @@ def compose_groups(groups: Mapping[str, str], overrides: Sequence[str] = ()) -> 
     group_overrides = [f"+{g}={name}" for g, name in {"paths": "default", **groups}.items()]
     cfg = compose(None, [*group_overrides, *overrides])
     return {g: OmegaConf.to_container(cfg[g], resolve=True) for g in groups}
+
+
+def one_line(message: str) -> str:
+    """Hydra's multi-line message as one line: its options listed after their heading, the
+    config search path left out."""
+    parts: list[str] = []
+    for line in message.split("Config search path:")[0].splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("\t") and parts:  # an option under the line before
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+        else:
+            parts.append(line.strip().rstrip("."))
+    return "; ".join(parts)
 
 
 def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

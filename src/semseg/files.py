@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -21,9 +23,13 @@ from typing import Any
 
 from semseg.errors import ConfigError, UserError
 
+log = logging.getLogger(__name__)
+
 # Prefix and suffix of the temporary files: a writer killed mid-write (SIGKILL) leaves one behind,
 # which :func:`remove_stale_temp_files` finds by these.
 TEMP_PREFIX, TEMP_SUFFIX = ".", ".tmp"
+# A folder that write_folder_atomically moved aside (until the new one is in place).
+OLD_SUFFIX = ".old" + TEMP_SUFFIX
 
 
 # The kernel's answers to a write it refuses: disk full, file-size limit, quota, read-only or
@@ -134,29 +140,85 @@ def write_folder_atomically(
     overwrite: bool = False,
 ) -> Path:
     """Run ``write(tmp)`` on a temporary folder next to ``folder``, then rename it to ``folder``
-    (replacing an existing one only with ``overwrite``): an interrupted or failed write leaves the
-    old folder or the new one, never half of one, and no temporary folder. Files inside need no
-    atomic writes of their own, but a refused write there is still one :class:`WriteError` line
-    (use :func:`reporting_write_errors` or the writers above)."""
+    (replacing an existing one only with ``overwrite``): whatever fails, the old folder or the new
+    one is left, and no temporary folder. Files inside need no atomic writes of their own, but a
+    refused write there is still one :class:`WriteError` line (use :func:`reporting_write_errors`
+    or the writers above).
+
+    The old folder is moved aside before the new one is renamed into place; a process killed
+    between the two renames leaves it aside, and the next call for ``folder`` puts it back.
+    """
     folder = Path(folder)
+    restore_interrupted_folder(folder)
     if folder.exists() and not overwrite:
         raise ConfigError(f"output folder {folder} exists: pass overwrite=true to replace it")
     tmp = folder.with_name(f"{TEMP_PREFIX}{folder.name}.{os.getpid()}{TEMP_SUFFIX}")
-    old = folder.with_name(f"{TEMP_PREFIX}{folder.name}.{os.getpid()}.old{TEMP_SUFFIX}")
+    old = folder.with_name(f"{TEMP_PREFIX}{folder.name}.{os.getpid()}{OLD_SUFFIX}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with reporting_write_errors(folder, what):
             tmp.mkdir(parents=True)
         write(tmp)
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
+        _replace_folder(folder, tmp, old, what)
     except WriteError as e:  # named after the folder asked for, not its temporary twin
         raise WriteError(str(e).replace(str(tmp), str(folder))) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return folder
+
+
+def _replace_folder(folder: Path, new: Path, old: Path, what: str) -> None:
+    """Rename ``new`` to ``folder``, the existing ``folder`` moved to ``old`` first. When the
+    second rename fails, the old folder goes back; where even that fails, both stay where they
+    are, and the one-line error says where."""
+    if folder.exists():
+        try:
+            os.replace(folder, old)
+        except OSError as e:
+            raise _replace_error(folder, e, what, f"the previous {what} is kept there") from e
+    try:
+        os.replace(new, folder)
+    except OSError as e:
+        if not old.exists():
+            raise _replace_error(folder, e, what, "nothing was written there") from e
+        try:
+            os.replace(old, folder)
+        except OSError:
+            kept = new.with_name(f"{new.name[: -len(TEMP_SUFFIX)]}.new")
+            new.rename(kept)  # out of the way of the cleanup: the caller's only copy of the new
+            raise _replace_error(
+                folder, e, what, f"the previous {what} is kept at {old} and the new one at {kept}"
+            ) from e
+        raise _replace_error(folder, e, what, f"the previous {what} is kept there") from e
+
+
+def _replace_error(folder: Path, error: OSError, what: str, kept: str) -> WriteError:
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return WriteError(f"cannot move the new {what} into place at {folder}: {reason}; {kept}")
+
+
+def restore_interrupted_folder(folder: str | os.PathLike) -> Path | None:
+    """Put back the old ``folder`` that :func:`write_folder_atomically` had moved aside when its
+    process was killed before the new one was in place (``folder`` is then missing), and drop
+    what such a process left; returns where the old folder was, or None when nothing was put back."""
+    folder = Path(folder)
+    aside = sorted(
+        folder.parent.glob(f"{TEMP_PREFIX}{glob.escape(folder.name)}.*{OLD_SUFFIX}"),
+        key=lambda p: p.stat().st_mtime,
+    )
+    for old in aside:  # the new folders of those processes, complete or not
+        shutil.rmtree(old.with_name(old.name.removesuffix(OLD_SUFFIX) + TEMP_SUFFIX), True)
+    if not aside or folder.exists():  # else killed after the new one was in place: stale
+        for old in aside:
+            shutil.rmtree(old, ignore_errors=True)
+        return None
+    *stale, restored = aside
+    os.replace(restored, folder)
+    log.warning("restored %s from %s, left by an interrupted write", folder, restored)
+    for old in stale:
+        shutil.rmtree(old, ignore_errors=True)
+    return restored
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

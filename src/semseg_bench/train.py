@@ -101,7 +101,7 @@ def bench_train(
     torch.manual_seed(0)
     model = build_model(cfg).to(device).to(memory_format=setting.memory_format).train()
     loss_fn = build_bench_loss(cfg, device)
-    optimizer = build_optimizer(cfg.optimizer, model)
+    optimizer = build_optimizer(cfg.optimizer, model, cfg.param_groups)
     scheduler = build_scheduler(optimizer, cfg.schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=setting.precision == "fp16")
     host_batch = synthetic_batch(job.batch, job.crop, int(cfg.dataset.num_classes))

@@ -18,6 +18,7 @@ from semseg.apps.common import (
     split_loader,
 )
 from semseg.data import ImageFolder, build_eval_transform, eval_scale, read_rgb
+from semseg.distributed import all_gather_object
 from semseg.errors import ConfigError
 from semseg.evaluation import predict_batches, save_prediction
 
@@ -58,5 +59,7 @@ def run_predict(cfg: DictConfig) -> Path:
                     out_dir, name, mask, loaded.meta["palette"], image, bool(cfg.get("overlays"))
                 )
                 count += 1
-    log.info("wrote %d predictions to %s", count, out_dir)
+        total = sum(all_gather_object(count))  # each rank predicted its share of the images
+    if env.is_main:
+        log.info("wrote %d predictions to %s", total, out_dir)
     return out_dir

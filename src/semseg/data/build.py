@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from semseg.data.base import DatasetError, SegmentationDataset
+from semseg.data.toy import ensure_toy_dataset
 from semseg.data.transforms import build_eval_transform, build_train_transform, pad_fill
 
 # What a checkpoint carries about its dataset, so that inference needs nothing else.
@@ -76,12 +77,14 @@ def eval_scale(dataset_cfg: Mapping[str, Any]) -> list[int] | None:
 
 
 def build_dataset(dataset_cfg: Mapping[str, Any], split: str, train: bool) -> SegmentationDataset:
-    """Dataset of `split` with the train recipe (train=True) or the evaluation resize.
+    """Dataset of `split` with the train recipe (train=True) or the evaluation resize; generated
+    data (`dataset.generate`, the toy datasets) is written first when its folder is missing.
 
     The evaluation pipeline resizes the image only: labels keep their own size and the logits are
     resized back to it, so metrics are always computed at full label resolution.
     """
     check_dataset_config(dataset_cfg)
+    ensure_toy_dataset(dataset_cfg)
     if train:
         tp = dataset_cfg["train_pipeline"]
         transform = build_train_transform(

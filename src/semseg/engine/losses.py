@@ -36,7 +36,8 @@ class SegCrossEntropy(nn.Module):
     (the reference); ``"valid"`` divides by the non-ignored pixels (mmseg's ``avg_non_ignore``; with
     class weights this is a count of pixels, not PyTorch's sum of their weights).
     Called with the ``{"out", "aux"}`` outputs of a model with an auxiliary head (training), it
-    returns ``loss(out) + aux_weight * loss(aux)``.
+    returns ``loss(out) + aux_weight * cross_entropy(aux)``: as in mmseg, where each head has its
+    own loss, a pixel sampler (OHEM) applies to the decode head only.
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class SegCrossEntropy(nn.Module):
 
     def __call__(self, outputs: torch.Tensor | Mapping[str, torch.Tensor], target: torch.Tensor):
         if isinstance(outputs, Mapping):  # a model with an auxiliary head, in training
-            aux = super().__call__(outputs["aux"], target)
+            aux = self.cross_entropy(outputs["aux"], target)
             return super().__call__(outputs["out"], target) + self.aux_weight * aux
         return super().__call__(outputs, target)
 
@@ -69,6 +70,10 @@ class SegCrossEntropy(nn.Module):
         return (target != self.ignore_index).sum().clamp_min(1)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.cross_entropy(logits, target)
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The plain (weighted) cross-entropy over every valid pixel, normalised."""
         loss = F.cross_entropy(
             logits.float(),
             target,
@@ -87,7 +92,9 @@ class OhemCrossEntropy(SegCrossEntropy):
     probabilities in the batch (the last one when there are fewer valid pixels): at least
     ``min_kept`` pixels per image take part. The kept pixels' losses are summed and normalised as in
     :class:`SegCrossEntropy`. When ``min_kept`` is at least the pixels of an image every pixel would
-    be kept: a warning, once, and the batch is plain cross-entropy.
+    be kept: a warning, once, and the batch is plain cross-entropy. The auxiliary head's loss is
+    plain cross-entropy (the zoo's auxiliary heads have no sampler). The threshold stays on the
+    device: no host sync.
     """
 
     def __init__(
@@ -118,7 +125,7 @@ class OhemCrossEntropy(SegCrossEntropy):
                     target[0].numel(),
                 )
                 self._warned = True
-            return super().forward(logits, target)
+            return self.cross_entropy(logits, target)
         valid = target != self.ignore_index
         safe_target = target.masked_fill(~valid, 0)
         per_pixel = F.cross_entropy(logits.float(), safe_target, reduction="none")
@@ -126,7 +133,8 @@ class OhemCrossEntropy(SegCrossEntropy):
             prob = torch.exp(-per_pixel).masked_fill(~valid, 2.0)  # invalid pixels sort last
             smallest = prob.flatten().topk(batch_kept + 1, largest=False).values
             position = (valid.sum() - 1).clamp(0, batch_kept)
-            threshold = smallest[position].clamp_min(self.thresh)
+            # gather, not smallest[position]: indexing with a tensor reads it on the host (a sync)
+            threshold = smallest.gather(0, position.view(1)).clamp_min(self.thresh)
             kept = valid & (prob < threshold)
         weight = kept.float()
         if self.class_weight is not None:

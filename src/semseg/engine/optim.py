@@ -21,13 +21,12 @@ def _weight_decay_split(model: nn.Module, weight_decay: float) -> list[dict[str,
     return param_groups_weight_decay(model, weight_decay)
 
 
-def param_groups(
-    model: nn.Module, no_decay_norm_and_bias: bool, weight_decay: float = 0.0
+def no_decay_norm_and_bias(
+    model: nn.Module, lr: float, weight_decay: float
 ) -> list[dict[str, Any]]:
-    """One group, or two (decay first, as this project's checkpoints hold them) when norm weights
-    and biases get no weight decay: timm's rule, every 1-D tensor and every ``.bias``."""
-    if not no_decay_norm_and_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    """``param_groups=no_decay``: two groups, the decay one first (as this project's checkpoints
+    hold them), and no weight decay for timm's rule: every 1-D tensor and every ``.bias``.
+    ``lr`` is the optimizer's own (a factory argument as for :class:`LayerDecay`)."""
     return _weight_decay_split(model, weight_decay)[::-1]
 
 
@@ -46,7 +45,7 @@ class LayerDecay:
     def __init__(self, decay_rate: float, num_layers: int, decay_type: str = "stage_wise") -> None:
         if not 0 < decay_rate <= 1 or num_layers < 1:
             raise ConfigError(
-                f"optimizer.param_groups: decay_rate={decay_rate} must be in (0, 1] and "
+                f"param_groups: decay_rate={decay_rate} must be in (0, 1] and "
                 f"num_layers={num_layers} at least 1 (the zoo's ConvNeXt rows: 0.9 and 6)"
             )
         self.decay_rate, self.num_layers, self.decay_type = decay_rate, num_layers, decay_type
@@ -57,7 +56,7 @@ class LayerDecay:
         layer_id = getattr(getattr(model, "backbone", None), "layer_id", None)
         if layer_id is None:
             raise ConfigError(
-                "optimizer.param_groups (layer-wise lr decay) needs a backbone that numbers its "
+                "param_groups=layer_decay (layer-wise lr decay) needs a backbone that numbers its "
                 f"layers, e.g. backbone=convnext_tiny; this model's backbone is "
                 f"{type(getattr(model, 'backbone', None)).__name__}"
             )
@@ -82,22 +81,19 @@ class LayerDecay:
         return sorted(groups.values(), key=lambda g: -g["lr_scale"])
 
 
-def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Instantiate ``conf/optimizer/*.yaml`` (a ``_partial_`` optimizer) over the model's parameters,
-    grouped by ``param_groups`` (a factory such as :class:`LayerDecay`) when the config has one."""
+def build_optimizer(
+    cfg: DictConfig, model: nn.Module, param_groups: DictConfig | None = None
+) -> torch.optim.Optimizer:
+    """Instantiate ``conf/optimizer/*.yaml`` (a ``_partial_`` optimizer: its own arguments only)
+    over the model's parameters, grouped by ``param_groups`` (``conf/param_groups/*.yaml``: a
+    factory called with the model, lr and weight decay, such as :class:`LayerDecay`; null: one
+    group of every trainable parameter)."""
     opts = OmegaConf.to_container(cfg, resolve=True)
-    no_decay = bool(opts.pop("no_decay_norm_and_bias", False))
-    grouping = opts.pop("param_groups", None)
-    weight_decay = float(opts.get("weight_decay", 0.0))
-    if grouping is None:
-        groups = param_groups(model, no_decay, weight_decay)
-    elif no_decay:
-        raise ConfigError(
-            "optimizer.no_decay_norm_and_bias and optimizer.param_groups are both set: the "
-            "param_groups factory decides weight decay itself; drop no_decay_norm_and_bias"
-        )
+    if param_groups is None:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     else:
-        groups = instantiate(grouping)(model, float(opts["lr"]), weight_decay)
+        weight_decay = float(opts.get("weight_decay", 0.0))
+        groups = instantiate(param_groups)(model, float(opts["lr"]), weight_decay)
     return instantiate(opts)(groups)
 
 

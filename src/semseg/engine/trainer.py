@@ -140,18 +140,19 @@ def out_of_memory_error(iteration: int, batch_size: int, crop_h: int, crop_w: in
 
 
 # --------------------------------------------------------------------------------------------
-# Exponential moving average of the weights (``trainer.ema``, timm's ModelEmaV3): updated after
+# Exponential moving average of the weights (``trainer/ema=timm``, timm's ModelEmaV3): updated after
 # every optimizer step, evaluated next to the raw model as ``val_ema/*``, kept in every checkpoint
 
 
 def build_ema(ema_cfg: DictConfig | None, model: nn.Module) -> nn.Module | None:
-    """Instantiate ``trainer.ema`` around ``model`` (a deep copy on the same device); None when off."""
-    if ema_cfg is None or ema_cfg.get("decay") is None:
+    """Instantiate ``trainer.ema`` around ``model`` (a deep copy on the same device); None when
+    the node is null (off)."""
+    if ema_cfg is None:
         return None
-    decay = ema_cfg.decay
+    decay = ema_cfg.get("decay")
     if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay < 1:
         raise ConfigError(
-            f"trainer.ema.decay={decay!r} must be in (0, 1), e.g. 0.999, or null for no EMA"
+            f"trainer.ema.decay={decay!r} must be in (0, 1), e.g. 0.999 (trainer.ema=null: no EMA)"
         )
     return instantiate(ema_cfg, model)
 
@@ -174,11 +175,11 @@ def check_best_metric(name: str, ema: nn.Module | None) -> str:
     if not str(name).startswith(("val/", EMA_PREFIX)):
         raise ConfigError(
             f"trainer.best_metric={name!r} must name an evaluation metric: val/mIoU, or "
-            f"{EMA_PREFIX}mIoU with trainer.ema.decay set"
+            f"{EMA_PREFIX}mIoU with an EMA (trainer/ema=timm)"
         )
     if str(name).startswith(EMA_PREFIX) and ema is None:
         raise ConfigError(
-            f"trainer.best_metric={name} needs an EMA: set trainer.ema.decay (e.g. 0.999) or use val/mIoU"
+            f"trainer.best_metric={name} needs an EMA: add trainer/ema=timm or use val/mIoU"
         )
     return str(name)
 
@@ -302,7 +303,7 @@ class Trainer:
         self.clipper = build_grad_clipper(cfg.trainer.clip_grad_norm, self.device)
         self.ema = build_ema(cfg.trainer.ema, self.model)  # before _resume, which restores it
         self.best_metric = check_best_metric(cfg.trainer.best_metric, self.ema)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, cfg.param_groups)
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.state = TrainState()
@@ -461,8 +462,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to ``schedule.max_iters``, or until a stop signal; returns the summary."""
-        sched, eval_at_end = self.cfg.schedule, self.cfg.trainer.eval_at_end
-        max_iters = int(sched.max_iters)
+        trainer, eval_at_end = self.cfg.trainer, self.cfg.trainer.eval_at_end
+        max_iters = int(self.cfg.schedule.max_iters)
         with torch.random.fork_rng(devices=[]):  # neither may shift the RNG stream (exact resume)
             gflops = self._forward_gflops()
             batches = self._train_batches()
@@ -487,9 +488,9 @@ class Trainer:
 
                 # The cadence: every rank takes the same branches at the same iterations.
                 at_end = it == max_iters
-                at_log = it % sched.log_interval == 0 or at_end
-                at_ckpt = _every(it, sched.checkpoint_interval) or at_end
-                at_eval = _every(it, sched.eval_interval) or (at_end and eval_at_end)
+                at_log = it % trainer.log_interval == 0 or at_end
+                at_ckpt = _every(it, trainer.checkpoint_interval) or at_end
+                at_eval = _every(it, trainer.eval_interval) or (at_end and eval_at_end)
                 if at_log or at_ckpt or at_eval:
                     non_finite.check()
                 if at_log:

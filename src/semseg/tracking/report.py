@@ -135,7 +135,7 @@ class RunReporter:
         self.max_iters = int(cfg.schedule.max_iters)
         self.recorder = RunRecorder(run_dir, resumed_at) if is_main else None
         self.logger = build_logger(
-            cfg.get("logger") or {"_target_": "semseg.tracking.NullLogger"},
+            cfg.logger,  # conf/logger/, none (NullLogger) by default
             run_dir,
             OmegaConf.to_container(cfg, resolve=True),
             is_main=is_main,

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from semseg.errors import ConfigError
+
 RUN_ID_FILE = "run_id"  # under <run_dir>/wandb/: lets a resumed run continue the same W&B run
 
 
@@ -102,12 +104,12 @@ class WandbLogger:
         settings: dict[str, Any] | None = None,
     ) -> None:
         if mode not in ("online", "offline", "disabled"):
-            raise ValueError(
+            raise ConfigError(
                 f"logger.mode={mode!r} is not one of online | offline | disabled "
-                "(conf/logger/wandb.yaml)."
+                "(conf/logger/wandb.yaml)"
             )
         if image_style not in ("masks", "side_by_side"):
-            raise ValueError(f"logger.image_style={image_style!r} must be masks | side_by_side.")
+            raise ConfigError(f"logger.image_style={image_style!r} must be masks | side_by_side")
         self.run_dir = Path(run_dir)
         self.image_style = image_style
         self.run = None
