@@ -23,7 +23,9 @@ with this project's opencv-python-headless)::
         model-index ordered-set mat4py
 
 mmcv-lite has no compiled ops, and mmseg imports ``mmcv.ops`` at module level: this script puts a
-stub ``mmcv.ops`` into ``sys.modules`` before importing mmseg (the models here use no such op).
+stand-in ``mmcv.ops`` into ``sys.modules`` before importing mmseg (:func:`mmcv_ops`): CCNet's
+criss-cross attention is mmcv 2.x's own plain-PyTorch file, PSANet's PSAMask a transcription of
+mmcv's CPU kernel (:func:`psamask_kernel`); the other models use no mmcv op.
 
 Run from the repository root::
 
@@ -125,6 +127,18 @@ CASES: dict[str, dict[str, Any]] = {
         "logits": False,
         "groups": {"model": "upernet", "backbone": "convnext_base"},
     },
+    # CCNet and PSANet (mmcv's CrissCrossAttention, and PSAMask: see mmcv_ops()).
+    "ccnet": {"config": "ccnet_r50-d8", "groups": {"model": "ccnet", "backbone": "resnet50c_d8"}},
+    "ccnet_r101": {
+        "config": "ccnet_r50-d8",
+        "depth": 101,
+        "logits": False,
+        "groups": {"model": "ccnet", "backbone": "resnet101c_d8"},
+    },
+    "psanet": {
+        "config": "psanet_r50-d8",
+        "groups": {"model": "psanet", "backbone": "resnet50c_d8"},
+    },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
@@ -223,8 +237,36 @@ def summary(logits: torch.Tensor) -> dict[str, np.ndarray]:
 # mmseg (only here below)
 
 
-def import_mmseg() -> Any:
-    """``mmseg`` with a stub ``mmcv.ops`` (mmcv-lite has no compiled ops)."""
+def psamask_kernel(mask: torch.Tensor, psa_type: str, mask_size: Sequence[int]) -> torch.Tensor:
+    """mmcv's compiled PSAMask forward (``mmcv/ops/csrc/pytorch/cpu/psamask.cpp``,
+    ``psamask_collect_forward`` / ``psamask_distribute_forward``): its loops over the pixels,
+    the two innermost loops over the clipped mask window written as one slice."""
+    n_, _, hf, wf = mask.shape
+    mh, mw = mask_size
+    half_h, half_w = (mh - 1) // 2, (mw - 1) // 2
+    src = mask.view(n_, mh, mw, hf, wf)
+    out = mask.new_zeros(n_, hf, wf, hf, wf)  # [n, other h, other w, h, w] for collect
+    for h in range(hf):
+        for w in range(wf):
+            h0, h1 = max(0, half_h - h), min(mh, hf + half_h - h)
+            w0, w1 = max(0, half_w - w), min(mw, wf + half_w - w)
+            window = src[:, h0:h1, w0:w1, h, w]
+            rows = slice(h0 + h - half_h, h1 + h - half_h)
+            cols = slice(w0 + w - half_w, w1 + w - half_w)
+            if psa_type == "collect":
+                out[:, rows, cols, h, w] = window
+            else:
+                out[:, h, w, rows, cols] = window
+    return out.view(n_, hf * wf, hf, wf)
+
+
+def mmcv_ops() -> types.ModuleType:
+    """A stand-in for ``mmcv.ops`` (mmcv-lite has no compiled ops): mmcv 2.x's own
+    ``CrissCrossAttention`` (plain PyTorch, loaded from mmcv's file), ``PSAMask`` on
+    :func:`psamask_kernel`, and empty classes for the other names mmseg imports."""
+    import importlib.util
+
+    import mmcv
 
     class _Ops(types.ModuleType):
         def __getattr__(self, name: str) -> Any:
@@ -232,7 +274,28 @@ def import_mmseg() -> Any:
                 raise AttributeError(name)
             return type(name, (), {})
 
-    sys.modules.setdefault("mmcv.ops", _Ops("mmcv.ops"))
+    class PSAMask(torch.nn.Module):
+        def __init__(self, psa_type: str, mask_size: Sequence[int]) -> None:
+            super().__init__()
+            self.psa_type, self.mask_size = psa_type, tuple(mask_size)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return psamask_kernel(x, self.psa_type, self.mask_size)
+
+    path = Path(mmcv.__file__).parent / "ops" / "cc_attention.py"
+    spec = importlib.util.spec_from_file_location("mmcv_cc_attention", path)
+    cc_attention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc_attention)
+    ops = _Ops("mmcv.ops")
+    ops.CrissCrossAttention = cc_attention.CrissCrossAttention
+    ops.PSAMask = PSAMask
+    return ops
+
+
+def import_mmseg() -> Any:
+    """``mmseg`` with :func:`mmcv_ops` as ``mmcv.ops``."""
+    if "mmcv.ops" not in sys.modules:
+        sys.modules["mmcv.ops"] = mmcv_ops()
     import mmseg
     from mmseg.utils import register_all_modules
 

@@ -24,7 +24,7 @@ class Scale(nn.Module):
 
     def __init__(self, scale: float = 1.0) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor([float(scale)]))
+        self.scale = nn.Parameter(torch.tensor(float(scale)))  # a 0-d tensor, as mmcv's
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.scale
