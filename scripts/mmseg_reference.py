@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import types
 import zlib
@@ -139,6 +140,17 @@ CASES: dict[str, dict[str, Any]] = {
         "config": "psanet_r50-d8",
         "groups": {"model": "psanet", "backbone": "resnet50c_d8"},
     },
+    # HRNet: fcn_hr18 as is, and at the zoo's width 48 (sem_seg/configs/sem_seg/fcn_hr48_*).
+    "fcn_hr18": {
+        "config": "fcn_hr18",
+        "hrnet": 18,
+        "groups": {"model": "fcn_hr", "backbone": "hrnet_w18"},
+    },
+    "fcn_hr48": {
+        "config": "fcn_hr18",
+        "hrnet": 48,
+        "groups": {"model": "fcn_hr", "backbone": "hrnet_w48"},
+    },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
@@ -150,6 +162,9 @@ CONVNEXT = {
     "base": ([128, 256, 512, 1024], 0.4),
 }
 MMCLS0_DOWNSAMPLE_EPS = 1e-5
+# HRNet's norms at the end of the first two BasicBlocks of each branch and in its fuse layers (see
+# seeded_weights): its activations stay of order ten and several classes win somewhere.
+HRNET_DAMPED = re.compile(r"\.branches\.\d+\.[01]\.bn2\.|\.fuse_layers\.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,8 +178,8 @@ def seeded_weights(
 
     Variance-preserving, so that 50+ layers keep activations of order one and every branch
     matters: convs and linear layers He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1)
-    (U(0.1, 0.3) on the last norm of a residual block and on ConvNeXt's layer scales, which keeps
-    the residual sum from doubling per block), biases and running means N(0, 0.1), running
+    (U(0.1, 0.3) on the last norm of a residual block, on ConvNeXt's layer scales and on HRNet's
+    fuse norms, which keeps the residual and fused sums from doubling per block), biases and running means N(0, 0.1), running
     variances U(0.5, 1.5).
     """
     out: dict[str, torch.Tensor] = {}
@@ -180,7 +195,7 @@ def seeded_weights(
         elif len(shape) in (2, 4):
             fan_in = int(np.prod(shape[1:]))
             out[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        elif ".bn3." in key or name == "gamma":
+        elif ".bn3." in key or name == "gamma" or HRNET_DAMPED.search(key):
             out[key] = torch.rand(shape, generator=gen) * 0.2 + 0.1
         else:
             out[key] = torch.rand(shape, generator=gen) * 0.5 + 0.5
@@ -326,6 +341,13 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
         cfg.model.backbone = convnext_backbone(case["convnext"])
         cfg.model.decode_head.in_channels = channels
         cfg.model.auxiliary_head.in_channels = channels[2]
+    elif "hrnet" in case:  # the zoo's fcn_hr48: fcn_hr18 with every branch width scaled
+        widths = [case["hrnet"] * 2**i for i in range(4)]
+        cfg.model.backbone.norm_cfg = bn
+        for stage in (2, 3, 4):
+            cfg.model.backbone.extra[f"stage{stage}"].num_channels = tuple(widths[:stage])
+        cfg.model.decode_head.in_channels = widths
+        cfg.model.decode_head.channels = sum(widths)
     else:
         cfg.model.backbone.norm_cfg = bn
         cfg.model.backbone.depth = case.get("depth", 50)
@@ -413,7 +435,7 @@ def write_fixtures(out: Path, cases: Sequence[str]) -> None:
             **case,
             "shapes": {k: list(v.shape) for k, v in weights.items()},
         }
-        if "convnext" not in case:
+        if "convnext" not in case and "hrnet" not in case:
             manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
         if name not in LOGIT_CASES:
             print(f"{name}: {len(weights)} tensors (layout only)")

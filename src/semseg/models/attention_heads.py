@@ -39,7 +39,7 @@ class CCHead(FCNHead):
         self.cca = CrissCrossAttention(channels)
 
     def features(self, inputs: list[Tensor]) -> Tensor:
-        x = inputs[self.in_index]
+        x = self.transform_inputs(inputs, self.in_index)
         out = self.convs[0](x)
         for _ in range(self.recurrence):
             out = self.cca(out)

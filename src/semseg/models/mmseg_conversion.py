@@ -37,6 +37,9 @@ MMSEG_CONFIG_GROUPS = {"model": "semantic_fpn", "backbone": "resnet50c"}
 _BN_STATS = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
 
 
+_SAME = r"\g<0>"  # a rule's replacement that keeps the key
+
+
 def _rules(*pairs: tuple[str, str]) -> list[Rule]:
     return [(re.compile(pattern), replacement) for pattern, replacement in pairs]
 
@@ -193,7 +196,29 @@ CONVNEXT = MmsegBackbone(
     overrides=_convnext_overrides,
 )
 
-BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT]
+_HRNET_WIDTHS = {18: "hrnet_w18", 48: "hrnet_w48"}
+
+
+def _hrnet_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``hrnet_w18``/``hrnet_w48`` from the width of the first branch."""
+    width = int(state["backbone.transition1.0.0.weight"].shape[0])
+    if width not in _HRNET_WIDTHS:
+        raise CheckpointError(
+            f"HRNet of width {width}: only widths 18 (hrnet_w18) and 48 (hrnet_w48) have "
+            "backbone configs here"
+        )
+    return _HRNET_WIDTHS[width]
+
+
+# semseg.models.hrnet.HRNet keeps mmseg's names (conv1, bn1, layer1, transition1, stage2, ...).
+HRNET = MmsegBackbone(
+    family="HRNet",
+    marker="backbone.transition1.0.0.weight",
+    rules=_rules((r"^backbone\.(?:conv[12]|bn[12]|layer1|transition\d|stage\d)\..+$", _SAME)),
+    config_name=_hrnet_config,
+)
+
+BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT, HRNET]
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,9 +243,6 @@ class MmsegHead:
     marker: str | None = None
     overrides: Callable[[Mapping[str, Tensor]], list[str]] = lambda state: []
     """Config overrides the head's tensors imply (e.g. PSANet's mask size)."""
-
-
-_SAME = r"\g<0>"  # a rule's replacement that keeps the key
 
 
 def _head(
@@ -293,6 +315,8 @@ HEADS: list[MmsegHead] = [
         (r"^decode_head\.attention(?:_p)?\.1\.weight$", _SAME),
         overrides=_psa_mask_size,
     ),
+    # HRNet's FCNHead: one 1x1 ConvModule on the resized, concatenated branches.
+    _head("fcn_hr", "FCNHead (resize_concat)", "convs conv_seg", 4, aux=False),
 ]
 # mmseg's auxiliary FCNHead (one ConvModule, no concatenation) -> this project's aux_head.
 _AUX_RULES = conv_module_rules("auxiliary_head", AUX_HEAD)
