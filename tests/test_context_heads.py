@@ -246,3 +246,15 @@ def test_benchmark_counts_and_times(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert result["model"]["params"] == count_parameters(small_model("ccnet"))
     assert result["model"]["forward_gflops_per_image"] > 0
     assert np.isfinite(result["train"][0]["final_loss"])
+
+
+def test_hrnet_upsample_equals_mmseg_resize_to_int_size() -> None:
+    """mmseg's Upsample resizes to int(side * factor); interpolating by the factor (what exports
+    to ONNX at any size) gives the same values, odd sides included."""
+    from semseg.models.hrnet import Upsample
+
+    for factor in (2, 4, 8):
+        x = torch.randn(2, 3, 5, 7)
+        size = [int(5 * factor), int(7 * factor)]
+        expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
+        assert torch.equal(Upsample(factor)(x), expected)

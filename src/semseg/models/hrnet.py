@@ -53,15 +53,16 @@ def _blocks(
 
 
 class Upsample(nn.Module):
-    """mmseg's ``Upsample(scale_factor, mode='bilinear')``: to ``int(side * factor)``."""
+    """mmseg's ``Upsample(scale_factor, mode='bilinear')``, which resizes to ``int(side *
+    factor)``: for a power of two the same as interpolating by the factor (the same output size,
+    the same source coordinates), which also exports to ONNX for any input size."""
 
     def __init__(self, scale_factor: int) -> None:
         super().__init__()
         self.scale_factor = float(scale_factor)
 
     def forward(self, x: Tensor) -> Tensor:
-        size = [int(side * self.scale_factor) for side in x.shape[-2:]]
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(x, scale_factor=self.scale_factor, mode="bilinear")
 
 
 class HRModule(nn.Module):
