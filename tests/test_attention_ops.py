@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import needs_cuda
+from conftest import load_script, needs_cuda
 
 from semseg.models.ops import CrissCrossAttention, PSAMask, psa_mask
 
@@ -79,6 +79,17 @@ def test_psa_mask_forward_and_gradient_equal_mmcv_kernel(mode: str, size: tuple)
     grad_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     (grad,) = torch.autograd.grad(out, mask, grad_out)
     assert torch.equal(grad, kernel_backward(grad_out, mode, mh, mw))
+
+
+@pytest.mark.parametrize("size", PSA_SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_reference_script_psamask_is_the_kernel(size: tuple) -> None:
+    """scripts/mmseg_reference.py's PSAMask (the kernel with its window loops as slices), which
+    the mmseg fixtures were made with, equals the loop transcription."""
+    n, h, w, mh, mw = size
+    mask = torch.randn(n, mh * mw, h, w, generator=torch.Generator().manual_seed(1))
+    kernel = load_script("mmseg_reference").psamask_kernel
+    for mode in ("collect", "distribute"):
+        assert torch.equal(kernel(mask, mode, (mh, mw)), kernel_forward(mask, mode, mh, mw))
 
 
 def test_psa_mask_distribute_is_collect_transposed() -> None:
