@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script, needs_cuda
+from helpers import load_script, needs_cuda
 
 from semseg.models.ops import CrissCrossAttention, PSAMask, psa_mask
 

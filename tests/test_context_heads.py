@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import (
+from helpers import (
     REPO,
     SINGLE_THREAD_ENV,
     assert_model_zoo_row,
