@@ -23,7 +23,9 @@ with this project's opencv-python-headless)::
         model-index ordered-set mat4py
 
 mmcv-lite has no compiled ops, and mmseg imports ``mmcv.ops`` at module level: this script puts a
-stub ``mmcv.ops`` into ``sys.modules`` before importing mmseg (the models here use no such op).
+stand-in ``mmcv.ops`` into ``sys.modules`` before importing mmseg (:func:`mmcv_ops`): CCNet's
+criss-cross attention is mmcv 2.x's own plain-PyTorch file, PSANet's PSAMask a transcription of
+mmcv's CPU kernel (:func:`psamask_kernel`); the other models use no mmcv op.
 
 Run from the repository root::
 
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import types
 import zlib
@@ -127,6 +130,29 @@ CASES: dict[str, dict[str, Any]] = {
         "logits": False,
         "groups": {"model": "upernet", "backbone": "convnext_base"},
     },
+    # CCNet and PSANet (mmcv's CrissCrossAttention, and PSAMask: see mmcv_ops()).
+    "ccnet": {"config": "ccnet_r50-d8", "groups": {"model": "ccnet", "backbone": "resnet50c_d8"}},
+    "ccnet_r101": {
+        "config": "ccnet_r50-d8",
+        "depth": 101,
+        "logits": False,
+        "groups": {"model": "ccnet", "backbone": "resnet101c_d8"},
+    },
+    "psanet": {
+        "config": "psanet_r50-d8",
+        "groups": {"model": "psanet", "backbone": "resnet50c_d8"},
+    },
+    # HRNet: fcn_hr18 as is, and at the zoo's width 48 (sem_seg/configs/sem_seg/fcn_hr48_*).
+    "fcn_hr18": {
+        "config": "fcn_hr18",
+        "hrnet": 18,
+        "groups": {"model": "fcn_hr", "backbone": "hrnet_w18"},
+    },
+    "fcn_hr48": {
+        "config": "fcn_hr18",
+        "hrnet": 48,
+        "groups": {"model": "fcn_hr", "backbone": "hrnet_w48"},
+    },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
@@ -138,6 +164,9 @@ CONVNEXT = {
     "base": ([128, 256, 512, 1024], 0.4),
 }
 MMCLS0_DOWNSAMPLE_EPS = 1e-5
+# HRNet's norms at the end of the first two BasicBlocks of each branch and in its fuse layers (see
+# seeded_weights): its activations stay of order ten and several classes win somewhere.
+HRNET_DAMPED = re.compile(r"\.branches\.\d+\.[01]\.bn2\.|\.fuse_layers\.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,8 +180,8 @@ def seeded_weights(
 
     Variance-preserving, so that 50+ layers keep activations of order one and every branch
     matters: convs and linear layers He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1)
-    (U(0.1, 0.3) on the last norm of a residual block and on ConvNeXt's layer scales, which keeps
-    the residual sum from doubling per block), biases and running means N(0, 0.1), running
+    (U(0.1, 0.3) on the last norm of a residual block, on ConvNeXt's layer scales and on HRNet's
+    fuse norms, which keeps the residual and fused sums from doubling per block), biases and running means N(0, 0.1), running
     variances U(0.5, 1.5).
     """
     out: dict[str, torch.Tensor] = {}
@@ -168,7 +197,7 @@ def seeded_weights(
         elif len(shape) in (2, 4):
             fan_in = int(np.prod(shape[1:]))
             out[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
-        elif ".bn3." in key or name == "gamma":
+        elif ".bn3." in key or name == "gamma" or HRNET_DAMPED.search(key):
             out[key] = torch.rand(shape, generator=gen) * 0.2 + 0.1
         else:
             out[key] = torch.rand(shape, generator=gen) * 0.5 + 0.5
@@ -225,8 +254,36 @@ def summary(logits: torch.Tensor) -> dict[str, np.ndarray]:
 # mmseg (only here below)
 
 
-def import_mmseg() -> Any:
-    """``mmseg`` with a stub ``mmcv.ops`` (mmcv-lite has no compiled ops)."""
+def psamask_kernel(mask: torch.Tensor, psa_type: str, mask_size: Sequence[int]) -> torch.Tensor:
+    """mmcv's compiled PSAMask forward (``mmcv/ops/csrc/pytorch/cpu/psamask.cpp``,
+    ``psamask_collect_forward`` / ``psamask_distribute_forward``): its loops over the pixels,
+    the two innermost loops over the clipped mask window written as one slice."""
+    n_, _, hf, wf = mask.shape
+    mh, mw = mask_size
+    half_h, half_w = (mh - 1) // 2, (mw - 1) // 2
+    src = mask.view(n_, mh, mw, hf, wf)
+    out = mask.new_zeros(n_, hf, wf, hf, wf)  # [n, other h, other w, h, w] for collect
+    for h in range(hf):
+        for w in range(wf):
+            h0, h1 = max(0, half_h - h), min(mh, hf + half_h - h)
+            w0, w1 = max(0, half_w - w), min(mw, wf + half_w - w)
+            window = src[:, h0:h1, w0:w1, h, w]
+            rows = slice(h0 + h - half_h, h1 + h - half_h)
+            cols = slice(w0 + w - half_w, w1 + w - half_w)
+            if psa_type == "collect":
+                out[:, rows, cols, h, w] = window
+            else:
+                out[:, h, w, rows, cols] = window
+    return out.view(n_, hf * wf, hf, wf)
+
+
+def mmcv_ops() -> types.ModuleType:
+    """A stand-in for ``mmcv.ops`` (mmcv-lite has no compiled ops): mmcv 2.x's own
+    ``CrissCrossAttention`` (plain PyTorch, loaded from mmcv's file), ``PSAMask`` on
+    :func:`psamask_kernel`, and empty classes for the other names mmseg imports."""
+    import importlib.util
+
+    import mmcv
 
     class _Ops(types.ModuleType):
         def __getattr__(self, name: str) -> Any:
@@ -234,7 +291,28 @@ def import_mmseg() -> Any:
                 raise AttributeError(name)
             return type(name, (), {})
 
-    sys.modules.setdefault("mmcv.ops", _Ops("mmcv.ops"))
+    class PSAMask(torch.nn.Module):
+        def __init__(self, psa_type: str, mask_size: Sequence[int]) -> None:
+            super().__init__()
+            self.psa_type, self.mask_size = psa_type, tuple(mask_size)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return psamask_kernel(x, self.psa_type, self.mask_size)
+
+    path = Path(mmcv.__file__).parent / "ops" / "cc_attention.py"
+    spec = importlib.util.spec_from_file_location("mmcv_cc_attention", path)
+    cc_attention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc_attention)
+    ops = _Ops("mmcv.ops")
+    ops.CrissCrossAttention = cc_attention.CrissCrossAttention
+    ops.PSAMask = PSAMask
+    return ops
+
+
+def import_mmseg() -> Any:
+    """``mmseg`` with :func:`mmcv_ops` as ``mmcv.ops``."""
+    if "mmcv.ops" not in sys.modules:
+        sys.modules["mmcv.ops"] = mmcv_ops()
     import mmseg
     from mmseg.utils import register_all_modules
 
@@ -265,6 +343,13 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
         cfg.model.backbone = convnext_backbone(case["convnext"])
         cfg.model.decode_head.in_channels = channels
         cfg.model.auxiliary_head.in_channels = channels[2]
+    elif "hrnet" in case:  # the zoo's fcn_hr48: fcn_hr18 with every branch width scaled
+        widths = [case["hrnet"] * 2**i for i in range(4)]
+        cfg.model.backbone.norm_cfg = bn
+        for stage in (2, 3, 4):
+            cfg.model.backbone.extra[f"stage{stage}"].num_channels = tuple(widths[:stage])
+        cfg.model.decode_head.in_channels = widths
+        cfg.model.decode_head.channels = sum(widths)
     else:
         cfg.model.backbone.norm_cfg = bn
         cfg.model.backbone.depth = case.get("depth", 50)
@@ -352,7 +437,7 @@ def write_fixtures(out: Path, cases: Sequence[str]) -> None:
             **case,
             "shapes": {k: list(v.shape) for k, v in weights.items()},
         }
-        if "convnext" not in case:
+        if "convnext" not in case and "hrnet" not in case:
             manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
         if name not in LOGIT_CASES:
             print(f"{name}: {len(weights)} tensors (layout only)")

@@ -132,7 +132,8 @@ def layout(case: str) -> dict[str, torch.Tensor]:
 def test_architecture_recognised_from_keys(case: str) -> None:
     arch = recognise_mmseg(layout(case))
     assert arch.config_groups == MMSEG_CASES[case]["groups"]
-    assert arch.has_aux == (case != "semantic_fpn")
+    assert arch.has_aux == any(k.startswith("auxiliary_head.") for k in MMSEG_CASES[case]["shapes"])
+    assert arch.has_aux == (case != "semantic_fpn" and not case.startswith("fcn_hr"))
     renamed = convert_mmseg_state_dict({"state_dict": layout(case)})
     assert len(renamed) == len(MMSEG_CASES[case]["shapes"])  # every key has a rule
 
@@ -167,10 +168,10 @@ def _renamed(sd: dict, old: str, new: str) -> dict:
 
 
 REFUSED = {
-    # CCNet: criss-cross attention in the decode head
-    "ccnet": (
-        lambda: layout("fcn") | {"decode_head.cca.query_conv.weight": torch.empty(0)},
-        r"decode_head submodules: cca, conv_cat, conv_seg, convs",
+    # DANet: position attention in the decode head
+    "danet": (
+        lambda: layout("fcn") | {"decode_head.pam.query_project.conv.weight": torch.empty(0)},
+        r"decode_head submodules: conv_cat, conv_seg, convs, pam",
     ),
     # PointRend: a list of decode heads
     "pointrend": (
@@ -226,8 +227,8 @@ def test_unsupported_architectures_are_refused_in_one_line(kind: str) -> None:
 
 def test_refused_file_writes_nothing(tmp_path: Path, capsys) -> None:
     script = load_script("convert_mmseg_checkpoint")
-    src, out = tmp_path / "ccnet.pth", tmp_path / "ccnet.pt"
-    torch.save({"state_dict": REFUSED["ccnet"][0]()}, src)
+    src, out = tmp_path / "danet.pth", tmp_path / "danet.pt"
+    torch.save({"state_dict": REFUSED["danet"][0]()}, src)
     with pytest.raises(SystemExit) as info:
         script.main([str(src), str(out)])
     assert info.value.code == 2

@@ -238,6 +238,16 @@ class DecodeHead(nn.Module, abc.ABC):
     def forward(self, inputs: list[Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.features(inputs)))
 
+    def transform_inputs(self, inputs: list[Tensor], in_index: int | Sequence[int]) -> Tensor:
+        """mmseg's ``_transform_inputs``: map ``in_index``, or with several indices
+        (``input_transform='resize_concat'``) those maps resized to the first's size and
+        concatenated."""
+        if isinstance(in_index, int):
+            return inputs[in_index]
+        maps = [inputs[i] for i in in_index]
+        size = maps[0].shape[2:]
+        return torch.cat([maps[0], *(resize(x, size, self.align_corners) for x in maps[1:])], 1)
+
     def init_weights(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m is not self.classifier:
@@ -249,25 +259,32 @@ class DecodeHead(nn.Module, abc.ABC):
 class FCNHead(DecodeHead):
     """FCN (Long et al., CVPR 2015) as mmseg's ``FCNHead``: ``num_convs`` ConvModules on feature
     map ``in_index``; with ``concat_input``, their output concatenated with the input and fused by
-    one more. mmseg's auxiliary head is this with one conv, no concatenation, on stage 3."""
+    one more. mmseg's auxiliary head is this with one conv, no concatenation, on stage 3.
+    Several ``in_index`` (HRNet's ``fcn_hr``): those maps resized and concatenated
+    (:meth:`~DecodeHead.transform_inputs`); ``channels=None``: the input's width."""
 
     def __init__(
         self,
         in_channels: Sequence[int],
         num_classes: int,
-        channels: int = 512,
+        channels: int | None = 512,
         num_convs: int = 2,
         kernel_size: int = 3,
         concat_input: bool = True,
         dilation: int = 1,
-        in_index: int = 3,
+        in_index: int | Sequence[int] = 3,
         dropout: float = 0.1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         align_corners: bool = False,
     ) -> None:
+        if isinstance(in_index, int):
+            c_in = in_channels[in_index]
+        else:
+            in_index = [int(i) for i in in_index]
+            c_in = sum(in_channels[i] for i in in_index)
+        channels = c_in if channels is None else channels
         super().__init__(channels, num_classes, dropout, align_corners)
         self.in_index = in_index
-        c_in = in_channels[in_index]
         if num_convs == 0 and c_in != channels:
             raise ConfigError(f"an FCNHead with num_convs=0 needs channels={c_in} (its input's)")
         self.convs = nn.Sequential(
@@ -286,7 +303,7 @@ class FCNHead(DecodeHead):
         self.init_weights()
 
     def features(self, inputs: list[Tensor]) -> Tensor:
-        x = inputs[self.in_index]
+        x = self.transform_inputs(inputs, self.in_index)
         out = self.convs(x)
         return self.conv_cat(torch.cat([x, out], 1)) if self.conv_cat is not None else out
 

@@ -12,6 +12,7 @@ in as values: the converter script composes the groups that :func:`recognise_mms
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ Rule = tuple[re.Pattern, str]
 # The config groups of the reference row (Semantic FPN R-50); recognise_mmseg() names any file's.
 MMSEG_CONFIG_GROUPS = {"model": "semantic_fpn", "backbone": "resnet50c"}
 _BN_STATS = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
+
+
+_SAME = r"\g<0>"  # a rule's replacement that keeps the key
 
 
 def _rules(*pairs: tuple[str, str]) -> list[Rule]:
@@ -192,7 +196,29 @@ CONVNEXT = MmsegBackbone(
     overrides=_convnext_overrides,
 )
 
-BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT]
+_HRNET_WIDTHS = {18: "hrnet_w18", 48: "hrnet_w48"}
+
+
+def _hrnet_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``hrnet_w18``/``hrnet_w48`` from the width of the first branch."""
+    width = int(state["backbone.transition1.0.0.weight"].shape[0])
+    if width not in _HRNET_WIDTHS:
+        raise CheckpointError(
+            f"HRNet of width {width}: only widths 18 (hrnet_w18) and 48 (hrnet_w48) have "
+            "backbone configs here"
+        )
+    return _HRNET_WIDTHS[width]
+
+
+# semseg.models.hrnet.HRNet keeps mmseg's names (conv1, bn1, layer1, transition1, stage2, ...).
+HRNET = MmsegBackbone(
+    family="HRNet",
+    marker="backbone.transition1.0.0.weight",
+    rules=_rules((r"^backbone\.(?:conv[12]|bn[12]|layer1|transition\d|stage\d)\..+$", _SAME)),
+    config_name=_hrnet_config,
+)
+
+BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT, HRNET]
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,12 +241,36 @@ class MmsegHead:
     rules: list[Rule]
     aux: bool = True
     marker: str | None = None
+    overrides: Callable[[Mapping[str, Tensor]], list[str]] = lambda state: []
+    """Config overrides the head's tensors imply (e.g. PSANet's mask size)."""
 
 
-def _head(model: str, mmseg_type: str, submodules: str, output_stride: int) -> MmsegHead:
-    """An encoder-decoder architecture whose decode head is made of ConvModules."""
-    rules = conv_module_rules("decode_head", "decode_head")
-    return MmsegHead(model, mmseg_type, frozenset(submodules.split()), output_stride, rules)
+def _head(
+    model: str,
+    mmseg_type: str,
+    submodules: str,
+    output_stride: int,
+    *extra: tuple[str, str],
+    **kwargs: Any,
+) -> MmsegHead:
+    """An encoder-decoder architecture whose decode head is made of ConvModules (``extra``:
+    rules for its other layers, tried first; ``kwargs``: :class:`MmsegHead`'s)."""
+    rules = _rules(*extra) + conv_module_rules("decode_head", "decode_head")
+    return MmsegHead(
+        model, mmseg_type, frozenset(submodules.split()), output_stride, rules, **kwargs
+    )
+
+
+def _psa_mask_size(state: Mapping[str, Tensor]) -> list[str]:
+    """PSANet's mask size from its attention width (mask_h * mask_w channels; square masks)."""
+    area = int(state["decode_head.attention.1.weight"].shape[0])
+    side = math.isqrt(area)
+    if side * side != area:
+        raise CheckpointError(
+            f"PSAHead with a {area}-channel attention: not a square mask (mask_h * mask_w); "
+            "only square mask sizes are recognised"
+        )
+    return [] if side == 97 else [f"model.decode_head.mask_size=[{side},{side}]"]
 
 
 _FPN_RULES = _rules(
@@ -250,6 +300,23 @@ HEADS: list[MmsegHead] = [
         "psp_modules bottleneck lateral_convs fpn_convs fpn_bottleneck conv_seg",
         32,
     ),
+    _head(
+        "ccnet",
+        "CCHead",
+        "convs cca conv_cat conv_seg",
+        8,
+        (r"^decode_head\.cca\.((?:query|key|value)_conv\.(?:weight|bias)|gamma\.scale)$", _SAME),
+    ),
+    _head(
+        "psanet",
+        "PSAHead",
+        "reduce attention reduce_p attention_p proj bottleneck conv_seg",
+        8,
+        (r"^decode_head\.attention(?:_p)?\.1\.weight$", _SAME),
+        overrides=_psa_mask_size,
+    ),
+    # HRNet's FCNHead: one 1x1 ConvModule on the resized, concatenated branches.
+    _head("fcn_hr", "FCNHead (resize_concat)", "convs conv_seg", 4, aux=False),
 ]
 # mmseg's auxiliary FCNHead (one ConvModule, no concatenation) -> this project's aux_head.
 _AUX_RULES = conv_module_rules("auxiliary_head", AUX_HEAD)
@@ -332,7 +399,7 @@ def recognise_mmseg(state: Mapping[str, Any]) -> MmsegArchitecture:
         )
     has_aux = head.aux and any(k.startswith("auxiliary_head.") for k in keys)
     overrides = [f"model.{AUX_HEAD}=null"] if head.aux and not has_aux else []
-    overrides += backbone.overrides(state)
+    overrides += backbone.overrides(state) + head.overrides(tensors)
     output_stride = backbone.output_stride or head.output_stride
     return MmsegArchitecture(
         backbone, head, backbone.config_name(tensors, output_stride), has_aux, overrides

@@ -1,0 +1,260 @@
+"""CCNet, PSANet and FCN on HRNet (issue 28's first models): mmseg's sizes for every zoo row,
+the forward contract, and everything around a model on tiny versions (narrow heads, ResNet-18-D8,
+a thin HRNet): training, exact resume, DDP, ONNX export, the model-zoo row, the benchmark; the
+converter's settings read from a file (PSANet's mask size, HRNet's width); timm's ImageNet
+weights in the HRNet backbone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from helpers import (
+    REPO,
+    SINGLE_THREAD_ENV,
+    assert_model_zoo_row,
+    assert_onnx_export_matches,
+    assert_resume_is_exact,
+    child_env,
+    compose_train,
+    load_script,
+    train_in_process,
+)
+from safetensors.torch import save_file
+
+from semseg.checkpoints.file import load_checkpoint
+from semseg.cli import compose_groups
+from semseg.errors import CheckpointError
+from semseg.models import build_model, count_parameters, model_from_checkpoint
+from semseg.models.hrnet import HRNet
+from semseg.models.mmseg_conversion import recognise_mmseg
+from semseg_bench import runner as bench_runner
+from semseg_bench.timing import matmul_peak_flops
+
+MODELS = ["ccnet", "psanet", "fcn_hr"]
+MMSEG = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
+# Each zoo row (conf/experiment/) and the mmseg reference case of its model.
+ROWS = {
+    "ccnet_r50-d8_512x1024_40k_bdd100k": "ccnet",
+    "ccnet_r50-d8_512x1024_80k_bdd100k": "ccnet",
+    "ccnet_r101-d8_512x1024_80k_bdd100k": "ccnet_r101",
+    "psanet_r50-d8_512x1024_40k_bdd100k": "psanet",
+    "psanet_r50-d8_512x1024_80k_bdd100k": "psanet",
+    "fcn_hr48_512x1024_40k_bdd100k": "fcn_hr48",
+    "fcn_hr48_512x1024_80k_bdd100k": "fcn_hr48",
+}
+
+
+def small(name: str) -> list[str]:
+    """Overrides for a tiny model ``name``: ResNet-18-D8 and 32-channel heads, or a thin HRNet."""
+    if name == "fcn_hr":
+        return ["model=fcn_hr", "backbone=hrnet_w18", "backbone.pretrained=false",
+                "backbone.width=4", "backbone.modules_per_stage=[1,1,1]",
+                "backbone.blocks_per_branch=1"]  # fmt: skip
+    extra = ["model.decode_head.mask_size=[15,15]"] if name == "psanet" else []
+    return [f"model={name}", "backbone=resnet18_d8", "backbone.pretrained=false",
+            "model.decode_head.channels=32", "model.aux_head.channels=16", *extra]  # fmt: skip
+
+
+def small_model(name: str, *overrides: str) -> torch.nn.Module:
+    groups = dict(o.split("=", 1) for o in small(name)[:2])
+    torch.manual_seed(0)
+    return build_model(
+        compose_groups({**groups, "dataset": "bdd100k"}, [*small(name)[2:], *overrides])
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The models
+
+
+@pytest.mark.parametrize("row", list(ROWS))
+def test_zoo_rows_build_mmseg_models(row: str) -> None:
+    """Each zoo row's model is mmseg's, tensor for tensor (the state dict of mmseg's model in the
+    fixtures), and its recipe is the zoo's: 512x1024 crops, iterations, whole-image test."""
+    cfg = compose_train(f"experiment={row}", "backbone.pretrained=false")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    shapes = MMSEG[ROWS[row]]["shapes"]
+    params = {k: s for k, s in shapes.items() if k.rsplit(".", 1)[-1] not in
+              ("running_mean", "running_var", "num_batches_tracked")}  # fmt: skip
+    assert len(model.state_dict()) == len(shapes)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        int(np.prod(s)) for s in params.values()
+    )
+    assert list(cfg.dataset.train_pipeline.crop_size) == [512, 1024]
+    assert cfg.schedule.max_iters == (40_000 if "_40k_" in row else 80_000)
+    assert cfg.inference.mode == "whole" and not cfg.model.align_corners
+    assert (cfg.model.aux_head is None) == row.startswith("fcn_hr")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_contract(name: str) -> None:
+    """Eval: logits at the input size (odd sizes too); training: {"out", "aux"} where the model
+    has an auxiliary head, else a tensor."""
+    model = small_model(name)
+    images = torch.randint(0, 256, (2, 3, 75, 110), dtype=torch.uint8)
+    with torch.no_grad():
+        logits = model.eval()(images)
+        assert logits.shape == (2, 19, 75, 110) and torch.isfinite(logits).all()
+        out = model.train()(images)
+    if name == "fcn_hr":
+        assert out.shape == (2, 19, 75, 110)
+    else:
+        assert out["out"].shape == out["aux"].shape == (2, 19, 75, 110)
+
+
+def test_psanet_mask_size_and_normalisation_follow_the_config() -> None:
+    head = small_model("psanet", "model.decode_head.normalization_factor=null").decode_head
+    assert head.mask_size == (15, 15) and head.normalization_factor == 225.0
+    assert head.attention[1].out_channels == head.attention_p[1].out_channels == 225
+    assert head.proj[0].padding == (1, 1)  # mmseg's ConvModule(kernel_size=1, padding=1)
+
+
+def test_hrnet_takes_timm_imagenet_weights(tmp_path: Path) -> None:
+    """timm's hrnet_w18 classification weights (a file in its layout) fill every tensor of the
+    backbone; its extra head (incre_modules, classifier, ...) is left out."""
+    torch.manual_seed(0)
+    state = timm.create_model("hrnet_w18").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "hrnet_w18.safetensors")
+    backbone = HRNet(18, pretrained=True, weights=tmp_path / "hrnet_w18.safetensors")
+    own = backbone.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in own.items())
+    assert len(own) < len(state) and any(k.startswith("incre_modules.") for k in state)
+
+
+def test_hrnet_outputs_differ_from_timm_fuse() -> None:
+    """Why hrnet.py exists: timm's HRNet fuses with nearest upsampling, so the same weights give
+    other branch outputs (and the stride-4 branch differs most: every other branch is fused in)."""
+    torch.manual_seed(0)
+    ours = HRNet(18).eval()
+    theirs = timm.create_model("hrnet_w18", features_only=True, feature_location="").eval()
+    missing, unexpected = theirs.load_state_dict(ours.state_dict(), strict=False)
+    assert not missing and not unexpected  # the same network, the same names
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x)[1:]
+    assert [t.shape for t in a] == [t.shape for t in b]
+    assert not torch.allclose(a[0], b[0], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion settings read from the file
+
+
+def _layout(case: str, **replace: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    shapes = {**MMSEG[case]["shapes"], **replace}
+    return {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+
+
+def test_psanet_mask_size_comes_from_the_file() -> None:
+    assert recognise_mmseg(_layout("psanet")).overrides == []  # the zoo's 97 x 97
+    key = "decode_head.attention.1.weight"
+    arch = recognise_mmseg(_layout("psanet", **{key: (69 * 69, 512, 1, 1)}))
+    assert arch.overrides == ["model.decode_head.mask_size=[69,69]"]
+    with pytest.raises(CheckpointError, match=r"PSAHead with a 60-channel attention: not a square"):
+        recognise_mmseg(_layout("psanet", **{key: (60, 512, 1, 1)}))
+
+
+def test_hrnet_width_comes_from_the_file() -> None:
+    arch = recognise_mmseg(_layout("fcn_hr48"))
+    assert arch.config_groups == {"model": "fcn_hr", "backbone": "hrnet_w48"} and not arch.has_aux
+    key = "backbone.transition1.0.0.weight"
+    with pytest.raises(CheckpointError, match=r"HRNet of width 32: only widths 18 .* and 48"):
+        recognise_mmseg(_layout("fcn_hr18", **{key: (32, 256, 3, 3)}))
+
+
+# --------------------------------------------------------------------------------------------
+# Training and what uses its checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(toy_root: Path, module_tmp: Path) -> dict[str, Path]:
+    """One short run per model (2 iterations, evaluated at the end); their run folders."""
+    runs = {}
+    for name in MODELS:
+        run_dir = module_tmp / name
+        train_in_process(toy_root, run_dir, *small(name), "schedule.max_iters=2")
+        runs[name] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_model_trains_on_toy_data(name: str, trained: dict[str, Path]) -> None:
+    summary = json.loads((trained[name] / "summary.json").read_text())
+    assert summary["steps"] == 2 and np.isfinite(summary["loss"])
+    assert 0 <= summary["val/mIoU"] <= 1
+    model, _, _ = model_from_checkpoint(trained[name] / "checkpoints/last.pt")
+    assert summary["params"] == count_parameters(model) == count_parameters(small_model(name))
+    if name == "ccnet":  # the attention's gamma left zero: its convs would get no gradient
+        assert model.decode_head.cca.gamma.scale.item() != 0.0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_exact_resume(name: str, toy_root: Path, tmp_path: Path) -> None:
+    assert_resume_is_exact(toy_root, tmp_path, *small(name))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ddp_two_processes(name: str, toy_root: Path, tmp_path: Path) -> None:
+    """Two gloo processes: every parameter gets a gradient in each step (DDP would fail on one
+    that does not), one run folder."""
+    run_dir = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(REPO / "src/train.py"), "experiment=smoke", f"dataset.root={toy_root}",
+         *small(name), "schedule.max_iters=1", "trainer.eval_at_end=false",
+         f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env=child_env(SINGLE_THREAD_ENV),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_export_is_right_at_every_size(
+    name: str, trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """Criss-cross attention, PSAMask (its gather index follows the input's size) and HRNet's
+    resizes export, and are right at another size than the traced one."""
+    assert_onnx_export_matches(trained[name] / "checkpoints/last.pt", tmp_path / f"{name}.onnx")
+
+
+def test_model_zoo_row(trained: dict[str, Path], toy_root: Path, tmp_path: Path) -> None:
+    assert_model_zoo_row(trained["psanet"], toy_root, tmp_path / "zoo")
+
+
+def test_benchmark_counts_and_times(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(
+        bench_runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01)
+    )
+    out = tmp_path / "bench.json"
+    argv = ["--only", "train", "--precision", "fp32", "--channels-last", "off", "--batch-size",
+            "2", "--crop", "32", "64", "--steps", "1", "--warmup", "0", "--matmul-size", "64",
+            "--device", "cpu", "--output", str(out), *small("ccnet"),
+            f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
+    assert load_script("benchmark").main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["params"] == count_parameters(small_model("ccnet"))
+    assert result["model"]["forward_gflops_per_image"] > 0
+    assert np.isfinite(result["train"][0]["final_loss"])
+
+
+def test_hrnet_upsample_equals_mmseg_resize_to_int_size() -> None:
+    """mmseg's Upsample resizes to int(side * factor); interpolating by the factor (what exports
+    to ONNX at any size) gives the same values, odd sides included."""
+    from semseg.models.hrnet import Upsample
+
+    for factor in (2, 4, 8):
+        x = torch.randn(2, 3, 5, 7)
+        size = [int(5 * factor), int(7 * factor)]
+        expected = torch.nn.functional.interpolate(x, size=size, mode="bilinear")
+        assert torch.equal(Upsample(factor)(x), expected)
