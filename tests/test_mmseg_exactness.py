@@ -149,3 +149,20 @@ def instantiate_backbone(config_name: str) -> TimmBackbone:
     config = compose_groups({"backbone": config_name}, ["backbone.pretrained=false"])
     with torch.device("meta"):
         return instantiate(config["backbone"])
+
+
+SLIDE_CASES = [name for name, case in CASES.items() if case.get("slide")]
+
+
+@pytest.mark.parametrize("name", SLIDE_CASES)
+def test_sliding_window_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
+    """The zoo's 769x769 rows test with sliding windows: this project's slide inference
+    (inference=slide) gives mmseg's ``slide_inference`` logits (2 x 3 overlapping windows, clamped
+    at the borders, averaged), with the case's align_corners=True."""
+    model, _, _ = model_from_checkpoint(converted(name))
+    assert model.align_corners
+    ref = np.load(FIXTURES / f"{name}.npz")
+    images = inputs["{}x{}".format(*reference.SIZES[1])]
+    with torch.no_grad():
+        logits = predict_logits(model, images, mode="slide", **reference.SLIDE)[0]
+    assert_matches(logits, ref, "slide")

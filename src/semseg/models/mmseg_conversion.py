@@ -217,9 +217,13 @@ class MmsegHead:
     marker: str | None = None
 
 
-def _head(model: str, mmseg_type: str, submodules: str, output_stride: int) -> MmsegHead:
-    """An encoder-decoder architecture whose decode head is made of ConvModules."""
-    rules = conv_module_rules("decode_head", "decode_head")
+def _head(
+    model: str, mmseg_type: str, submodules: str, output_stride: int, kept: str = ""
+) -> MmsegHead:
+    """An encoder-decoder architecture whose decode head is made of ConvModules; ``kept``: a
+    regex of the head's other tensors, whose names stay as they are (plain convs, norms, buffers)."""
+    rules = _rules((rf"^decode_head\.({kept})$", r"decode_head.\1")) if kept else []
+    rules += conv_module_rules("decode_head", "decode_head")
     return MmsegHead(model, mmseg_type, frozenset(submodules.split()), output_stride, rules)
 
 
@@ -249,6 +253,42 @@ HEADS: list[MmsegHead] = [
         "UPerHead",
         "psp_modules bottleneck lateral_convs fpn_convs fpn_bottleneck conv_seg",
         32,
+    ),
+    _head("nonlocal", "NLHead", "convs conv_cat nl_block conv_seg", 8),
+    _head(
+        "gcnet",
+        "GCHead",
+        "convs conv_cat gc_block conv_seg",
+        8,
+        kept=r"gc_block\.(?:conv_mask|channel_add_conv\.[013]|channel_mul_conv\.[013])\.(?:weight|bias)",
+    ),
+    _head(
+        "dnlnet",
+        "DNLHead",
+        "convs conv_cat dnl_block conv_seg",
+        8,
+        kept=r"dnl_block\.conv_mask\.(?:weight|bias)",
+    ),
+    _head(
+        "emanet",
+        "EMAHead",
+        "ema_module ema_in_conv ema_mid_conv ema_out_conv bottleneck conv_cat conv_seg",
+        8,
+        kept=r"ema_module\.bases",
+    ),
+    _head(
+        "dmnet",
+        "DMHead",
+        "dcm_modules bottleneck conv_seg",
+        8,
+        kept=rf"dcm_modules\.\d+\.(?:filter_gen_conv\.(?:weight|bias)|norm\.{_BN_STATS})",
+    ),
+    _head(
+        "apcnet",
+        "APCHead",
+        "acm_modules bottleneck conv_seg",
+        8,
+        kept=r"acm_modules\.\d+\.gla\.(?:weight|bias)",
     ),
 ]
 # mmseg's auxiliary FCNHead (one ConvModule, no concatenation) -> this project's aux_head.
