@@ -7,8 +7,9 @@ weights (:func:`seeded_weights`: a function of each tensor's name and shape, so 
 them without mmseg), runs it on structured street-like images (:func:`scene`) at a size that
 stride 32 divides and one that it does not, and through mmseg's whole test pipeline (load the PNG,
 keep-ratio resize into the test scale, normalise, logits resized back to the image) on
-``scene.png``. It writes small fixtures to ``tests/fixtures/mmseg/``: per case the argmax maps and
-the logits on a 6-pixel grid (``<case>.npz``); the key/shape list of mmseg's state dict and the
+``scene.png``, and for the zoo's 769x769 rows (``"slide"`` cases) through mmseg's sliding-window
+test (:data:`SLIDE`). It writes small fixtures to ``tests/fixtures/mmseg/``: per case the argmax
+maps and the logits on a 6-pixel grid (``<case>.npz``); the key/shape list of mmseg's state dict and the
 layer geometry of mmseg's dilated ResNetV1c (``cases.json``); the input images (``inputs.npz``,
 ``scene.png``).
 
@@ -32,7 +33,8 @@ Run from the repository root::
 
 ``--compare`` also converts each case with this project's converter and compares both models on
 whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at the zoo's scale
-1280x720 on a 640x480 scene (also with the zoo's mmseg 0.x float loading); it writes
+1280x720 on a 640x480 scene (also with the zoo's mmseg 0.x float loading), sliding windows for the
+``"slide"`` cases (the fixture's, and 320x320 windows at stride 213 on the 512x1024 image); it writes
 ``comparison.json`` next to the fixtures (about half an hour on 2 CPU cores; ``--cases`` and
 ``--no-fixtures`` narrow it down; ``--cases`` also limits which fixtures are rewritten).
 

@@ -9,7 +9,7 @@ project's models: the logits must agree (max abs difference < 1e-3 on a 6-pixel 
 agreement >= 99.9% on whole maps), at a size stride 32 divides and one it does not, and through
 the prediction path of src/predict.py (keep-ratio resize into the test scale, logits resized back
 as the model resizes: align_corners on the zoo's 769x769 rows) on the PNG file mmseg's test
-pipeline read.
+pipeline read, and for the 769x769 rows of the context heads through sliding-window inference.
 """
 
 from __future__ import annotations

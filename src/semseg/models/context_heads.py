@@ -18,11 +18,11 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
+from semseg.distributed import all_reduce_mean
 from semseg.errors import ConfigError
 from semseg.models.decoders import (
     DecodeHead,
@@ -50,15 +50,6 @@ def pool(x: Tensor, size: int) -> Tensor:
         if torch.onnx.is_in_onnx_export()
         else F.adaptive_avg_pool2d(x, size)
     )
-
-
-def all_reduce_mean(tensor: Tensor) -> Tensor:
-    """The mean of ``tensor`` over the ranks of the process group (itself without one)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return tensor
-    tensor = tensor / dist.get_world_size()
-    dist.all_reduce(tensor)
-    return tensor
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,9 +28,18 @@ from conftest import (
 )
 
 from semseg.cli import compose_groups
-from semseg.models import EncoderDecoder, build_model, count_parameters, model_from_checkpoint
+from semseg.data import dataset_meta
+from semseg.errors import CheckpointError
+from semseg.models import (
+    EncoderDecoder,
+    build_model,
+    count_parameters,
+    mmseg_to_checkpoint,
+    model_from_checkpoint,
+)
 from semseg.models.checkpoint import load_checkpoint
 from semseg.models.context_heads import DynamicConvModule, EMAModule
+from semseg.models.mmseg_conversion import recognise_mmseg
 from semseg_bench import runner as bench_runner
 from semseg_bench.timing import matmul_peak_flops
 
@@ -271,3 +280,16 @@ def test_benchmark_counts_and_times_a_context_head(
     assert result["model"]["params"] == count_parameters(small_model("dnlnet"))
     assert result["model"]["forward_gflops_per_image"] > 0
     assert np.isfinite(result["train"][0]["final_loss"])
+
+
+def test_head_variants_the_zoo_lacks_are_refused_in_one_line() -> None:
+    """An mmseg NLHead in 'concatenation' mode (its concat_project conv) is not the zoo's
+    embedded-Gaussian head: the converter names the tensor that does not fit, in one line."""
+    shapes = {**MMSEG["nonlocal"]["shapes"],
+              "decode_head.nl_block.concat_project.conv.weight": [1, 512, 1, 1]}  # fmt: skip
+    weights = {k: torch.zeros(s) for k, s in shapes.items()}
+    arch = recognise_mmseg(weights)
+    config = compose_groups({**arch.config_groups, "dataset": "bdd100k"}, arch.overrides)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): .*concat_project") as info:
+        mmseg_to_checkpoint(weights, "nl.pth", config, dataset_meta(config["dataset"]))
+    assert "\n" not in str(info.value)
