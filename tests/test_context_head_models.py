@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import (
+from helpers import (
     REPO,
     assert_model_zoo_row,
     assert_onnx_export_matches,
