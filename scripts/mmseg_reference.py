@@ -7,8 +7,9 @@ weights (:func:`seeded_weights`: a function of each tensor's name and shape, so 
 them without mmseg), runs it on structured street-like images (:func:`scene`) at a size that
 stride 32 divides and one that it does not, and through mmseg's whole test pipeline (load the PNG,
 keep-ratio resize into the test scale, normalise, logits resized back to the image) on
-``scene.png``. It writes small fixtures to ``tests/fixtures/mmseg/``: per case the argmax maps and
-the logits on a 6-pixel grid (``<case>.npz``); the key/shape list of mmseg's state dict and the
+``scene.png``, and for the zoo's 769x769 rows (``"slide"`` cases) through mmseg's sliding-window
+test (:data:`SLIDE`). It writes small fixtures to ``tests/fixtures/mmseg/``: per case the argmax
+maps and the logits on a 6-pixel grid (``<case>.npz``); the key/shape list of mmseg's state dict and the
 layer geometry of mmseg's dilated ResNetV1c (``cases.json``); the input images (``inputs.npz``,
 ``scene.png``).
 
@@ -34,7 +35,8 @@ Run from the repository root::
 
 ``--compare`` also converts each case with this project's converter and compares both models on
 whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at the zoo's scale
-1280x720 on a 640x480 scene (also with the zoo's mmseg 0.x float loading); it writes
+1280x720 on a 640x480 scene (also with the zoo's mmseg 0.x float loading), sliding windows for the
+``"slide"`` cases (the fixture's, and 320x320 windows at stride 213 on the 512x1024 image); it writes
 ``comparison.json`` next to the fixtures (about half an hour on 2 CPU cores; ``--cases`` and
 ``--no-fixtures`` narrow it down; ``--cases`` also limits which fixtures are rewritten).
 
@@ -74,6 +76,10 @@ SIZES = ((64, 128), (75, 110))
 PIPELINE_IMAGE = (75, 100)
 PIPELINE_SCALE = (256, 144)
 GRID = 6  # logits are stored every GRID pixels in both directions
+# The sliding-window fixture of the "slide" cases (the zoo's 769x769 rows test with 769x769
+# windows at stride 513): on the SIZES[1] image, 2 x 3 overlapping windows clamped at the borders.
+SLIDE = {"crop_size": (48, 64), "stride": (32, 43)}
+SLIDE_512X1024 = {"crop_size": (320, 320), "stride": (213, 213)}  # --compare: 2 x 5 windows
 SEED = 0
 
 # name: (mmseg base config, its settings, this project's config groups, converter overrides)
@@ -152,6 +158,47 @@ CASES: dict[str, dict[str, Any]] = {
         "config": "fcn_hr18",
         "hrnet": 48,
         "groups": {"model": "fcn_hr", "backbone": "hrnet_w48"},
+    },
+    # The context heads (NLNet, GCNet, DNLNet, EMANet, DMNet, APCNet on R-50-D8); the zoo's 769x769
+    # rows (GCNet, EMANet, DMNet) with align_corners=True and their sliding-window test.
+    "nonlocal": {
+        "config": "nonlocal_r50-d8",
+        "groups": {"model": "nonlocal", "backbone": "resnet50c_d8"},
+    },
+    "gcnet": {
+        "config": "gcnet_r50-d8",
+        "align_corners": True,
+        "slide": True,
+        "groups": {"model": "gcnet", "backbone": "resnet50c_d8"},
+        "overrides": ["model.align_corners=true"],
+    },
+    "dnlnet": {
+        "config": "dnl_r50-d8",
+        "groups": {"model": "dnlnet", "backbone": "resnet50c_d8"},
+    },
+    "dnlnet_r101": {
+        "config": "dnl_r50-d8",
+        "depth": 101,
+        "logits": False,
+        "groups": {"model": "dnlnet", "backbone": "resnet101c_d8"},
+    },
+    "emanet": {
+        "config": "emanet_r50-d8",
+        "align_corners": True,
+        "slide": True,
+        "groups": {"model": "emanet", "backbone": "resnet50c_d8"},
+        "overrides": ["model.align_corners=true"],
+    },
+    "dmnet": {
+        "config": "dmnet_r50-d8",
+        "align_corners": True,
+        "slide": True,
+        "groups": {"model": "dmnet", "backbone": "resnet50c_d8"},
+        "overrides": ["model.align_corners=true"],
+    },
+    "apcnet": {
+        "config": "apcnet_r50-d8",
+        "groups": {"model": "apcnet", "backbone": "resnet50c_d8"},
     },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
@@ -387,6 +434,21 @@ def mmseg_logits(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         return model.encode_decode(normalized(images), metas)
 
 
+def mmseg_slide_logits(
+    model: torch.nn.Module, images: np.ndarray, crop_size: Sequence[int], stride: Sequence[int]
+) -> torch.Tensor:
+    """mmseg's sliding-window logits (``slide_inference``) at the input size."""
+    from mmengine import ConfigDict
+
+    whole, model.test_cfg = model.test_cfg, ConfigDict(crop_size=crop_size, stride=stride)
+    metas = [{"img_shape": images.shape[1:3], "ori_shape": images.shape[1:3]}] * len(images)
+    try:
+        with torch.no_grad():
+            return model.slide_inference(normalized(images), metas)
+    finally:
+        model.test_cfg = whole  # the pipeline cases test whole images
+
+
 def mmseg_pipeline_logits(
     model: torch.nn.Module, path: Path, scale: Sequence[int], to_float32: bool = False
 ) -> torch.Tensor:
@@ -446,6 +508,9 @@ def write_fixtures(out: Path, cases: Sequence[str]) -> None:
         for size, images in inputs.items():
             for k, v in summary(mmseg_logits(model, images)[0]).items():
                 arrays[f"{size}_{k}"] = v
+        if case.get("slide"):
+            slide = mmseg_slide_logits(model, inputs["{}x{}".format(*SIZES[1])], **SLIDE)
+            arrays |= {f"slide_{k}": v for k, v in summary(slide[0]).items()}
         logits = mmseg_pipeline_logits(model, out / "scene.png", PIPELINE_SCALE)
         arrays |= {f"pipeline_{k}": v for k, v in summary(logits).items()}
         np.savez_compressed(out / f"{name}.npz", **arrays)
@@ -514,6 +579,8 @@ def compare(out: Path, cases: Sequence[str]) -> None:
     """
     from PIL import Image
 
+    from semseg.evaluation.inference import predict_logits
+
     torch.set_grad_enabled(False)
     big = out.parent / "_scene_640x480.png"  # not committed
     Image.fromarray(scene(480, 640, seed=7)).save(big)
@@ -536,6 +603,13 @@ def compare(out: Path, cases: Sequence[str]) -> None:
             for size, im in images.items():
                 rows[f"{size}_eps_1e-6"] = differences(
                     eps(torch.from_numpy(im).permute(0, 3, 1, 2))[0], mmseg_logits(ref_model, im)[0]
+                )
+        if case.get("slide"):  # the windows of the fixture, and 320x320 ones on 512x1024
+            for size, window in (("75x110", SLIDE), ("512x1024", SLIDE_512X1024)):
+                x = torch.from_numpy(images[size]).permute(0, 3, 1, 2)
+                rows[f"slide_{size}"] = differences(
+                    predict_logits(ours, x, mode="slide", **window)[0],
+                    mmseg_slide_logits(ref_model, images[size], **window)[0],
                 )
         for label, image, scale, to_float32 in (
             ("pipeline_fixture", out / "scene.png", PIPELINE_SCALE, False),

@@ -9,7 +9,7 @@ project's models: the logits must agree (max abs difference < 1e-3 on a 6-pixel 
 agreement >= 99.9% on whole maps), at a size stride 32 divides and one it does not, and through
 the prediction path of src/predict.py (keep-ratio resize into the test scale, logits resized back
 as the model resizes: align_corners on the zoo's 769x769 rows) on the PNG file mmseg's test
-pipeline read.
+pipeline read, and for the 769x769 rows of the context heads through sliding-window inference.
 """
 
 from __future__ import annotations
@@ -149,3 +149,20 @@ def instantiate_backbone(config_name: str) -> TimmBackbone:
     config = compose_groups({"backbone": config_name}, ["backbone.pretrained=false"])
     with torch.device("meta"):
         return instantiate(config["backbone"])
+
+
+SLIDE_CASES = [name for name, case in CASES.items() if case.get("slide")]
+
+
+@pytest.mark.parametrize("name", SLIDE_CASES)
+def test_sliding_window_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
+    """The zoo's 769x769 rows test with sliding windows: this project's slide inference
+    (inference=slide) gives mmseg's ``slide_inference`` logits (2 x 3 overlapping windows, clamped
+    at the borders, averaged), with the case's align_corners=True."""
+    model, _, _ = model_from_checkpoint(converted(name))
+    assert model.align_corners
+    ref = np.load(FIXTURES / f"{name}.npz")
+    images = inputs["{}x{}".format(*reference.SIZES[1])]
+    with torch.no_grad():
+        logits = predict_logits(model, images, mode="slide", **reference.SLIDE)[0]
+    assert_matches(logits, ref, "slide")

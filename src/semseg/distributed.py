@@ -198,3 +198,13 @@ def wrap_ddp(model: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
         return model
     ids = [env.device.index] if env.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over the ranks (a new tensor; ``tensor`` itself without a process
+    group). Called by every rank in the same order, as any collective."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    tensor = tensor / dist.get_world_size()
+    dist.all_reduce(tensor)
+    return tensor

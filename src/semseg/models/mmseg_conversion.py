@@ -317,6 +317,48 @@ HEADS: list[MmsegHead] = [
     ),
     # HRNet's FCNHead: one 1x1 ConvModule on the resized, concatenated branches.
     _head("fcn_hr", "FCNHead (resize_concat)", "convs conv_seg", 4, aux=False),
+    _head("nonlocal", "NLHead", "convs conv_cat nl_block conv_seg", 8),
+    _head(
+        "gcnet",
+        "GCHead",
+        "convs conv_cat gc_block conv_seg",
+        8,
+        (
+            r"^decode_head\.(?:gc_block\.(?:conv_mask|channel_add_conv\.[013]|channel_mul_conv\.[013])\.(?:weight|bias))$",
+            _SAME,
+        ),
+    ),
+    _head(
+        "dnlnet",
+        "DNLHead",
+        "convs conv_cat dnl_block conv_seg",
+        8,
+        (r"^decode_head\.(?:dnl_block\.conv_mask\.(?:weight|bias))$", _SAME),
+    ),
+    _head(
+        "emanet",
+        "EMAHead",
+        "ema_module ema_in_conv ema_mid_conv ema_out_conv bottleneck conv_cat conv_seg",
+        8,
+        (r"^decode_head\.(?:ema_module\.bases)$", _SAME),
+    ),
+    _head(
+        "dmnet",
+        "DMHead",
+        "dcm_modules bottleneck conv_seg",
+        8,
+        (
+            rf"^decode_head\.(?:dcm_modules\.\d+\.(?:filter_gen_conv\.(?:weight|bias)|norm\.{_BN_STATS}))$",
+            _SAME,
+        ),
+    ),
+    _head(
+        "apcnet",
+        "APCHead",
+        "acm_modules bottleneck conv_seg",
+        8,
+        (r"^decode_head\.(?:acm_modules\.\d+\.gla\.(?:weight|bias))$", _SAME),
+    ),
 ]
 # mmseg's auxiliary FCNHead (one ConvModule, no concatenation) -> this project's aux_head.
 _AUX_RULES = conv_module_rules("auxiliary_head", AUX_HEAD)
