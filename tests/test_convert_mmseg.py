@@ -103,13 +103,13 @@ PLACES = [
     ("backbone.stem.7.running_var", "backbone.model.bn1", "running_var"),
     ("backbone.layer3.5.conv2.weight", "backbone.model.layer3.5.conv2", "weight"),
     ("backbone.layer4.0.downsample.1.bias", "backbone.model.layer4.0.downsample.1", "bias"),
-    ("neck.lateral_convs.2.conv.bias", "fpn.inner_blocks.2.0", "bias"),
-    ("neck.fpn_convs.3.conv.weight", "fpn.layer_blocks.3.0", "weight"),
-    ("decode_head.scale_heads.0.0.conv.weight", "heads.0.0.0", "weight"),
-    ("decode_head.scale_heads.3.4.bn.weight", "heads.3.4.1", "weight"),
-    ("decode_head.scale_heads.2.2.conv.weight", "heads.2.2.0", "weight"),
-    ("decode_head.conv_seg.weight", "classifier", "weight"),
-    ("decode_head.conv_seg.bias", "classifier", "bias"),
+    ("neck.lateral_convs.2.conv.bias", "neck.lateral_convs.2.0", "bias"),
+    ("neck.fpn_convs.3.conv.weight", "neck.fpn_convs.3.0", "weight"),
+    ("decode_head.scale_heads.0.0.conv.weight", "decode_head.scale_heads.0.0.0", "weight"),
+    ("decode_head.scale_heads.3.4.bn.weight", "decode_head.scale_heads.3.4.1", "weight"),
+    ("decode_head.scale_heads.2.2.conv.weight", "decode_head.scale_heads.2.2.0", "weight"),
+    ("decode_head.conv_seg.weight", "decode_head.classifier", "weight"),
+    ("decode_head.conv_seg.bias", "decode_head.classifier", "bias"),
 ]
 
 
@@ -164,7 +164,9 @@ def test_script_end_to_end(mmseg_sd: dict[str, torch.Tensor], tmp_path: Path) ->
         state["meta"]["class_names"][0] == "road" and state["config"]["model"]["num_classes"] == 19
     )
     # (the script built the model and loaded these weights strictly before writing them)
-    assert torch.equal(state["model"]["classifier.bias"], mmseg_sd["decode_head.conv_seg.bias"])
+    assert torch.equal(
+        state["model"]["decode_head.classifier.bias"], mmseg_sd["decode_head.conv_seg.bias"]
+    )
     with pytest.raises(SystemExit):  # argparse: "input checkpoint not found"
         script.main([str(tmp_path / "missing.pth"), str(out)])
 

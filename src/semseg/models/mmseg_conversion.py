@@ -223,13 +223,8 @@ def _head(model: str, mmseg_type: str, submodules: str, output_stride: int) -> M
     return MmsegHead(model, mmseg_type, frozenset(submodules.split()), output_stride, rules)
 
 
-_FPN_RULES = _rules(
-    (r"^neck\.lateral_convs\.(\d+)\.conv\.(.+)$", r"fpn.inner_blocks.\1.0.\2"),
-    (r"^neck\.fpn_convs\.(\d+)\.conv\.(.+)$", r"fpn.layer_blocks.\1.0.\2"),
-    (r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.conv\.(.+)$", r"heads.\1.\2.0.\3"),
-    (r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(?:bn|gn)\.(.+)$", r"heads.\1.\2.1.\3"),
-    (r"^decode_head\.conv_seg\.(.+)$", r"classifier.\1"),
-)
+# The FPN neck's ConvModules have no norm: ``neck.<name>.conv`` -> ``neck.<name>.0``.
+_FPN_RULES = conv_module_rules("neck", "neck") + conv_module_rules("decode_head", "decode_head")
 _FPN_HEAD = frozenset({"scale_heads", "conv_seg"})
 
 HEADS: list[MmsegHead] = [
@@ -354,10 +349,8 @@ def convert_mmseg_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def _num_classes(converted: Mapping[str, Tensor]) -> int | None:
-    for key in ("classifier.weight", "decode_head.classifier.weight"):
-        if key in converted:
-            return int(converted[key].shape[0])
-    return None
+    key = "decode_head.classifier.weight"
+    return int(converted[key].shape[0]) if key in converted else None
 
 
 def mmseg_to_checkpoint(
