@@ -41,7 +41,8 @@ class EncoderDecoder(SegmentationModel):
     Takes RGB images 0..255 and normalises them inside. In eval mode, or without an auxiliary
     head, returns logits ``N x C x H x W`` at the input size; in training mode with an auxiliary
     head, ``{"out": logits, "aux": aux_logits}`` (both at the input size), whose loss the
-    ``loss`` config weighs (``loss.aux_weight``).
+    ``loss`` config weighs (``loss.aux_weight``); a cascade decode head (PointRend) adds its
+    point predictions in training (``"points"``, ``"point_coords"``).
     """
 
     def __init__(
@@ -67,10 +68,13 @@ class EncoderDecoder(SegmentationModel):
         features = self.backbone(self.normalize(images))
         if self.neck is not None:
             features = self.neck(features)
-        logits = self._to_input_size(self.decode_head(features), images)
+        head = self.decode_head(features)
+        # A cascade head (PointRend) in training: a dict, its logits "out" and what the loss needs.
+        outputs = dict(head) if isinstance(head, dict) else {"out": head}
+        outputs["out"] = self._to_input_size(outputs["out"], images)
         if self.training and self.aux_head is not None:
-            return {"out": logits, "aux": self._to_input_size(self.aux_head(features), images)}
-        return logits
+            outputs["aux"] = self._to_input_size(self.aux_head(features), images)
+        return outputs if len(outputs) > 1 else outputs["out"]
 
     def _to_input_size(self, logits: Tensor, images: Tensor) -> Tensor:
         # NCHW logits: the full-size log_softmax of the loss is ~1.5x faster than on channels_last.
