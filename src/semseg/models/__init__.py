@@ -1,5 +1,5 @@
 """Segmentation models on timm backbones (Semantic FPN, FCN, PSPNet, DeepLabV3, DeepLabV3+,
-UPerNet: mmseg's encoder-decoders): building, weights, size accounting and mmseg checkpoint
+UPerNet, PointRend: mmseg's encoder-decoders): building, weights, size accounting and mmseg checkpoint
 conversion.
 
 The factories stay in their modules (``semseg.models.decoders.encoder_decoder``, the configs'

@@ -1,12 +1,13 @@
 """The classic decoders of the BDD100K model zoo as mmsegmentation builds them: FCN, PSPNet,
 DeepLabV3, DeepLabV3+ and UPerNet heads on a backbone's four feature maps, with mmseg's optional
-FCN auxiliary head (training only).
+FCN auxiliary head (training only) and optional neck (:mod:`semseg.models.necks`; Semantic FPN and
+PointRend: :mod:`semseg.models.semantic_fpn`, :mod:`semseg.models.pointrend`).
 
 Read top-down: :class:`EncoderDecoder` (the whole model) and its factory :func:`encoder_decoder`
-(the ``_target_`` of ``conf/model/{fcn,pspnet,deeplabv3,deeplabv3plus,upernet}.yaml``), then the
-heads. Every layer is mmseg's, in mmseg's order, under mmseg's module names (``convs``,
-``psp_modules``, ``aspp_modules``, ``bottleneck``, ...), so that an mmseg checkpoint converts by
-renaming (:mod:`semseg.models.mmseg_conversion`): a ConvModule (conv without bias, norm, ReLU) is a
+(the ``_target_`` of every ``conf/model/*.yaml``), then the heads. Every layer is mmseg's, in
+mmseg's order, under mmseg's module names (``convs``, ``psp_modules``, ``aspp_modules``,
+``bottleneck``, ...), so that an mmseg checkpoint converts by renaming
+(:mod:`semseg.models.mmseg_conversion`): a ConvModule (conv without bias, norm, ReLU) is a
 torchvision ``Conv2dNormActivation`` (``.0`` conv, ``.1`` norm), ``conv_seg`` is ``classifier``.
 """
 

@@ -37,6 +37,15 @@ def uncertainty(logits: Tensor) -> Tensor:
     return (top2[:, 1] - top2[:, 0]).unsqueeze(1)
 
 
+def pixel_centres(height: int, width: int, device: torch.device) -> Tensor:
+    """(x, y) of each pixel's centre in [0, 1], row-major (H*W x 2), computed as mmseg's
+    ``get_points_test`` does (``step / 2 + index * step``)."""
+    w_step, h_step = 1.0 / width, 1.0 / height
+    xs = w_step / 2.0 + torch.arange(width, device=device).float() * w_step
+    ys = h_step / 2.0 + torch.arange(height, device=device).float() * h_step
+    return torch.stack([xs.expand(height, width), ys[:, None].expand(height, width)], -1).view(-1, 2)
+
+
 class PointHead(DecodeHead):
     """mmseg's ``PointHead``: per point, the fine-grained features of the maps ``in_index`` and
     the coarse logits, through ``num_fcs`` 1x1 Conv1d + ReLU (the coarse logits appended again
@@ -135,14 +144,7 @@ class PointHead(DecodeHead):
             n, c, h, w = refined.shape
             num_points = min(h * w, self.subdivision_num_points)
             idx = uncertainty(refined).view(n, h * w).topk(num_points, dim=1)[1]
-            w_step, h_step = 1.0 / w, 1.0 / h  # pixel centres, computed as mmseg does
-            points = torch.stack(
-                [
-                    w_step / 2.0 + (idx % w).float() * w_step,
-                    h_step / 2.0 + (idx // w).float() * h_step,
-                ],
-                -1,
-            )
+            points = pixel_centres(h, w, refined.device)[idx]
             logits = self.point_logits(inputs, coarse, points)
             refined = refined.reshape(n, c, h * w).scatter(
                 2, idx[:, None].expand(-1, c, -1), logits

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -70,7 +71,9 @@ class FPNHead(DecodeHead):
         out = self.scale_heads[0](inputs[self.in_index[0]])
         for i, head in zip(self.in_index[1:], self.scale_heads[1:]):
             y = head(inputs[i])
-            if y.shape[-2:] != out.shape[-2:]:  # odd input sizes: 2x upsampling overshoots
+            # Odd input sizes: the 2x upsampling overshoots. In an ONNX export always resized, so
+            # that the graph follows the input's size, not the example's.
+            if y.shape[-2:] != out.shape[-2:] or torch.onnx.is_in_onnx_export():
                 y = F.interpolate(
                     y, size=out.shape[-2:], mode="bilinear", align_corners=self.align_corners
                 )
