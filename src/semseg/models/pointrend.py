@@ -43,7 +43,9 @@ def pixel_centres(height: int, width: int, device: torch.device) -> Tensor:
     w_step, h_step = 1.0 / width, 1.0 / height
     xs = w_step / 2.0 + torch.arange(width, device=device).float() * w_step
     ys = h_step / 2.0 + torch.arange(height, device=device).float() * h_step
-    return torch.stack([xs.expand(height, width), ys[:, None].expand(height, width)], -1).view(-1, 2)
+    return torch.stack([xs.expand(height, width), ys[:, None].expand(height, width)], -1).view(
+        -1, 2
+    )
 
 
 class PointHead(DecodeHead):
