@@ -191,7 +191,7 @@ def layout(case: str) -> dict[str, torch.Tensor]:
 def test_architecture_recognised_from_keys(case: str) -> None:
     arch = recognise_mmseg(layout(case))
     assert arch.config_groups == MMSEG_CASES[case]["groups"]
-    assert arch.has_aux == (case != "semantic_fpn")
+    assert arch.has_aux == (case not in ("semantic_fpn", "pointrend"))
     renamed = convert_mmseg_state_dict({"state_dict": layout(case)})
     assert len(renamed) == len(MMSEG_CASES[case]["shapes"])  # every key has a rule
 
@@ -231,8 +231,8 @@ REFUSED = {
         lambda: layout("fcn") | {"decode_head.cca.query_conv.weight": torch.empty(0)},
         r"decode_head submodules: cca, conv_cat, conv_seg, convs",
     ),
-    # PointRend: a list of decode heads
-    "pointrend": (
+    # A cascade of decode heads without PointRend's point head
+    "cascade_without_point_head": (
         lambda: _renamed(layout("semantic_fpn"), "decode_head.", "decode_head.0."),
         r"decode_head submodules: 0",
     ),
