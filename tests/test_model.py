@@ -255,7 +255,9 @@ def test_model_from_checkpoint_round_trip(
     assert stored["backbone"]["name"] == "resnet18"
     # Fine-tuning start: model.weights=PATH loads the same weights through the factory.
     finetune = build_model(config("resnet18", "semantic_fpn", f"model.weights={path}"))
-    assert torch.equal(finetune.classifier.weight, model_r18.classifier.weight)
+    assert torch.equal(
+        finetune.decode_head.classifier.weight, model_r18.decode_head.classifier.weight
+    )
 
 
 def test_class_count_mismatch_lists_keys(
@@ -269,8 +271,10 @@ def test_class_count_mismatch_lists_keys(
     # Architecture mismatch: missing and unexpected keys are listed.
     other = build_model(config("resnet18", "semantic_fpn", "model.num_classes=7"))
     state = dict(model_r18.state_dict())
-    state["extra.weight"] = state.pop("classifier.weight")
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): classifier\.weight") as e:
+    state["extra.weight"] = state.pop("decode_head.classifier.weight")
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \(1\): decode_head\.classifier\.weight"
+    ) as e:
         load_model_weights(other, state, source="x.pt")
     assert "unexpected keys (1): extra.weight" in str(e.value)
 
