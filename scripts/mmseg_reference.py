@@ -200,6 +200,11 @@ CASES: dict[str, dict[str, Any]] = {
         "config": "apcnet_r50-d8",
         "groups": {"model": "apcnet", "backbone": "resnet50c_d8"},
     },
+    # CascadeEncoderDecoder: FPNHead, then PointHead (inference: two subdivision steps).
+    "pointrend": {
+        "config": "pointrend_r50",
+        "groups": {"model": "pointrend", "backbone": "resnet50c"},
+    },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
@@ -226,7 +231,7 @@ def seeded_weights(
     """Random tensors for an mmseg state dict, each a function of its key, shape and ``seed``.
 
     Variance-preserving, so that 50+ layers keep activations of order one and every branch
-    matters: convs and linear layers He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1)
+    matters: convs (1d and 2d) and linear layers He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1)
     (U(0.1, 0.3) on the last norm of a residual block, on ConvNeXt's layer scales and on HRNet's
     fuse norms, which keeps the residual and fused sums from doubling per block), biases and running means N(0, 0.1), running
     variances U(0.5, 1.5).
@@ -241,7 +246,7 @@ def seeded_weights(
             out[key] = torch.rand(shape, generator=gen) + 0.5
         elif name in ("running_mean", "bias"):
             out[key] = torch.randn(shape, generator=gen) * 0.1
-        elif len(shape) in (2, 4):
+        elif len(shape) in (2, 3, 4):
             fan_in = int(np.prod(shape[1:]))
             out[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
         elif ".bn3." in key or name == "gamma" or HRNET_DAMPED.search(key):
@@ -353,6 +358,7 @@ def mmcv_ops() -> types.ModuleType:
     ops = _Ops("mmcv.ops")
     ops.CrissCrossAttention = cc_attention.CrissCrossAttention
     ops.PSAMask = PSAMask
+    ops.point_sample = mmcv_point_sample()  # PointHead's: pure Python (grid_sample)
     return ops
 
 
@@ -365,6 +371,20 @@ def import_mmseg() -> Any:
 
     register_all_modules()
     return mmseg
+
+
+def mmcv_point_sample() -> Any:
+    """mmcv's ``point_sample``, read from mmcv-lite's own file (which imports only torch), since
+    its package ``mmcv.ops`` needs the compiled ops."""
+    import importlib.util
+
+    import mmcv
+
+    path = Path(mmcv.__file__).parent / "ops" / "point_sample.py"
+    spec = importlib.util.spec_from_file_location("mmcv_point_sample", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.point_sample
 
 
 def convnext_backbone(arch: str) -> dict[str, Any]:
@@ -400,10 +420,11 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
     else:
         cfg.model.backbone.norm_cfg = bn
         cfg.model.backbone.depth = case.get("depth", 50)
-    for head in ("decode_head", "auxiliary_head"):
-        if head in cfg.model:
-            cfg.model[head].norm_cfg = bn
-            cfg.model[head].align_corners = case.get("align_corners", False)
+    heads = [cfg.model[k] for k in ("decode_head", "auxiliary_head") if k in cfg.model]
+    for head in [h for entry in heads for h in (entry if isinstance(entry, list) else [entry])]:
+        if head.get("norm_cfg") is not None:  # PointRend's point head has none
+            head.norm_cfg = bn
+        head.align_corners = case.get("align_corners", False)
     cfg.test_pipeline = [
         {"type": "LoadImageFromFile"},
         {"type": "Resize", "scale": PIPELINE_SCALE, "keep_ratio": True},

@@ -196,7 +196,11 @@ def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:
     from semseg.models import build_model
 
     groups = {"model": "semantic_fpn", "backbone": "resnet18", "dataset": "toy_bdd100k"}
-    overrides = ["backbone.pretrained=false", "model.fpn_channels=32", "model.head_channels=16"]
+    overrides = [
+        "backbone.pretrained=false",
+        "model.neck.out_channels=32",
+        "model.decode_head.channels=16",
+    ]
     if num_classes is not None:
         overrides.append(f"model.num_classes={num_classes}")
     config = compose_groups(groups, overrides)

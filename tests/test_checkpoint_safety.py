@@ -167,8 +167,8 @@ def test_nothing_loadable_is_an_error_naming_last(tmp_path: Path) -> None:
 
 SMALL_SMOKE = (
     "experiment=smoke", "device=cpu", "trainer.checkpoint_interval=1", "trainer.keep_last=5",
-    "trainer.precision=fp32", "trainer.eval_at_end=false", "model.fpn_channels=32",
-    "model.head_channels=16",
+    "trainer.precision=fp32", "trainer.eval_at_end=false", "model.neck.out_channels=32",
+    "model.decode_head.channels=16",
 )  # fmt: skip
 
 

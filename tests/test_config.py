@@ -51,8 +51,9 @@ def test_required_groups_have_options(group):
 
 def test_defaults_are_the_reference_recipe():
     cfg = compose_train()
-    assert cfg.model._target_.endswith("semantic_fpn") and cfg.model.fpn_channels == 256
-    assert cfg.model.head_channels == 128 and cfg.model.dropout == 0.1
+    assert cfg.model._target_.endswith("encoder_decoder") and cfg.model.neck.out_channels == 256
+    assert cfg.model.decode_head._target_.endswith("FPNHead") and "aux_head" not in cfg.model
+    assert cfg.model.decode_head.channels == 128 and cfg.model.decode_head.dropout == 0.1
     assert cfg.backbone.name == "resnet50" and cfg.backbone.pretrained is True
     assert cfg.dataset.name == "bdd100k" and list(cfg.dataset.train_pipeline.crop_size) == [
         512,

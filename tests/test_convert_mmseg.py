@@ -46,13 +46,13 @@ PLACES = [
     ("backbone.stem.7.running_var", "backbone.model.bn1", "running_var"),
     ("backbone.layer3.5.conv2.weight", "backbone.model.layer3.5.conv2", "weight"),
     ("backbone.layer4.0.downsample.1.bias", "backbone.model.layer4.0.downsample.1", "bias"),
-    ("neck.lateral_convs.2.conv.bias", "fpn.inner_blocks.2.0", "bias"),
-    ("neck.fpn_convs.3.conv.weight", "fpn.layer_blocks.3.0", "weight"),
-    ("decode_head.scale_heads.0.0.conv.weight", "heads.0.0.0", "weight"),
-    ("decode_head.scale_heads.3.4.bn.weight", "heads.3.4.1", "weight"),
-    ("decode_head.scale_heads.2.2.conv.weight", "heads.2.2.0", "weight"),
-    ("decode_head.conv_seg.weight", "classifier", "weight"),
-    ("decode_head.conv_seg.bias", "classifier", "bias"),
+    ("neck.lateral_convs.2.conv.bias", "neck.lateral_convs.2.0", "bias"),
+    ("neck.fpn_convs.3.conv.weight", "neck.fpn_convs.3.0", "weight"),
+    ("decode_head.scale_heads.0.0.conv.weight", "decode_head.scale_heads.0.0.0", "weight"),
+    ("decode_head.scale_heads.3.4.bn.weight", "decode_head.scale_heads.3.4.1", "weight"),
+    ("decode_head.scale_heads.2.2.conv.weight", "decode_head.scale_heads.2.2.0", "weight"),
+    ("decode_head.conv_seg.weight", "decode_head.classifier", "weight"),
+    ("decode_head.conv_seg.bias", "decode_head.classifier", "bias"),
 ]
 
 
@@ -107,7 +107,9 @@ def test_script_end_to_end(mmseg_sd: dict[str, torch.Tensor], tmp_path: Path) ->
         state["meta"]["class_names"][0] == "road" and state["config"]["model"]["num_classes"] == 19
     )
     # (the script built the model and loaded these weights strictly before writing them)
-    assert torch.equal(state["model"]["classifier.bias"], mmseg_sd["decode_head.conv_seg.bias"])
+    assert torch.equal(
+        state["model"]["decode_head.classifier.bias"], mmseg_sd["decode_head.conv_seg.bias"]
+    )
     with pytest.raises(SystemExit):  # error: input checkpoint not found
         script.main([str(tmp_path / "missing.pth"), str(out)])
 
@@ -133,7 +135,9 @@ def test_architecture_recognised_from_keys(case: str) -> None:
     arch = recognise_mmseg(layout(case))
     assert arch.config_groups == MMSEG_CASES[case]["groups"]
     assert arch.has_aux == any(k.startswith("auxiliary_head.") for k in MMSEG_CASES[case]["shapes"])
-    assert arch.has_aux == (case != "semantic_fpn" and not case.startswith("fcn_hr"))
+    assert arch.has_aux == (
+        case not in ("semantic_fpn", "pointrend") and not case.startswith("fcn_hr")
+    )
     renamed = convert_mmseg_state_dict({"state_dict": layout(case)})
     assert len(renamed) == len(MMSEG_CASES[case]["shapes"])  # every key has a rule
 
@@ -173,8 +177,8 @@ REFUSED = {
         lambda: layout("fcn") | {"decode_head.pam.query_project.conv.weight": torch.empty(0)},
         r"decode_head submodules: conv_cat, conv_seg, convs, pam",
     ),
-    # PointRend: a list of decode heads
-    "pointrend": (
+    # A cascade of decode heads without PointRend's point head
+    "cascade_without_point_head": (
         lambda: _renamed(layout("semantic_fpn"), "decode_head.", "decode_head.0."),
         r"decode_head submodules: 0",
     ),

@@ -73,8 +73,8 @@ def test_every_reader_takes_folders_and_hub_references(converted, folder, hub_ca
         assert _same_weights(model.state_dict(), original) and meta["num_classes"] == 19
     # model.weights= of train.py (fine-tuning)
     groups = {"model": "semantic_fpn", "backbone": "resnet18", "dataset": "toy_bdd100k"}
-    config = compose_groups(groups, ["backbone.pretrained=false", "model.fpn_channels=32",
-                                     "model.head_channels=16", f"model.weights=hf://{REPO_ID}"])  # fmt: skip
+    config = compose_groups(groups, ["backbone.pretrained=false", "model.neck.out_channels=32",
+                                     "model.decode_head.channels=16", f"model.weights=hf://{REPO_ID}"])  # fmt: skip
     assert _same_weights(build_model(config).state_dict(), original)
     # scripts/export_onnx.py
     out = tmp_path / "tiny.onnx"

@@ -1,4 +1,4 @@
-"""Semantic FPN: shapes, size, backbones from config, offline weights, whole-model checkpoints."""
+"""Semantic FPN (the encoder-decoder with the FPN neck and FPNHead): shapes, size, backbones from config, offline weights, whole-model checkpoints."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from semseg.cli import CONF_DIR, compose_groups
 from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
 from semseg.models import (
-    SemanticFPN,
+    EncoderDecoder,
     TimmBackbone,
     WeightsError,
     build_model,
@@ -46,14 +46,14 @@ def cfg_r18() -> dict:
 
 
 @pytest.fixture(scope="module")
-def model_r18(cfg_r18: dict) -> SemanticFPN:
+def model_r18(cfg_r18: dict) -> EncoderDecoder:
     torch.manual_seed(0)
     return build_model(cfg_r18)
 
 
 # Sizes that stride 32 does not divide, down to 8 (72x136) and to 1 (97x131).
 @pytest.mark.parametrize("size", [(100, 150), (97, 131), (72, 136)])
-def test_output_is_input_size(model_r18: SemanticFPN, size: tuple[int, int]) -> None:
+def test_output_is_input_size(model_r18: EncoderDecoder, size: tuple[int, int]) -> None:
     images = torch.randint(0, 256, (1, 3, *size), dtype=torch.uint8)
     with torch.no_grad():
         logits = model_r18.eval()(images)
@@ -61,7 +61,7 @@ def test_output_is_input_size(model_r18: SemanticFPN, size: tuple[int, int]) -> 
     assert torch.isfinite(logits).all()
 
 
-def test_gradients_reach_backbone(model_r18: SemanticFPN) -> None:
+def test_gradients_reach_backbone(model_r18: EncoderDecoder) -> None:
     model_r18.train()
     model_r18.zero_grad()
     images = torch.rand(2, 3, 32, 64) * 255
@@ -72,7 +72,7 @@ def test_gradients_reach_backbone(model_r18: SemanticFPN) -> None:
     assert all(p.grad is not None for p in model_r18.parameters())
 
 
-def test_normalisation_inside_with_config_stats(model_r18: SemanticFPN) -> None:
+def test_normalisation_inside_with_config_stats(model_r18: EncoderDecoder) -> None:
     mean = model_r18.pixel_mean.flatten().tolist()
     assert mean == pytest.approx([123.675, 116.28, 103.53])
     assert model_r18.pixel_std.flatten().tolist() == pytest.approx([58.395, 57.12, 57.375])
@@ -84,20 +84,21 @@ def test_normalisation_inside_with_config_stats(model_r18: SemanticFPN) -> None:
         assert torch.allclose(model_r18(images), model_r18(images.float()))
 
 
-def test_architecture_matches_reference(model_r18: SemanticFPN) -> None:
-    assert [len([m for m in h if isinstance(m, torch.nn.Sequential)]) for h in model_r18.heads] == [
+def test_architecture_matches_reference(model_r18: EncoderDecoder) -> None:
+    heads = model_r18.decode_head.scale_heads
+    assert [len([m for m in h if isinstance(m, torch.nn.Sequential)]) for h in heads] == [
         1,
         1,
         2,
         3,
     ]
     assert model_r18.backbone.out_strides == [4, 8, 16, 32]
-    assert model_r18.fpn.inner_blocks[0][0].out_channels == 256
-    assert model_r18.fpn.layer_blocks[0][0].kernel_size == (3, 3)
-    assert model_r18.heads[2][0][0].bias is None  # conv before norm: no bias
-    assert isinstance(model_r18.heads[1][1], torch.nn.Upsample)
-    assert model_r18.dropout.p == 0.1
-    assert model_r18.classifier.out_channels == 19
+    assert model_r18.neck.lateral_convs[0][0].out_channels == 256
+    assert model_r18.neck.fpn_convs[0][0].kernel_size == (3, 3)
+    assert heads[2][0][0].bias is None  # conv before norm: no bias
+    assert isinstance(heads[1][1], torch.nn.Upsample)
+    assert model_r18.decode_head.dropout.p == 0.1
+    assert model_r18.decode_head.classifier.out_channels == 19
 
 
 def test_parameter_count_and_flops_resnet50_resnet101() -> None:
@@ -112,7 +113,7 @@ def test_parameter_count_and_flops_resnet50_resnet101() -> None:
 
 def test_group_norm_variant() -> None:
     model = build_model(config("resnet18", "semantic_fpn_gn"))
-    norm = model.heads[3][2][1]
+    norm = model.decode_head.scale_heads[3][2][1]
     assert isinstance(norm, torch.nn.GroupNorm) and norm.num_groups == 32
     assert model(torch.rand(1, 3, 64, 64) * 255).shape == (1, 19, 64, 64)
 
@@ -220,7 +221,7 @@ def test_convnext_weights_load_through_the_flattened_names(tmp_path: Path) -> No
     assert torch.equal(loaded["stem_0.weight"], source["stem.0.weight"])
 
 
-def test_channels_last_bf16_autocast(model_r18: SemanticFPN) -> None:
+def test_channels_last_bf16_autocast(model_r18: EncoderDecoder) -> None:
     model = model_r18.eval().to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (2, 3, 64, 96), dtype=torch.uint8)
     images = images.contiguous(memory_format=torch.channels_last)
@@ -231,19 +232,19 @@ def test_channels_last_bf16_autocast(model_r18: SemanticFPN) -> None:
     model.to(memory_format=torch.contiguous_format)
 
 
-def test_flops_of_small_model(model_r18: SemanticFPN) -> None:
+def test_flops_of_small_model(model_r18: EncoderDecoder) -> None:
     gflops = forward_gflops(model_r18, 64, 128)
     assert 0 < gflops < 10
     assert model_r18.backbone.model.conv1.weight.device.type == "cpu"  # counted on a copy
 
 
-def _save(model: SemanticFPN, cfg: dict, path: Path) -> Path:
+def _save(model: EncoderDecoder, cfg: dict, path: Path) -> Path:
     state = {"model": model.state_dict(), "config": cfg, "meta": dataset_meta(cfg["dataset"])}
     return save_checkpoint(state | {"iteration": 3, "metrics": {}}, path)
 
 
 def test_model_from_checkpoint_round_trip(
-    model_r18: SemanticFPN, cfg_r18: dict, tmp_path: Path
+    model_r18: EncoderDecoder, cfg_r18: dict, tmp_path: Path
 ) -> None:
     path = _save(model_r18, cfg_r18, tmp_path / "ckpt.pt")
     rebuilt, meta, stored = model_from_checkpoint(path)
@@ -254,11 +255,13 @@ def test_model_from_checkpoint_round_trip(
     assert stored["backbone"]["name"] == "resnet18"
     # Fine-tuning start: model.weights=PATH loads the same weights through the factory.
     finetune = build_model(config("resnet18", "semantic_fpn", f"model.weights={path}"))
-    assert torch.equal(finetune.classifier.weight, model_r18.classifier.weight)
+    assert torch.equal(
+        finetune.decode_head.classifier.weight, model_r18.decode_head.classifier.weight
+    )
 
 
 def test_class_count_mismatch_lists_keys(
-    model_r18: SemanticFPN, cfg_r18: dict, tmp_path: Path
+    model_r18: EncoderDecoder, cfg_r18: dict, tmp_path: Path
 ) -> None:
     path = _save(model_r18, cfg_r18, tmp_path / "ckpt19.pt")
     seven = config("resnet18", "semantic_fpn", "model.num_classes=7", f"model.weights={path}")
@@ -268,8 +271,10 @@ def test_class_count_mismatch_lists_keys(
     # Architecture mismatch: missing and unexpected keys are listed.
     other = build_model(config("resnet18", "semantic_fpn", "model.num_classes=7"))
     state = dict(model_r18.state_dict())
-    state["extra.weight"] = state.pop("classifier.weight")
-    with pytest.raises(CheckpointError, match=r"missing keys \(1\): classifier\.weight") as e:
+    state["extra.weight"] = state.pop("decode_head.classifier.weight")
+    with pytest.raises(
+        CheckpointError, match=r"missing keys \(1\): decode_head\.classifier\.weight"
+    ) as e:
         load_model_weights(other, state, source="x.pt")
     assert "unexpected keys (1): extra.weight" in str(e.value)
 

@@ -209,10 +209,12 @@ def test_resume_with_another_model_stops_with_one_line(toy_root, tmp_path, strai
             tmp_path / "run",
             *EIGHT_ITERATIONS,
             f"trainer.resume={first_half}",
-            "model.fpn_channels=64",
+            "model.neck.out_channels=64",
         )
     message = str(info.value)
-    assert message.startswith("cannot resume from") and "model.fpn_channels: 256 -> 64" in message
+    assert (
+        message.startswith("cannot resume from") and "model.neck.out_channels: 256 -> 64" in message
+    )
     assert "\n" not in message
     assert not (tmp_path / "run" / "checkpoints").exists()
 

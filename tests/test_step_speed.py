@@ -50,7 +50,7 @@ class SyncCounter(TorchDispatchMode):
 def tiny_setup(*overrides: str):
     """A narrow Semantic FPN (ResNet-18) and the run's loss and optimizer, on the CPU."""
     cfg = compose_train(
-        "experiment=smoke", "device=cpu", "model.fpn_channels=16", "model.head_channels=16",
+        "experiment=smoke", "device=cpu", "model.neck.out_channels=16", "model.decode_head.channels=16",
         *overrides,
     )  # fmt: skip
     torch.manual_seed(0)

@@ -99,10 +99,10 @@ def test_optuna_search_tiny_budget(toy_root: Path, tmp_path: Path) -> None:
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     assert results["name"] == "optuna"
     best = results["best_params"]
-    assert set(best) == {"optimizer.lr", "optimizer.weight_decay", "model.dropout"}
+    assert set(best) == {"optimizer.lr", "optimizer.weight_decay", "model.decode_head.dropout"}
     assert 0.001 <= best["optimizer.lr"] <= 0.05
     assert 1e-5 <= best["optimizer.weight_decay"] <= 1e-3
-    assert 0.0 <= best["model.dropout"] <= 0.3
+    assert 0.0 <= best["model.decode_head.dropout"] <= 0.3
     df = runs.load_runs(sweep_dir)
     assert len(df) == 2
     assert results["best_value"] == pytest.approx(df["val/mIoU"].max())

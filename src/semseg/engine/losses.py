@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from semseg.data import class_pixel_counts
 from semseg.errors import ConfigError
+from semseg.models.pointrend import point_sample
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ class SegCrossEntropy(nn.Module):
     class weights this is a count of pixels, not PyTorch's sum of their weights).
     Called with the ``{"out", "aux"}`` outputs of a model with an auxiliary head (training), it
     returns ``loss(out) + aux_weight * cross_entropy(aux)``: as in mmseg, where each head has its
-    own loss, a pixel sampler (OHEM) applies to the decode head only.
+    own loss, a pixel sampler (OHEM) applies to the decode head only; PointRend's ``"points"``
+    add their :meth:`point_loss`.
     """
 
     def __init__(
@@ -58,10 +60,20 @@ class SegCrossEntropy(nn.Module):
         self.aux_weight = float(aux_weight)
 
     def __call__(self, outputs: torch.Tensor | Mapping[str, torch.Tensor], target: torch.Tensor):
-        if isinstance(outputs, Mapping):  # a model with an auxiliary head, in training
-            aux = self.cross_entropy(outputs["aux"], target)
-            return super().__call__(outputs["out"], target) + self.aux_weight * aux
-        return super().__call__(outputs, target)
+        if not isinstance(outputs, Mapping):
+            return super().__call__(outputs, target)
+        loss = super().__call__(outputs["out"], target)
+        if "aux" in outputs:  # a model with an auxiliary head, in training
+            loss = loss + self.aux_weight * self.cross_entropy(outputs["aux"], target)
+        if "points" in outputs:  # PointRend's point head (mmseg's loss weight 1)
+            loss = loss + self.point_loss(outputs["points"], outputs["point_coords"], target)
+        return loss
+
+    def point_loss(self, logits: torch.Tensor, points: torch.Tensor, target: torch.Tensor):
+        """The loss of N x C x P point logits at ``points`` (N x P x 2 in [0, 1]), on the labels
+        there (nearest, as mmseg samples them)."""
+        labels = point_sample(target[:, None].float(), points, mode="nearest")[:, 0].long()
+        return super().__call__(logits, labels)
 
     def denominator(self, target: torch.Tensor) -> torch.Tensor | int:
         """What the summed per-pixel loss is divided by (stays on the device: no host sync)."""

@@ -24,6 +24,14 @@ log = logging.getLogger(__name__)
 
 # Prefixes that wrappers add to state-dict keys: DDP and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Semantic FPN checkpoints saved before it was an encoder-decoder (torchvision's FPN, its own head)
+# -> today's keys: old prefix -> new prefix.
+_LEGACY_SEMANTIC_FPN = (
+    ("fpn.inner_blocks.", "neck.lateral_convs."),
+    ("fpn.layer_blocks.", "neck.fpn_convs."),
+    ("heads.", "decode_head.scale_heads."),
+    ("classifier.", "decode_head.classifier."),
+)
 _MAX_LISTED = 12
 
 
@@ -50,6 +58,18 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor
     return dict(out)
 
 
+def upgrade_legacy_keys(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state_dict`` with the keys of an older layout (Semantic FPN before it was an
+    encoder-decoder) renamed to today's; any other state dict unchanged."""
+    if not any(k.startswith("fpn.inner_blocks.") for k in state_dict):
+        return dict(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        old, new = next((p for p in _LEGACY_SEMANTIC_FPN if key.startswith(p[0])), ("", ""))
+        out[new + key[len(old) :]] = value
+    return out
+
+
 def listing(title: str, items: list[str]) -> str:
     """``title (n): a, b, ...`` with at most a dozen items named."""
     more = f", ... (+{len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else ""
@@ -70,7 +90,7 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], sourc
     """Load ``state_dict`` into ``model`` strictly; on any mismatch raise a CheckpointError that
     lists the missing, unexpected and shape-mismatched keys and names ``source``."""
     target = unwrap_model(model)
-    state_dict = strip_wrapper_prefixes(state_dict)
+    state_dict = upgrade_legacy_keys(strip_wrapper_prefixes(state_dict))
     expected = target.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]

@@ -1,12 +1,13 @@
 """The classic decoders of the BDD100K model zoo as mmsegmentation builds them: FCN, PSPNet,
 DeepLabV3, DeepLabV3+ and UPerNet heads on a backbone's four feature maps, with mmseg's optional
-FCN auxiliary head (training only).
+FCN auxiliary head (training only) and optional neck (:mod:`semseg.models.necks`; Semantic FPN and
+PointRend: :mod:`semseg.models.semantic_fpn`, :mod:`semseg.models.pointrend`).
 
 Read top-down: :class:`EncoderDecoder` (the whole model) and its factory :func:`encoder_decoder`
-(the ``_target_`` of ``conf/model/{fcn,pspnet,deeplabv3,deeplabv3plus,upernet}.yaml``), then the
-heads. Every layer is mmseg's, in mmseg's order, under mmseg's module names (``convs``,
-``psp_modules``, ``aspp_modules``, ``bottleneck``, ...), so that an mmseg checkpoint converts by
-renaming (:mod:`semseg.models.mmseg_conversion`): a ConvModule (conv without bias, norm, ReLU) is a
+(the ``_target_`` of every ``conf/model/*.yaml``), then the heads. Every layer is mmseg's, in
+mmseg's order, under mmseg's module names (``convs``, ``psp_modules``, ``aspp_modules``,
+``bottleneck``, ...), so that an mmseg checkpoint converts by renaming
+(:mod:`semseg.models.mmseg_conversion`): a ConvModule (conv without bias, norm, ReLU) is a
 torchvision ``Conv2dNormActivation`` (``.0`` conv, ``.1`` norm), ``conv_seg`` is ``classifier``.
 """
 
@@ -30,15 +31,19 @@ from semseg.models.build import load_start_weights
 NormLayer = Callable[[int], nn.Module]
 # A head config (``_partial_: true``) called with the backbone's channels and the model's settings.
 HeadFactory = Callable[..., "DecodeHead"]
+# A neck config (``_partial_: true``) called with the backbone's channels (semseg.models.necks).
+NeckFactory = Callable[[list[int]], nn.Module]
 
 
 class EncoderDecoder(SegmentationModel):
-    """Backbone -> decode head -> logits resized to the input (mmseg's ``EncoderDecoder``).
+    """Backbone -> neck (optional) -> decode head -> logits resized to the input (mmseg's
+    ``EncoderDecoder``).
 
     Takes RGB images 0..255 and normalises them inside. In eval mode, or without an auxiliary
     head, returns logits ``N x C x H x W`` at the input size; in training mode with an auxiliary
     head, ``{"out": logits, "aux": aux_logits}`` (both at the input size), whose loss the
-    ``loss`` config weighs (``loss.aux_weight``).
+    ``loss`` config weighs (``loss.aux_weight``); a cascade decode head (PointRend) adds its
+    point predictions in training (``"points"``, ``"point_coords"``).
     """
 
     def __init__(
@@ -49,9 +54,11 @@ class EncoderDecoder(SegmentationModel):
         align_corners: bool = False,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
+        neck: nn.Module | None = None,
     ) -> None:
         super().__init__(pixel_mean, pixel_std)
         self.backbone = backbone
+        self.neck = neck
         self.decode_head = decode_head
         self.aux_head = aux_head  # AUX_HEAD: left out of inference models and their counts
         self.align_corners = bool(align_corners)
@@ -60,10 +67,15 @@ class EncoderDecoder(SegmentationModel):
     def forward(self, images: Tensor) -> Tensor | dict[str, Tensor]:
         """Logits at the input size (plus the auxiliary head's in training, see the class)."""
         features = self.backbone(self.normalize(images))
-        logits = self._to_input_size(self.decode_head(features), images)
+        if self.neck is not None:
+            features = self.neck(features)
+        head = self.decode_head(features)
+        # A cascade head (PointRend) in training: a dict, its logits "out" and what the loss needs.
+        outputs = dict(head) if isinstance(head, dict) else {"out": head}
+        outputs["out"] = self._to_input_size(outputs["out"], images)
         if self.training and self.aux_head is not None:
-            return {"out": logits, "aux": self._to_input_size(self.aux_head(features), images)}
-        return logits
+            outputs["aux"] = self._to_input_size(self.aux_head(features), images)
+        return outputs if len(outputs) > 1 else outputs["out"]
 
     def _to_input_size(self, logits: Tensor, images: Tensor) -> Tensor:
         # NCHW logits: the full-size log_softmax of the loss is ~1.5x faster than on channels_last.
@@ -78,16 +90,23 @@ def encoder_decoder(
     norm_layer: NormLayer = nn.BatchNorm2d,
     align_corners: bool = False,
     weights: str | os.PathLike | None = None,
+    neck: NeckFactory | None = None,
     **kwargs: Any,
 ) -> EncoderDecoder:
-    """An :class:`EncoderDecoder` whose heads are built for ``backbone``'s feature maps.
+    """An :class:`EncoderDecoder` whose heads are built for ``backbone``'s feature maps, or for
+    the ``neck``'s outputs when there is one.
 
+    ``neck``: a neck class or partial (its config), called with the backbone's channels (see
+    :mod:`semseg.models.necks`); None: the heads read the backbone's maps.
     ``decode_head``/``aux_head``: head classes or partials (their configs), called with the
-    backbone's channels, ``num_classes``, ``norm_layer`` and ``align_corners``; ``aux_head=None``
+    channels they read, ``num_classes``, ``norm_layer`` and ``align_corners``; ``aux_head=None``
     trains without the auxiliary head. ``weights``: a checkpoint of this project to start from
     (``model.weights=PATH``). ``kwargs``: :class:`EncoderDecoder`'s (pixel statistics).
     """
     in_channels = [int(c) for c in backbone.out_channels]
+    neck_module = neck(in_channels) if neck is not None else None
+    if neck_module is not None:
+        in_channels = [int(c) for c in neck_module.out_channels]
     shared = {
         "num_classes": int(num_classes),
         "norm_layer": norm_layer,
@@ -105,11 +124,16 @@ def encoder_decoder(
         except ConfigError as e:
             raise ConfigError(f"model.{key}: {e}") from None
 
+    head = build(decode_head, "decode_head")
+    if neck_module is not None:  # mmseg's order: the neck's initialisation, then the head's
+        neck_module.init_weights()
+        head.init_weights()
     model = EncoderDecoder(
         backbone,
-        build(decode_head, "decode_head"),
+        head,
         build(aux_head, AUX_HEAD) if aux_head is not None else None,
         align_corners=align_corners,
+        neck=neck_module,
         **kwargs,
     )
     if weights is not None:

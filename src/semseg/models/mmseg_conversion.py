@@ -273,18 +273,30 @@ def _psa_mask_size(state: Mapping[str, Tensor]) -> list[str]:
     return [] if side == 97 else [f"model.decode_head.mask_size=[{side},{side}]"]
 
 
-_FPN_RULES = _rules(
-    (r"^neck\.lateral_convs\.(\d+)\.conv\.(.+)$", r"fpn.inner_blocks.\1.0.\2"),
-    (r"^neck\.fpn_convs\.(\d+)\.conv\.(.+)$", r"fpn.layer_blocks.\1.0.\2"),
-    (r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.conv\.(.+)$", r"heads.\1.\2.0.\3"),
-    (r"^decode_head\.scale_heads\.(\d+)\.(\d+)\.(?:bn|gn)\.(.+)$", r"heads.\1.\2.1.\3"),
-    (r"^decode_head\.conv_seg\.(.+)$", r"classifier.\1"),
-)
+# The FPN neck's ConvModules have no norm: ``neck.<name>.conv`` -> ``neck.<name>.0``.
+_FPN_RULES = conv_module_rules("neck", "neck") + conv_module_rules("decode_head", "decode_head")
 _FPN_HEAD = frozenset({"scale_heads", "conv_seg"})
+# PointRend: a cascade, decode_head.0 the FPNHead, decode_head.1 the PointHead (Conv1d ``fcs``
+# ConvModules without norm, ``fc_seg`` its classifier).
+_POINTREND_RULES = [
+    *conv_module_rules("neck", "neck"),
+    *_rules((r"^decode_head\.1\.fc_seg\.(weight|bias)$", r"decode_head.1.classifier.\1")),
+    *conv_module_rules("decode_head.0", "decode_head.0"),
+    *conv_module_rules("decode_head.1", "decode_head.1"),
+]
 
 HEADS: list[MmsegHead] = [
     MmsegHead("semantic_fpn_gn", "FPN + FPNHead (GN)", _FPN_HEAD, 32, _FPN_RULES, False, r"\.gn\."),
     MmsegHead("semantic_fpn", "FPN + FPNHead", _FPN_HEAD, 32, _FPN_RULES, aux=False),
+    MmsegHead(
+        "pointrend",
+        "FPNHead + PointHead",
+        frozenset({"0", "1"}),
+        32,
+        _POINTREND_RULES,
+        False,
+        r"^decode_head\.1\.fc_seg\.",
+    ),
     _head("fcn", "FCNHead", "convs conv_cat conv_seg", 8),
     _head("pspnet", "PSPHead", "psp_modules bottleneck conv_seg", 8),
     _head("deeplabv3", "ASPPHead", "image_pool aspp_modules bottleneck conv_seg", 8),
@@ -463,10 +475,12 @@ def convert_mmseg_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def _num_classes(converted: Mapping[str, Tensor]) -> int | None:
-    for key in ("classifier.weight", "decode_head.classifier.weight"):
-        if key in converted:
-            return int(converted[key].shape[0])
-    return None
+    sizes = [
+        int(v.shape[0])
+        for k, v in converted.items()
+        if k.startswith("decode_head.") and k.endswith("classifier.weight")
+    ]
+    return sizes[0] if sizes else None
 
 
 def mmseg_to_checkpoint(

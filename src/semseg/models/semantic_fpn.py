@@ -1,19 +1,27 @@
-"""Semantic FPN (Kirillov et al., CVPR 2019) as mmsegmentation's FPN neck + FPNHead build it."""
+"""Semantic FPN (Kirillov et al., CVPR 2019) as mmsegmentation builds it: an
+:class:`~semseg.models.decoders.EncoderDecoder` with the FPN neck (:class:`~semseg.models.necks.FPN`)
+and :class:`FPNHead` (``conf/model/semantic_fpn.yaml``).
+
+Checkpoints saved before Semantic FPN was an encoder-decoder (``fpn.*``, ``heads.*``,
+``classifier.*`` keys; config ``_target_`` :func:`semantic_fpn`) still load: their keys are renamed
+on loading (:func:`semseg.models.build.upgrade_legacy_keys`), their config builds through
+:func:`semantic_fpn`.
+"""
 
 from __future__ import annotations
 
 import math
 import os
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from semseg.models.base import IMAGENET_MEAN, IMAGENET_STD, SegmentationModel
-from semseg.models.build import load_start_weights
+from semseg.models.base import IMAGENET_MEAN, IMAGENET_STD
+from semseg.models.decoders import DecodeHead, EncoderDecoder, conv_norm_act, encoder_decoder
+from semseg.models.necks import FPN
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -23,87 +31,77 @@ def group_norm(num_channels: int, num_groups: int = 32) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, num_channels)
 
 
-class SemanticFPN(SegmentationModel):
-    """Backbone (C2..C5) -> FPN (P2..P5) -> per-level conv heads summed at stride 4 -> classifier.
+class FPNHead(DecodeHead):
+    """mmseg's ``FPNHead``: one head per FPN level of ``log2(stride / stride_0)`` (at least 1)
+    3x3 ConvModules, each followed by 2x bilinear upsampling except at the finest level; the levels
+    summed at the finest one's size.
 
-    Takes RGB images with values 0..255 (float or uint8) and normalises them inside with the
-    ``pixel_mean``/``pixel_std`` buffers, so a checkpoint predicts from raw images.
-    Returns logits ``N x num_classes x H x W`` at the input size.
+    Not initialised here: :func:`~semseg.models.decoders.encoder_decoder` initialises it after
+    the neck (mmseg's order), so call :meth:`init_weights` when building one alone.
     """
 
     def __init__(
         self,
-        backbone: nn.Module,
+        in_channels: Sequence[int],
         num_classes: int,
-        fpn_channels: int = 256,
-        head_channels: int = 128,
+        channels: int = 128,
+        feature_strides: Sequence[int] = (4, 8, 16, 32),
+        in_index: Sequence[int] = (0, 1, 2, 3),
         dropout: float = 0.1,
         norm_layer: NormLayer = nn.BatchNorm2d,
-        pixel_mean: Sequence[float] = IMAGENET_MEAN,
-        pixel_std: Sequence[float] = IMAGENET_STD,
+        align_corners: bool = False,
     ) -> None:
-        super().__init__(pixel_mean, pixel_std)
-        strides = [int(s) for s in backbone.out_strides]
-        self.backbone = backbone
-        self.fpn = FeaturePyramidNetwork(list(backbone.out_channels), fpn_channels)
-        # One head per level: log2(stride / stride_0) blocks (at least 1) of conv-norm-ReLU, each
-        # followed by 2x bilinear upsampling except at the finest level (1, 1, 2, 3 for P2..P5).
-        self.heads = nn.ModuleList()
-        for stride in strides:
-            num_blocks = max(1, round(math.log2(stride / strides[0])))
+        super().__init__(channels, num_classes, dropout, align_corners)
+        self.in_index = [int(i) for i in in_index]
+        strides = [int(s) for s in feature_strides]
+        self.scale_heads = nn.ModuleList()
+        for i, stride in zip(self.in_index, strides):
             layers: list[nn.Module] = []
-            for k in range(num_blocks):
+            for k in range(max(1, round(math.log2(stride / strides[0])))):
                 layers.append(
-                    Conv2dNormActivation(
-                        fpn_channels if k == 0 else head_channels,
-                        head_channels,
-                        kernel_size=3,
-                        norm_layer=norm_layer,
-                        activation_layer=nn.ReLU,
-                        bias=False,
-                    )
+                    conv_norm_act(in_channels[i] if k == 0 else channels, channels, 3, norm_layer)
                 )
                 if stride != strides[0]:
-                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
-            self.heads.append(nn.Sequential(*layers))
-        self.dropout = nn.Dropout2d(dropout)
-        self.classifier = nn.Conv2d(head_channels, num_classes, kernel_size=1)
-        self.num_classes = num_classes
-        self._init_weights()
+                    layers.append(
+                        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=align_corners)
+                    )
+            self.scale_heads.append(nn.Sequential(*layers))
 
-    def _init_weights(self) -> None:
-        """mmseg's initialisation: Xavier FPN, Kaiming head convs, N(0, 0.01) classifier."""
-        for m in self.fpn.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in self.heads.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.normal_(self.classifier.weight, std=0.01)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, images: Tensor) -> Tensor:
-        """Logits at the input size for RGB images with values 0..255."""
-        features = self.backbone(self.normalize(images))
-        pyramid = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features))).values())
-        out = self.heads[0](pyramid[0])
-        for head, level in zip(self.heads[1:], pyramid[1:]):
-            y = head(level)
-            if y.shape[-2:] != out.shape[-2:]:  # odd input sizes: 2x upsampling overshoots
-                y = F.interpolate(y, size=out.shape[-2:], mode="bilinear", align_corners=False)
+    def features(self, inputs: list[Tensor]) -> Tensor:
+        out = self.scale_heads[0](inputs[self.in_index[0]])
+        for i, head in zip(self.in_index[1:], self.scale_heads[1:]):
+            y = head(inputs[i])
+            # Odd input sizes: the 2x upsampling overshoots. In an ONNX export always resized, so
+            # that the graph follows the input's size, not the example's.
+            if y.shape[-2:] != out.shape[-2:] or torch.onnx.is_in_onnx_export():
+                y = F.interpolate(
+                    y, size=out.shape[-2:], mode="bilinear", align_corners=self.align_corners
+                )
             out = out + y
-        # NCHW logits: the full-size log_softmax of the loss is ~1.5x faster than on channels_last.
-        logits = self.classifier(self.dropout(out)).contiguous()
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return out
 
 
 def semantic_fpn(
-    backbone: nn.Module, num_classes: int, weights: str | os.PathLike | None = None, **kwargs: Any
-) -> SemanticFPN:
-    """Build a :class:`SemanticFPN` (``kwargs`` as its constructor); ``weights``: a checkpoint of
-    this project to start from (fine-tuning, ``model.weights=PATH``, a model folder or hf://)."""
-    model = SemanticFPN(backbone, int(num_classes), **kwargs)
-    if weights is not None:
-        load_start_weights(model, weights)
-    return model
+    backbone: nn.Module,
+    num_classes: int,
+    fpn_channels: int = 256,
+    head_channels: int = 128,
+    dropout: float = 0.1,
+    norm_layer: NormLayer = nn.BatchNorm2d,
+    pixel_mean: Sequence[float] = IMAGENET_MEAN,
+    pixel_std: Sequence[float] = IMAGENET_STD,
+    weights: str | os.PathLike | None = None,
+) -> EncoderDecoder:
+    """Semantic FPN on ``backbone`` in one call (what ``conf/model/semantic_fpn.yaml`` builds);
+    also the ``_target_`` of the configs in checkpoints saved before that config named
+    :func:`~semseg.models.decoders.encoder_decoder`, which rebuild through it."""
+    return encoder_decoder(
+        backbone,
+        num_classes,
+        decode_head=partial(FPNHead, channels=head_channels, dropout=dropout),
+        neck=partial(FPN, out_channels=fpn_channels),
+        norm_layer=norm_layer,
+        weights=weights,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
+    )
