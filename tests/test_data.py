@@ -18,6 +18,7 @@ from semseg.data import (
     build_train_loader,
     make_toy_bdd100k,
 )
+from semseg.data.base import chw_tensor, read_rgb
 from semseg.data.loader import InfiniteSeededSampler
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "bdd100k.yaml"
@@ -215,3 +216,35 @@ def test_eval_loader_covers_every_image_once_across_ranks(toy_root):
         assert names == [n for batch in build_eval_loader(ds, 2, 0, rank, 2) for n in batch["name"]]
         seen += names
     assert sorted(seen) == sorted(ds.names) and len(seen) == 5
+
+
+def test_rgb_decode_and_chw_planes_are_the_bgr_path_pixels(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    files = {
+        "rgb.jpg": noise,
+        "rgb.png": noise,
+        "gray.png": noise[..., 0],
+        "gray.jpg": noise[..., 0],
+        "rgba.png": np.dstack([noise, noise[..., :1]]),
+    }
+    for name, pixels in files.items():
+        assert cv2.imwrite(str(tmp_path / name), pixels)
+        want = cv2.cvtColor(cv2.imread(str(tmp_path / name), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+        got = read_rgb(tmp_path / name)
+        assert got.shape == want.shape and np.array_equal(got, want), name
+        planes = chw_tensor(got[:, ::-1])  # a flipped (non-contiguous) view, as after a flip
+        assert planes.is_contiguous() and torch.equal(
+            planes, torch.from_numpy(want[:, ::-1].copy()).permute(2, 0, 1)
+        )
+
+
+def test_train_pipeline_builds_from_its_config(cfg):
+    dataset = build_dataset(cfg, "train", train=True)
+    steps = [type(t).__name__ for t in dataset.transform.transforms]
+    assert steps[:2] == ["RandomRescaleCrop", "HorizontalFlip"] and steps[-1] == "PadIfNeeded"
+    assert dataset.transform.transforms[0].size == (48, 64)  # crop_size (h, w) from the config
+    assert dataset.transform.transforms[-1].fill == (124, 116, 104)  # the mean, rounded
+    bad = OmegaConf.merge(cfg, {"train_pipeline": {"crop_sise": [8, 8]}})
+    with pytest.raises(DatasetError, match=r"dataset\.train_pipeline does not build.*crop_sise"):
+        build_dataset(bad, "train", train=True)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import REPO, run_entry, train_in_process
+from helpers import REPO, child_env, run_entry, train_in_process
 
 from semseg import runtime
 from semseg.errors import ConfigError, UserError
@@ -163,3 +164,56 @@ def test_training_entry_point_imports_no_heavy_modules():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+# In a fresh process: the CPU policy's allocator settings, read back from glibc's own accounting.
+# A 24 MiB block is over glibc's default mmap threshold (128 KiB, at most 32 MiB when it adapts).
+_MALLOC_PROBE = """
+import ctypes, torch
+from semseg import runtime
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+runtime.configure_backends(torch.device("cpu"))
+before = libc.mallinfo2()
+block = libc.malloc(24 * 2**20)
+during = libc.mallinfo2()
+libc.free(block)
+after = libc.mallinfo2()
+print(during.hblkhd - before.hblkhd, during.arena - after.arena)
+"""
+
+
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallopt, mallinfo2)")
+@pytest.mark.parametrize(
+    ("env", "kept"),
+    [
+        ({}, True),  # the default for training and the benchmark on the CPU
+        ({"SEMSEG_KEEP_CPU_MEMORY": "0"}, False),  # the opt-out
+        ({"MALLOC_MMAP_THRESHOLD_": "131072"}, False),  # glibc's own setting wins
+    ],
+)
+def test_cpu_allocator_keeps_memory_by_default(env, kept):
+    clean = {
+        k: v for k, v in child_env(env).items() if k not in runtime.GLIBC_MALLOC_ENV or k in env
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _MALLOC_PROBE],
+        cwd=REPO, env=clean, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mmapped, trimmed = (int(v) for v in proc.stdout.split())
+    if kept:  # from the heap, and the heap keeps it after the free
+        assert (mmapped, trimmed) == (0, 0)
+    else:  # glibc's default: a fresh mmap for the block, unmapped on free
+        assert mmapped >= 24 * 2**20

@@ -1,5 +1,7 @@
 """The training recipe: alignment, scale range, crop size, cat_max_ratio, flip, padding."""
 
+import random
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -9,10 +11,13 @@ from semseg.data.transforms import (
     PhotoMetricDistortion,
     RandomCropCatMax,
     RandomRescale,
+    RandomRescaleCrop,
     build_eval_transform,
     build_train_transform,
+    nearest_indices,
     pad_fill,
     rescale_size,
+    resize_window,
 )
 
 MEAN = (123.675, 116.28, 103.53)
@@ -192,9 +197,9 @@ def test_cat_max_ratio_ignores_the_ignore_label():
     crop = RandomCropCatMax(size=(10, 10), cat_max_ratio=0.75)
     mask = np.full((10, 10), 255, np.uint8)
     mask[:, :2], mask[:, 2:4] = 0, 1
-    assert crop._accept(mask, (0, 0, 10, 10))  # 50/50 among non-ignored pixels
+    assert crop.accepts(mask)  # 50/50 among non-ignored pixels
     mask[:, 2:4] = 0
-    assert not crop._accept(mask, (0, 0, 10, 10))  # a single class
+    assert not crop.accepts(mask)  # a single class
 
 
 def test_flip():
@@ -218,3 +223,95 @@ def test_strict_compose_and_eval_transform():
     assert wide.shape == (12, 96, 3)
     same = build_eval_transform((192, 96))(image=image)["image"]  # already at scale: untouched
     assert same is image
+
+
+# -- The crop-first rescale: every pixel as the resize-then-crop recipe -------------------------
+
+
+def reference_rescale_crop(image, mask, seed, scale, ratio_range, size, cat_max_ratio=0.75):
+    """The recipe as it was first written: rescale the whole pair (mmcv keep-ratio sizes, cv2
+    bilinear / nearest), then draw crops until cat_max_ratio holds (at most 10 re-draws). The
+    ratio and the crop offsets come from two streams seeded alike, as two seeded transforms."""
+    ratio_rng, crop_rng = random.Random(seed), random.Random(seed)
+    h, w = rescale_size(*image.shape[:2], scale, ratio_rng.uniform(*ratio_range))
+    image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+
+    def draw():
+        y = crop_rng.randint(0, max(h - size[0], 0))
+        x = crop_rng.randint(0, max(w - size[1], 0))
+        return slice(y, min(y + size[0], h)), slice(x, min(x + size[1], w))
+
+    def accepted(window):
+        counts = np.bincount(mask[window].ravel(), minlength=256)
+        counts[255] = 0
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
+
+    window = draw()
+    for _ in range(10):
+        if accepted(window):
+            break
+        window = draw()
+    return image[window], mask[window]
+
+
+@pytest.mark.parametrize(
+    ("shape", "crop"),
+    [((720, 1280), (512, 1024)), ((96, 192), (80, 160)), ((75, 131), (64, 64)),
+     ((128, 256), (128, 256)), ((61, 47), (50, 30))],
+)  # fmt: skip
+def test_crop_first_rescale_is_pixel_identical_to_resize_then_crop(shape, crop):
+    rng = np.random.default_rng(shape[0])
+    blocks = rng.integers(0, 20, (shape[0] // 8 + 1, shape[1] // 8 + 1)).astype(np.uint8)
+    blocks[blocks == 19] = 255
+    mask = cv2.resize(blocks, shape[::-1], interpolation=cv2.INTER_NEAREST)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    scale, ratios = shape[::-1], (0.5, 2.0)
+    step = A.Compose([RandomRescaleCrop(scale, ratios, crop)], strict=True)
+    two_steps = A.Compose(
+        [RandomRescale(scale, ratios), RandomCropCatMax(crop, cat_max_ratio=0.75)], strict=True
+    )
+    seeds = 12 if shape[0] >= 720 else 60
+    for seed in range(seeds):
+        want_image, want_mask = reference_rescale_crop(image, mask, seed, scale, ratios, crop)
+        for tf in (step, two_steps):
+            tf.set_random_seed(seed)
+            out = tf(image=image, mask=mask)
+            assert out["image"].shape == want_image.shape, seed
+            assert np.array_equal(out["image"], want_image), seed
+            assert np.array_equal(out["mask"], want_mask), seed
+
+
+def test_resize_window_equals_the_crop_of_the_full_resize():
+    rng = np.random.default_rng(0)
+    pyrng = random.Random(0)
+    for _ in range(150):
+        in_h, in_w = pyrng.randint(8, 300), pyrng.randint(8, 300)
+        h, w = (
+            pyrng.choice([(in_h * 2, in_w * 2), (in_h // 2 or 1, in_w // 2 or 1)])
+            if (pyrng.random() < 0.2)
+            else (pyrng.randint(4, 600), pyrng.randint(4, 600))
+        )
+        image = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+        y1, x1 = pyrng.randint(0, h - 1), pyrng.randint(0, w - 1)
+        box = (x1, y1, pyrng.randint(x1 + 1, w), pyrng.randint(y1 + 1, h))
+        for interpolation, data in ((cv2.INTER_LINEAR, image), (cv2.INTER_NEAREST, image[..., 0])):
+            full = cv2.resize(data, (w, h), interpolation=interpolation)
+            window = resize_window(data, (h, w), box, interpolation)
+            assert np.array_equal(window, full[box[1] : box[3], box[0] : box[2]]), (
+                in_h,
+                in_w,
+                h,
+                w,
+                box,
+            )
+
+
+def test_nearest_indices_are_cv2_nearest():
+    rng = np.random.default_rng(1)
+    for in_h, in_w, h, w in [(720, 1280, 1440, 2560), (720, 1280, 397, 705), (33, 57, 91, 13)]:
+        mask = rng.integers(0, 256, (in_h, in_w), dtype=np.uint8)
+        rows, cols = nearest_indices((in_h, in_w), (h, w))
+        want = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+        assert np.array_equal(mask[np.ix_(rows, cols)], want)

@@ -25,6 +25,7 @@ from semseg.data.transforms import mask_histogram
 from semseg.errors import UserError
 
 _JPEG_EOI = b"\xff\xd9"
+_IMREAD_COLOR_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV 4.10+
 _PNG_IEND = b"IEND\xaeB`\x82"
 
 
@@ -66,8 +67,22 @@ def read_image_file(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
 
 def read_rgb(path: Path) -> np.ndarray:
     """An image file as RGB (HxWx3 uint8), decoded as every dataset decodes it (one decoder for
-    training, evaluation, prediction and visuals: the same file gives the same pixels everywhere)."""
+    training, evaluation, prediction and visuals: the same file gives the same pixels everywhere).
+    OpenCV 4.10+ decodes to RGB directly (the same pixels as BGR + a channel swap, one copy less)."""
+    if _IMREAD_COLOR_RGB is not None:
+        return read_image_file(path, _IMREAD_COLOR_RGB)
     return cv2.cvtColor(read_image_file(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """An HxWxC image as a CxHxW tensor; cv2.split writes the planes ~5x faster than numpy
+    copies a transposed view."""
+    image = np.ascontiguousarray(image)
+    out = np.empty((image.shape[2], *image.shape[:2]), image.dtype)
+    planes = cv2.split(image, list(out))
+    if planes[0].ctypes.data != out.ctypes.data:  # this cv2 allocated its own planes
+        out = np.stack(planes)
+    return torch.from_numpy(out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -237,7 +252,7 @@ class SegmentationDataset(Dataset, ABC):
             out = self.transform(**data)
             image, mask = out["image"], out.get("mask")
         item: dict[str, Any] = {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": chw_tensor(image),
             "name": self.names[index],
             "size": torch.tensor(size),  # (h, w) as read: predictions are written at this size
         }

@@ -3,7 +3,7 @@ train recipe or evaluation resize."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from semseg.data.base import DatasetError, SegmentationDataset
 from semseg.data.toy import ensure_toy_dataset
-from semseg.data.transforms import build_eval_transform, build_train_transform, pad_fill
+from semseg.data.transforms import build_eval_transform, pad_fill
 
 # What a checkpoint carries about its dataset, so that inference needs nothing else.
 META_KEYS = ("class_names", "palette", "num_classes", "ignore_index", "mean", "std")
@@ -76,6 +76,28 @@ def eval_scale(dataset_cfg: Mapping[str, Any]) -> list[int] | None:
     return [int(v) for v in scale] if scale is not None else None
 
 
+def instantiate_train_transform(dataset_cfg: Mapping[str, Any]) -> Callable[..., dict]:
+    """The training recipe: ``dataset.train_pipeline`` instantiated (its ``_target_``, by default
+    :func:`build_train_transform`) with the pad fill from ``dataset.mean`` and ``ignore_index``."""
+    pipeline = dataset_cfg["train_pipeline"]
+    if "_target_" not in pipeline:
+        raise DatasetError(
+            "dataset.train_pipeline._target_ is not set: it names the function that builds the "
+            "training recipe (semseg.data.build_train_transform; see conf/dataset/bdd100k.yaml)"
+        )
+    try:
+        return instantiate(
+            pipeline,
+            pad_fill_image=pad_fill(dataset_cfg["mean"]),
+            ignore_index=int(dataset_cfg["ignore_index"]),
+            _convert_="all",
+        )
+    except InstantiationException as exc:
+        raise DatasetError(
+            f"dataset.train_pipeline does not build: {exc.__cause__ or exc}"
+        ) from None
+
+
 def build_dataset(dataset_cfg: Mapping[str, Any], split: str, train: bool) -> SegmentationDataset:
     """Dataset of `split` with the train recipe (train=True) or the evaluation resize; generated
     data (`dataset.generate`, the toy datasets) is written first when its folder is missing.
@@ -86,17 +108,7 @@ def build_dataset(dataset_cfg: Mapping[str, Any], split: str, train: bool) -> Se
     check_dataset_config(dataset_cfg)
     ensure_toy_dataset(dataset_cfg)
     if train:
-        tp = dataset_cfg["train_pipeline"]
-        transform = build_train_transform(
-            scale=list(tp["scale"]),
-            ratio_range=list(tp["ratio_range"]),
-            crop_size=list(tp["crop_size"]),
-            cat_max_ratio=tp["cat_max_ratio"],
-            flip_prob=tp["flip_prob"],
-            photometric=tp["photometric"],
-            pad_fill_image=pad_fill(dataset_cfg["mean"]),
-            ignore_index=dataset_cfg["ignore_index"],
-        )
+        transform = instantiate_train_transform(dataset_cfg)
     else:
         transform = build_eval_transform(eval_scale(dataset_cfg))
     dataset = instantiate_layout(

@@ -9,7 +9,8 @@ No normalisation: the loader hands uint8 to the device and the model normalises.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import albumentations as A
@@ -109,25 +110,36 @@ class RandomCropCatMax(DualTransform):
         off_x = self.py_random.randint(0, max(width - self.size[1], 0))
         return off_x, off_y, min(off_x + self.size[1], width), min(off_y + self.size[0], height)
 
-    def _accept(self, mask: np.ndarray, box: tuple[int, int, int, int]) -> bool:
-        x1, y1, x2, y2 = box
-        counts = mask_histogram(mask[y1:y2, x1:x2])
+    def accepts(self, window: np.ndarray) -> bool:
+        """Whether the mask ``window`` passes cat_max_ratio: two classes or more, none covering
+        cat_max_ratio of the non-ignored pixels."""
+        counts = mask_histogram(window)
         counts[self.ignore_index] = 0
         counts = counts[counts > 0]
         return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
+    def choose_box(
+        self,
+        height: int,
+        width: int,
+        window: Callable[[tuple[int, int, int, int]], np.ndarray] | None,
+    ) -> tuple[int, int, int, int]:
+        """The crop box (x1, y1, x2, y2) in an image of (height, width); ``window(box)`` reads the
+        mask inside a box (None: no mask, no re-draws)."""
+        box = self._draw(height, width)
+        if self.cat_max_ratio < 1.0 and window is not None:
+            for _ in range(self.max_tries):
+                if self.accepts(window(box)):
+                    break
+                box = self._draw(height, width)
+        return box
+
     def get_params_dependent_on_data(
         self, params: dict[str, Any], data: dict[str, Any]
     ) -> dict[str, Any]:
-        height, width = params["shape"][:2]
-        box = self._draw(height, width)
         mask = data.get("mask")
-        if self.cat_max_ratio < 1.0 and mask is not None:
-            for _ in range(self.max_tries):
-                if self._accept(mask, box):
-                    break
-                box = self._draw(height, width)
-        return {"crop_coords": box}
+        window = None if mask is None else (lambda box: mask[box[1] : box[3], box[0] : box[2]])
+        return {"crop_coords": self.choose_box(*params["shape"][:2], window)}
 
     def apply(self, img: np.ndarray, crop_coords: tuple[int, ...], **params: Any) -> np.ndarray:
         x1, y1, x2, y2 = crop_coords
@@ -140,6 +152,110 @@ class RandomCropCatMax(DualTransform):
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("size", "cat_max_ratio", "ignore_index", "max_tries")
+
+
+def resize_window(
+    img: np.ndarray, size: tuple[int, int], box: tuple[int, int, int, int], interpolation: int
+) -> np.ndarray:
+    """``cv2.resize(img, (w, h), interpolation=interpolation)[y1:y2, x1:x2]`` for ``size`` (h, w)
+    and ``box`` (x1, y1, x2, y2), resizing only the input from its top-left corner to what the box
+    reads.
+
+    cv2 computes an output pixel from its own coordinates and the scale factors, and these stay
+    those of the whole resize when they are passed as ``fx``/``fy`` (the same doubles that
+    ``dsize`` gives): the output anchored at (0, 0) is then the same whatever lies beyond the
+    box. The input keeps 3 pixels past the box's mapped corner (bilinear reads 2, +1 for
+    rounding), so no border rule applies inside the box that the whole image would not apply.
+    """
+    (height, width), (x1, y1, x2, y2) = size, box
+    in_h, in_w = img.shape[:2]
+    fx, fy = width / in_w, height / in_h
+    need_w, need_h = min(in_w, math.ceil(x2 / fx) + 3), min(in_h, math.ceil(y2 / fy) + 3)
+    if (need_h, need_w) == (in_h, in_w):
+        out = cv2.resize(img, (width, height), interpolation=interpolation)
+    else:
+        out = cv2.resize(img[:need_h, :need_w], None, fx=fx, fy=fy, interpolation=interpolation)
+    return np.ascontiguousarray(out[y1:y2, x1:x2])
+
+
+class RandomRescaleCrop(DualTransform):
+    """:class:`RandomRescale` then :class:`RandomCropCatMax` (mmseg's RandomResize + RandomCrop),
+    pixel for pixel, without resizing what the crop throws away.
+
+    The crop window is drawn on the rescaled size first, each step drawing from its own seeded
+    stream as the two separate transforms do; the cat_max_ratio re-draws read the rescaled mask
+    through cv2's nearest-neighbour indices (:func:`nearest_indices`), and only the image up to
+    the window is resized (:func:`resize_window`). Up to ~2x less work per sample at ratio 2.
+    """
+
+    class InitSchema(RandomCropCatMax.InitSchema, RandomRescale.InitSchema):
+        pass
+
+    def __init__(
+        self,
+        scale: tuple[int, int] = (1280, 720),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        size: tuple[int, int] = (512, 1024),
+        cat_max_ratio: float = 0.75,
+        ignore_index: int = 255,
+        max_tries: int = 10,
+        p: float = 1.0,
+    ):
+        # The steps first: the base class seeds them (set_random_seed).
+        self.rescale = RandomRescale(scale=scale, ratio_range=ratio_range)
+        self.crop = RandomCropCatMax(size, cat_max_ratio, ignore_index, max_tries)
+        super().__init__(p=p)
+        self.scale, self.ratio_range = self.rescale.scale, self.rescale.ratio_range
+        self.size, self.cat_max_ratio = self.crop.size, cat_max_ratio
+        self.ignore_index, self.max_tries = ignore_index, max_tries
+
+    def set_random_seed(self, seed: int | None) -> None:
+        """Seed both steps as a Compose seeds each of its transforms."""
+        super().set_random_seed(seed)
+        self.rescale.set_random_seed(seed)
+        self.crop.set_random_seed(seed)
+
+    def set_random_state(self, random_generator: np.random.Generator, py_random: Any) -> None:
+        """Share a Compose's generators with both steps, as it would with two transforms."""
+        super().set_random_state(random_generator, py_random)
+        self.rescale.set_random_state(random_generator, py_random)
+        self.crop.set_random_state(random_generator, py_random)
+
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        size = self.rescale.get_params_dependent_on_data(params, data)["size"]
+        mask, window = data.get("mask"), None
+        if mask is not None and self.crop.cat_max_ratio < 1.0:
+            rows, cols = nearest_indices(mask.shape[:2], size)
+
+            def window(box: tuple[int, int, int, int]) -> np.ndarray:
+                x1, y1, x2, y2 = box
+                return mask.take(rows[y1:y2], axis=0).take(cols[x1:x2], axis=1)
+
+        return {"size": size, "crop_coords": self.crop.choose_box(*size, window)}
+
+    def apply(
+        self, img: np.ndarray, size: tuple[int, int], crop_coords: tuple[int, ...], **params: Any
+    ) -> np.ndarray:
+        return resize_window(img, size, crop_coords, cv2.INTER_LINEAR)
+
+    def apply_to_mask(
+        self, mask: np.ndarray, size: tuple[int, int], crop_coords: tuple[int, ...], **params: Any
+    ) -> np.ndarray:
+        return resize_window(mask, size, crop_coords, cv2.INTER_NEAREST)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("scale", "ratio_range", "size", "cat_max_ratio", "ignore_index", "max_tries")
+
+
+def nearest_indices(shape: tuple[int, int], size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Row and column indices that ``cv2.resize(..., INTER_NEAREST)`` reads to resize ``shape``
+    (h, w) to ``size`` (h, w): ``floor(i * in / out)`` with cv2's doubles, clipped to the input."""
+    return tuple(
+        np.minimum(np.floor(np.arange(n_out) * (1.0 / (n_out / n_in))), n_in - 1).astype(np.intp)
+        for n_in, n_out in zip(shape, size)
+    )
 
 
 class PhotoMetricDistortion(ImageOnlyTransform):
@@ -251,9 +367,12 @@ def build_train_transform(
     crop_h, crop_w = (int(v) for v in crop_size)
     fill = tuple(pad_fill_image) if isinstance(pad_fill_image, Sequence) else pad_fill_image
     steps: list[A.BasicTransform] = [
-        RandomRescale(scale=tuple(scale), ratio_range=tuple(ratio_range)),
-        RandomCropCatMax(
-            size=(crop_h, crop_w), cat_max_ratio=cat_max_ratio, ignore_index=ignore_index
+        RandomRescaleCrop(
+            scale=tuple(scale),
+            ratio_range=tuple(ratio_range),
+            size=(crop_h, crop_w),
+            cat_max_ratio=cat_max_ratio,
+            ignore_index=ignore_index,
         ),
         A.HorizontalFlip(p=flip_prob),
     ]

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-import timm
 from torch import Tensor, nn
 
 from semseg.errors import UserError
-from semseg.models.backbone_weights import build_timm_model, load_file_weights, load_hub_weights
+from semseg.models.backbone_weights import build_timm_model, create_features, read_imagenet_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +84,8 @@ class TimmBackbone(nn.Module):
             ``out_strides``, unless that is None), for taps that share a stride.
         grad_checkpointing: recompute activations in the backward pass instead of keeping them
             (less memory, about a third more compute): see :func:`enable_grad_checkpointing`.
+        imagenet: ImageNet weights already read, ``(state, label)`` (for subclasses that look at
+            them first; overrides ``pretrained``/``weights``).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
     """
 
@@ -96,6 +97,7 @@ class TimmBackbone(nn.Module):
         out_strides: Sequence[int] | None = (4, 8, 16, 32),
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
+        imagenet: tuple[Mapping[str, Tensor], str] | None = None,
         **timm_kwargs,
     ) -> None:
         super().__init__()
@@ -112,15 +114,11 @@ class TimmBackbone(nn.Module):
             )
         else:
             out_indices = _pick_out_indices(name, reductions, [int(s) for s in out_strides])
-        self.model = timm.create_model(
-            name, pretrained=False, features_only=True, out_indices=out_indices, **timm_kwargs
-        )
-        if pretrained and weights is not None:
-            load_file_weights(self.model, name, timm_kwargs, weights)
-        elif pretrained:
-            load_hub_weights(self.model, name, timm_kwargs)
-        elif weights is not None:
+        if imagenet is None and pretrained:
+            imagenet = read_imagenet_weights(name, timm_kwargs, weights)
+        elif imagenet is None and weights is not None:
             log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
+        self.model = create_features(name, imagenet, out_indices, **timm_kwargs)
         if grad_checkpointing:
             enable_grad_checkpointing(self.model)
         self.out_channels: list[int] = list(self.model.feature_info.channels())

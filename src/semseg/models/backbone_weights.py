@@ -1,16 +1,17 @@
-"""ImageNet weights for a timm ``features_only`` backbone, from a local file or the hub, loaded
-with a report of every key that did not fit.
+"""ImageNet weights for a timm ``features_only`` backbone, from a local file or the hub.
 
-The file holds the state dict of the *classification* model (``timm.create_model(name)``). The
-features_only wrapper drops the classifier and renames flattened ``nn.Sequential`` children
-(``stages.0.*`` becomes ``stages_0.*``); :func:`feature_key_map` maps its keys back.
+The weights are the state dict of the *classification* model (``timm.create_model(name)``), read
+without running code from the file; timm's own loader puts them into the features_only model
+(``pretrained_cfg_overlay=dict(state_dict=...)``: its checkpoint filters, then a strict
+``load_state_dict``), and a file that does not fit is one WeightsError line.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import huggingface_hub
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 
 from semseg.checkpoints.file import torch_load_weights_only
 from semseg.errors import CheckpointError, UserError
-from semseg.models.build import describe_key_mismatch
+from semseg.models.build import load_weights
 
 log = logging.getLogger(__name__)
 # What the hub and torch.hub raise when weights cannot be fetched or read from the cache.
@@ -47,19 +48,6 @@ def build_timm_model(name: str, meta: bool = False, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def feature_key_map(features: nn.Module, full_keys: set[str]) -> dict[str, str | None]:
-    """For each state-dict key of a features_only model, the key of the classification model that
-    holds its tensor (None: no such key). timm's wrappers keep a key as is, or flatten the first
-    level of an ``nn.Sequential`` child, joining ``name.child`` into ``name_child``."""
-    mapping: dict[str, str | None] = {}
-    for key in features.state_dict():
-        head, _, rest = key.partition(".")
-        parent, joined, child = head.rpartition("_")
-        flattened = f"{parent}.{child}.{rest}" if joined else None
-        mapping[key] = key if key in full_keys else (flattened if flattened in full_keys else None)
-    return mapping
-
-
 def _read_state_dict(path: Path, label: str) -> Mapping[str, Tensor]:
     """The tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt`` file loaded without
     running code from it."""
@@ -79,33 +67,6 @@ def _read_state_dict(path: Path, label: str) -> Mapping[str, Tensor]:
     return state
 
 
-def load_into_features(
-    features: nn.Module,
-    state: Mapping[str, Tensor],
-    name: str,
-    timm_kwargs: Mapping,
-    label: str,
-) -> None:
-    """Copy the classification-model state dict ``state`` of timm model ``name`` into its
-    features_only model ``features``; any missing, unexpected or misshapen key is a WeightsError."""
-    full_keys = set(build_timm_model(name, meta=True, **timm_kwargs).state_dict())
-    mapping = feature_key_map(features, full_keys)
-    own = features.state_dict()
-    missing = [k for k, src in mapping.items() if src is None or src not in state]
-    unexpected = [k for k in state if k not in full_keys]
-    misshapen = [
-        f"{src} {tuple(state[src].shape)} vs {tuple(own[k].shape)}"
-        for k, src in mapping.items()
-        if src in state and tuple(state[src].shape) != tuple(own[k].shape)
-    ]
-    if problems := describe_key_mismatch(misshapen, missing, unexpected):
-        raise WeightsError(
-            f"{label} does not fit backbone '{name}' ({problems}). Save the state "
-            f"dict of timm.create_model('{name}') (not features_only) to that file."
-        )
-    features.load_state_dict({k: state[src] for k, src in mapping.items()}, strict=True)
-
-
 def read_weights_file(path: str | os.PathLike, name: str) -> tuple[Mapping[str, Tensor], str]:
     """The state dict in ``backbone.weights=path`` (ImageNet weights of backbone ``name``) and the
     label that names it in messages; a missing or unreadable file is a WeightsError."""
@@ -119,26 +80,15 @@ def read_weights_file(path: str | os.PathLike, name: str) -> tuple[Mapping[str, 
     return _read_state_dict(path, label), label
 
 
-def load_file_weights(
-    features: nn.Module, name: str, timm_kwargs: Mapping, path: str | os.PathLike
-) -> None:
-    """Load ImageNet weights of ``name`` from a local file into its features_only model."""
-    state, label = read_weights_file(path, name)
-    load_into_features(features, state, name, timm_kwargs, label)
-    log.info("backbone %s: ImageNet weights from %s", name, path)
-
-
-def load_hub_weights(features: nn.Module, name: str, timm_kwargs: Mapping) -> Mapping[str, Tensor]:
-    """Load timm's ImageNet weights of ``name`` from the hub into its features_only model and return
-    the classification model's state dict (for tensors outside the features). With the
-    hub's offline setting (``HF_HUB_OFFLINE=1``) only a cached copy is used, so a machine without
-    network fails at once instead of retrying for a minute."""
+def read_hub_weights(name: str, timm_kwargs: Mapping) -> tuple[Mapping[str, Tensor], str]:
+    """timm's ImageNet weights of ``name`` from the hub (the classification model's state dict)
+    and the label that names them. With the hub's offline setting (``HF_HUB_OFFLINE=1``) only a
+    cached copy is used, so a machine without network fails at once instead of retrying."""
     offline = huggingface_hub.constants.is_offline_mode()
     if not offline:
         log.info("backbone %s: fetching ImageNet weights (HF_HUB_OFFLINE=1: cache only)", name)
     try:
-        # The classification model loads its weights strictly (all keys, classifier included).
-        full = timm.create_model(name, pretrained=True, **timm_kwargs)
+        state = timm.create_model(name, pretrained=True, **timm_kwargs).state_dict()
     except _HUB_ERRORS as e:
         where = "no cached copy and HF_HUB_OFFLINE=1" if offline else "download failed"
         raise WeightsError(
@@ -146,6 +96,52 @@ def load_hub_weights(features: nn.Module, name: str, timm_kwargs: Mapping) -> Ma
             f"({where}: {type(e).__name__}). Set backbone.weights=/path/to/imagenet.safetensors "
             "or backbone.pretrained=false."
         ) from None
-    state = full.state_dict()
-    load_into_features(features, state, name, timm_kwargs, f"the hub weights of {name}")
-    return state
+    return state, f"the hub weights of {name}"
+
+
+def read_imagenet_weights(
+    name: str, timm_kwargs: Mapping, path: str | os.PathLike | None
+) -> tuple[Mapping[str, Tensor], str]:
+    """The ImageNet weights of backbone ``name``: from ``backbone.weights=path``, else the hub."""
+    return read_hub_weights(name, timm_kwargs) if path is None else read_weights_file(path, name)
+
+
+def create_features(
+    name: str,
+    imagenet: tuple[Mapping[str, Tensor], str] | None,
+    out_indices: Sequence[int],
+    **timm_kwargs,
+) -> nn.Module:
+    """``timm.create_model(name, features_only=True, out_indices=out_indices, **timm_kwargs)``,
+    with the classification model's state dict ``imagenet = (state, label)`` loaded by timm
+    (None: no weights); a state dict that does not fit is a WeightsError naming ``label``."""
+    features = {"features_only": True, "out_indices": out_indices}
+    if imagenet is None:
+        return timm.create_model(name, pretrained=False, **features, **timm_kwargs)
+    state, label = imagenet
+    if not state:  # timm would take an empty state dict for none and go to the hub
+        raise WeightsError(
+            f"{label} holds no tensors: point it at the ImageNet weights of '{name}'"
+        )
+    # timm loads features_only weights leniently (it only logs what is missing): the report of
+    # load_state_dict into the classification model, on the meta device, is what decides.
+    with warnings.catch_warnings():  # copying into meta tensors is the intended no-op here
+        warnings.filterwarnings("ignore", message=".*non-meta parameter.*meta parameter")
+        load_weights(
+            build_timm_model(name, meta=True, **timm_kwargs),
+            state,
+            lambda problems, _: (
+                f"{label} does not fit backbone '{name}' ({problems}). Save the state "
+                f"dict of timm.create_model('{name}') (not features_only) to that file."
+            ),
+            error=WeightsError,
+        )
+    model = timm.create_model(
+        name,
+        pretrained=True,
+        pretrained_cfg_overlay={"state_dict": dict(state)},
+        **features,
+        **timm_kwargs,
+    )
+    log.info("backbone %s: ImageNet weights from %s", name, label)
+    return model

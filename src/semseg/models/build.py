@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -86,31 +86,48 @@ def describe_key_mismatch(mismatched: list[str], missing: list[str], unexpected:
     return "; ".join(listing(title, items) for title, items in parts if items)
 
 
+def load_weights(
+    module: nn.Module,
+    state_dict: Mapping[str, Tensor],
+    describe: Callable[[str, list[str]], str],
+    error: type[UserError] = CheckpointError,
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Load ``state_dict`` into ``module`` with ``load_state_dict`` and act on its report: any
+    missing key (except those under the ``optional`` prefixes), unexpected key or shape mismatch
+    raises ``error(describe(problems, mismatched_keys))``, every key listed in one line. The
+    tensors whose shapes fit are loaded before that (the caller stops anyway)."""
+    own = module.state_dict()
+    mismatched = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
+    fitting = {k: v for k, v in state_dict.items() if k not in mismatched}
+    report = module.load_state_dict(fitting, strict=False)
+    missing = [k for k in report.missing_keys if k not in mismatched and not k.startswith(optional)]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} in file vs {tuple(own[k].shape)} in model"
+        for k in mismatched
+    ]
+    if problems := describe_key_mismatch(shapes, missing, list(report.unexpected_keys)):
+        raise error(describe(problems, mismatched))
+
+
 def load_model_weights(model: nn.Module, state_dict: Mapping[str, Tensor], source: str) -> None:
-    """Load ``state_dict`` into ``model`` strictly; on any mismatch raise a CheckpointError that
-    lists the missing, unexpected and shape-mismatched keys and names ``source``."""
+    """Load a whole model's ``state_dict`` into ``model`` strictly (:func:`load_weights`); a
+    CheckpointError names ``source`` and, where it is the cause, the class counts."""
     target = unwrap_model(model)
     state_dict = upgrade_legacy_keys(strip_wrapper_prefixes(state_dict))
-    expected = target.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} in file vs {tuple(v.shape)} in model"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    if problems := describe_key_mismatch(mismatched, missing, unexpected):
+    cls_key = next((k for k in target.state_dict() if k.endswith("classifier.weight")), "")
+
+    def describe(problems: str, mismatched: list[str]) -> str:
         hint = "the architecture (model/backbone config) or the class count differs"
-        cls_key = next((k for k in expected if k.endswith("classifier.weight")), "")
-        if cls_key in state_dict:
-            n_file, n_model = state_dict[cls_key].shape[0], expected[cls_key].shape[0]
-            if n_file != n_model:
-                hint = (
-                    f"the weights have {n_file} classes, the model {n_model} "
-                    "(dataset.num_classes / model.num_classes)"
-                )
-        raise CheckpointError(f"weights from {source} do not fit the model ({hint}): {problems}")
-    target.load_state_dict(state_dict, strict=True)
+        if cls_key in mismatched:
+            n_file, n_model = state_dict[cls_key].shape[0], target.state_dict()[cls_key].shape[0]
+            hint = (
+                f"the weights have {n_file} classes, the model {n_model} "
+                "(dataset.num_classes / model.num_classes)"
+            )
+        return f"weights from {source} do not fit the model ({hint}): {problems}"
+
+    load_weights(target, state_dict, describe)
 
 
 def fit_aux_head(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -10,6 +10,7 @@ ids of mmseg's ``LearningRateDecayOptimizerConstructor`` (:meth:`layer_id`).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -21,13 +22,8 @@ from torch import Tensor, nn
 
 from semseg.errors import ConfigError
 from semseg.models.backbone import TimmBackbone
-from semseg.models.backbone_weights import (
-    WeightsError,
-    load_hub_weights,
-    load_into_features,
-    read_weights_file,
-)
-from semseg.models.build import describe_key_mismatch, listing
+from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
+from semseg.models.build import listing, load_weights
 from semseg.models.mmseg_conversion import mmcls_convnext_rules, rename_keys
 
 log = logging.getLogger(__name__)
@@ -84,9 +80,19 @@ class ConvNeXtBackbone(TimmBackbone):
         downsample_norm_eps: float = 1e-6,
         **kwargs,
     ) -> None:
-        # The output norms must exist before the weights load: the base class builds the stages
-        # only (it still warns about weights given without pretrained).
-        super().__init__(name, pretrained=False, weights=None if pretrained else weights, **kwargs)
+        # timm's layout loads with the stages (timm's loader, in the base class); mmcls's after the
+        # output norms exist, into this whole module.
+        imagenet = (
+            read_imagenet_weights(name, _timm_kwargs(kwargs), weights) if pretrained else None
+        )
+        mmcls = imagenet is not None and is_mmcls_layout(imagenet[0])
+        super().__init__(
+            name,
+            pretrained=False,
+            weights=None if pretrained else weights,  # the base class warns when unused
+            imagenet=None if mmcls else imagenet,
+            **kwargs,
+        )
         if not any(isinstance(m, ConvNeXtStage) for m in self.model.children()):
             raise ConfigError(
                 f"backbone.name={name} is not a timm ConvNeXt: {type(self).__name__} "
@@ -98,8 +104,10 @@ class ConvNeXtBackbone(TimmBackbone):
         self.stage_indices = list(self.model.feature_info.out_indices)
         for i, channels in zip(self.stage_indices, self.out_channels):
             self.add_module(f"norm{i}", LayerNorm2d(channels, eps=1e-6))
-        if pretrained:
-            self._load_imagenet(name, weights)
+        if mmcls:
+            self._load_mmcls(name, *imagenet)
+        elif imagenet is not None:
+            self._load_final_norm(imagenet[0])
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Normalised feature maps, highest resolution first."""
@@ -127,17 +135,23 @@ class ConvNeXtBackbone(TimmBackbone):
         return (1, 2, 3 + int(block) // 3, num_layers)[stage]
 
     # -- ImageNet weights ---------------------------------------------------------------------
-    def _load_imagenet(self, name: str, weights: str | os.PathLike | None) -> None:
-        if weights is None:
-            self._load_final_norm(load_hub_weights(self.model, name, self.timm_kwargs))
-            return
-        state, label = read_weights_file(weights, name)
-        if is_mmcls_layout(state):
-            self._load_backbone_state(convert_mmcls_convnext(state, label), name, label)
-        else:
-            load_into_features(self.model, state, name, self.timm_kwargs, label)
-            self._load_final_norm(state)
-        log.info("backbone %s: ImageNet weights from %s", name, weights)
+    def _load_mmcls(self, name: str, state: Mapping[str, Tensor], label: str) -> None:
+        """An mmcls/mmpretrain ConvNeXt under this module's keys: every stage tensor must fit;
+        output norms the file lacks keep their identity init."""
+        state = convert_mmcls_convnext(state, label)
+        load_weights(
+            self,
+            state,
+            lambda problems, _: (
+                f"{label} does not fit backbone '{name}' ({problems}): "
+                "is it the same ConvNeXt size?"
+            ),
+            error=WeightsError,
+            optional=("norm",),
+        )
+        norms = sorted({k.split(".")[0] for k in state if k.startswith("norm")})
+        log.info("backbone %s: ImageNet weights from %s (mmcls layout)", name, label)
+        log.info("backbone %s: output norms from the file: %s", name, norms or "none")
 
     def _load_final_norm(self, state: Mapping[str, Tensor]) -> None:
         """The last stage's output norm from timm's classifier norm (``head.norm``), which is
@@ -147,21 +161,8 @@ class ConvNeXtBackbone(TimmBackbone):
             final.load_state_dict({"weight": state["head.norm.weight"],
                                    "bias": state["head.norm.bias"]})  # fmt: skip
 
-    def _load_backbone_state(self, state: Mapping[str, Tensor], name: str, label: str) -> None:
-        """Load tensors under this module's keys: every stage tensor must be there with its shape;
-        output norms the file lacks keep their identity init."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state and not k.startswith("norm")]
-        unexpected = [k for k in state if k not in own]
-        misshapen = [
-            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-            for k, v in state.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        if problems := describe_key_mismatch(misshapen, missing, unexpected):
-            raise WeightsError(
-                f"{label} does not fit backbone '{name}' ({problems}): is it the same ConvNeXt size?"
-            )
-        self.load_state_dict(state, strict=False)
-        norms = sorted({k.split(".")[0] for k in state if k.startswith("norm")})
-        log.info("backbone %s: output norms from the file: %s", name, norms or "none")
+
+def _timm_kwargs(kwargs: Mapping) -> dict:
+    """The keyword arguments that :class:`TimmBackbone` passes on to timm."""
+    own = inspect.signature(TimmBackbone).parameters
+    return {k: v for k, v in kwargs.items() if k not in own}

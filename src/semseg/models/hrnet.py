@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
-from semseg.models.backbone_weights import load_file_weights, load_hub_weights
+from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
+from semseg.models.build import load_weights
 
 log = logging.getLogger(__name__)
 NormLayer = type[nn.Module]
@@ -158,13 +159,26 @@ class HRNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         if pretrained:
-            name = name or f"hrnet_w{width}"
-            if weights is not None:
-                load_file_weights(self, name, {}, weights)
-            else:
-                load_hub_weights(self, name, {})
+            self._load_imagenet(name or f"hrnet_w{width}", weights)
         elif weights is not None:
             log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
+
+    def _load_imagenet(self, name: str, weights: str | os.PathLike | None) -> None:
+        """timm's ImageNet weights of ``name`` (``weights``: a local file of them, else the hub):
+        this module is the trunk of timm's classification HRNet under the same names, whose
+        classification layers stay out; every tensor of the trunk must be in the file."""
+        state, label = read_imagenet_weights(name, {}, weights)
+        own = self.state_dict()
+        load_weights(
+            self,
+            {k: v for k, v in state.items() if k in own},
+            lambda problems, _: (
+                f"{label} does not fit backbone '{name}' ({problems}). Save the state dict of "
+                f"timm.create_model('{name}') to that file."
+            ),
+            error=WeightsError,
+        )
+        log.info("backbone %s: ImageNet weights from %s", name, label)
 
     @staticmethod
     def _transition(
