@@ -30,7 +30,7 @@ from semseg.models.build import (
 )
 from semseg.models.checkpoint import make_checkpoint
 
-Rule = tuple[re.Pattern, str]
+Rule = tuple[re.Pattern, str | None]  # replacement None: the key holds nothing here (dropped)
 # The config groups of the reference row (Semantic FPN R-50); recognise_mmseg() names any file's.
 MMSEG_CONFIG_GROUPS = {"model": "semantic_fpn", "backbone": "resnet50c"}
 _BN_STATS = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -43,12 +43,14 @@ def _rules(*pairs: tuple[str, str]) -> list[Rule]:
 def rename_keys(
     state: Mapping[str, Tensor], rules: Sequence[Rule]
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """``state`` renamed by the first rule that matches each key, and the keys no rule matches."""
+    """``state`` renamed by the first rule that matches each key (left out where its replacement
+    is None), and the keys no rule matches."""
     renamed, unmatched = {}, []
     for key, value in state.items():
         for pattern, replacement in rules:
             if pattern.match(key):
-                renamed[pattern.sub(replacement, key)] = value
+                if replacement is not None:
+                    renamed[pattern.sub(replacement, key)] = value
                 break
         else:
             unmatched.append(key)
@@ -192,7 +194,67 @@ CONVNEXT = MmsegBackbone(
     overrides=_convnext_overrides,
 )
 
-BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT]
+
+# mmseg's SwinTransformer -> semseg.models.swin.SwinBackbone (timm's block names: ``attn``
+# without mmseg's ``w_msa`` level, ``mlp.fc1/fc2`` for the FFN, ``patch_embed.proj``); mmseg's
+# persistent ``relative_position_index`` buffers are recomputed here, so they are dropped.
+_MMSEG_SWIN = (
+    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"patch_embed\.norm\.(weight|bias)", r"patch_embed.norm.\1"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.attn\.w_msa\.relative_position_index", None),
+    (r"stages\.(\d)\.blocks\.(\d+)\.attn\.w_msa\.(relative_position_bias_table|(?:qkv|proj)\.(?:weight|bias))",
+     r"stages.\1.blocks.\2.attn.\3"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.(norm[12])\.(weight|bias)", r"stages.\1.blocks.\2.\3.\4"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+    (r"stages\.(\d)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", r"stages.\1.downsample.\2"),
+    (r"norm([0-3])\.(weight|bias)", r"norm\1.\2"),
+)  # fmt: skip
+
+
+def mmseg_swin_rules(src: str = "", dst: str = "") -> list[Rule]:
+    """mmseg's Swin -> :class:`~semseg.models.swin.SwinBackbone` key rules; ``src``/``dst``
+    prefix both sides (``"backbone."`` for whole segmentation models)."""
+    return [
+        (re.compile(f"^{re.escape(src)}{p}$"), None if r is None else dst + r)
+        for p, r in _MMSEG_SWIN
+    ]
+
+
+# (stage-0 width, blocks per stage) -> conf/backbone
+_SWIN_SIZES = {
+    (96, (2, 2, 6, 2)): "swin_tiny",
+    (96, (2, 2, 18, 2)): "swin_small",
+    (128, (2, 2, 18, 2)): "swin_base",
+}
+
+
+def _swin_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``swin_tiny|small|base`` from the patch embedding's width and the blocks per stage."""
+    blocks = tuple(
+        len({k.split(".")[4] for k in state if k.startswith(f"backbone.stages.{i}.blocks.")})
+        for i in range(4)
+    )
+    width = int(state["backbone.patch_embed.projection.weight"].shape[0])
+    name = _SWIN_SIZES.get((width, blocks))
+    if name is None:
+        known = "; ".join(f"{n} width {w}, {list(b)} blocks" for (w, b), n in _SWIN_SIZES.items())
+        raise CheckpointError(
+            f"Swin with width {width} and {list(blocks)} blocks per stage: only {known} have "
+            "backbone configs here"
+        )
+    return name
+
+
+SWIN = MmsegBackbone(
+    family="mmseg SwinTransformer",
+    marker="backbone.stages.0.blocks.0.attn.w_msa.qkv.weight",
+    rules=mmseg_swin_rules("backbone.", "backbone."),
+    config_name=_swin_config,
+    output_stride=32,
+)
+
+BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT, SWIN]
 
 
 # --------------------------------------------------------------------------------------------
