@@ -30,10 +30,13 @@ from semseg.models.build import load_start_weights
 NormLayer = Callable[[int], nn.Module]
 # A head config (``_partial_: true``) called with the backbone's channels and the model's settings.
 HeadFactory = Callable[..., "DecodeHead"]
+# A neck config (``_partial_: true``) called with the backbone's channels (semseg.models.necks).
+NeckFactory = Callable[[list[int]], nn.Module]
 
 
 class EncoderDecoder(SegmentationModel):
-    """Backbone -> decode head -> logits resized to the input (mmseg's ``EncoderDecoder``).
+    """Backbone -> neck (optional) -> decode head -> logits resized to the input (mmseg's
+    ``EncoderDecoder``).
 
     Takes RGB images 0..255 and normalises them inside. In eval mode, or without an auxiliary
     head, returns logits ``N x C x H x W`` at the input size; in training mode with an auxiliary
@@ -49,9 +52,11 @@ class EncoderDecoder(SegmentationModel):
         align_corners: bool = False,
         pixel_mean: Sequence[float] = IMAGENET_MEAN,
         pixel_std: Sequence[float] = IMAGENET_STD,
+        neck: nn.Module | None = None,
     ) -> None:
         super().__init__(pixel_mean, pixel_std)
         self.backbone = backbone
+        self.neck = neck
         self.decode_head = decode_head
         self.aux_head = aux_head  # AUX_HEAD: left out of inference models and their counts
         self.align_corners = bool(align_corners)
@@ -60,6 +65,8 @@ class EncoderDecoder(SegmentationModel):
     def forward(self, images: Tensor) -> Tensor | dict[str, Tensor]:
         """Logits at the input size (plus the auxiliary head's in training, see the class)."""
         features = self.backbone(self.normalize(images))
+        if self.neck is not None:
+            features = self.neck(features)
         logits = self._to_input_size(self.decode_head(features), images)
         if self.training and self.aux_head is not None:
             return {"out": logits, "aux": self._to_input_size(self.aux_head(features), images)}
@@ -78,16 +85,23 @@ def encoder_decoder(
     norm_layer: NormLayer = nn.BatchNorm2d,
     align_corners: bool = False,
     weights: str | os.PathLike | None = None,
+    neck: NeckFactory | None = None,
     **kwargs: Any,
 ) -> EncoderDecoder:
-    """An :class:`EncoderDecoder` whose heads are built for ``backbone``'s feature maps.
+    """An :class:`EncoderDecoder` whose heads are built for ``backbone``'s feature maps, or for
+    the ``neck``'s outputs when there is one.
 
+    ``neck``: a neck class or partial (its config), called with the backbone's channels (see
+    :mod:`semseg.models.necks`); None: the heads read the backbone's maps.
     ``decode_head``/``aux_head``: head classes or partials (their configs), called with the
-    backbone's channels, ``num_classes``, ``norm_layer`` and ``align_corners``; ``aux_head=None``
+    channels they read, ``num_classes``, ``norm_layer`` and ``align_corners``; ``aux_head=None``
     trains without the auxiliary head. ``weights``: a checkpoint of this project to start from
     (``model.weights=PATH``). ``kwargs``: :class:`EncoderDecoder`'s (pixel statistics).
     """
     in_channels = [int(c) for c in backbone.out_channels]
+    neck_module = neck(in_channels) if neck is not None else None
+    if neck_module is not None:
+        in_channels = [int(c) for c in neck_module.out_channels]
     shared = {
         "num_classes": int(num_classes),
         "norm_layer": norm_layer,
@@ -105,11 +119,16 @@ def encoder_decoder(
         except ConfigError as e:
             raise ConfigError(f"model.{key}: {e}") from None
 
+    head = build(decode_head, "decode_head")
+    if neck_module is not None:  # mmseg's order: the neck's initialisation, then the head's
+        neck_module.init_weights()
+        head.init_weights()
     model = EncoderDecoder(
         backbone,
-        build(decode_head, "decode_head"),
+        head,
         build(aux_head, AUX_HEAD) if aux_head is not None else None,
         align_corners=align_corners,
+        neck=neck_module,
         **kwargs,
     )
     if weights is not None:
