@@ -144,6 +144,20 @@ CASES: dict[str, dict[str, Any]] = {
         "logits": False,
         "groups": {"model": "upernet", "backbone": "swin_base"},
     },
+    # The zoo's UPerNet + ViT-B / DeiT-S rows (mmseg's VisionTransformer + MultiLevelNeck); the
+    # zoo's _base_/models/upernet_vit.py is mmseg's upernet_vit-b16_ln_mln; DeiT-S: layout only.
+    "upernet_vit": {
+        "config": "upernet_vit-b16_ln_mln",
+        "vit": "base",
+        "custom_keys": "vit",
+        "groups": {"model": "upernet_vit", "backbone": "vit_base"},
+    },
+    "upernet_deit": {
+        "config": "upernet_vit-b16_ln_mln",
+        "vit": "small",
+        "logits": False,
+        "groups": {"model": "upernet_vit", "backbone": "deit_small"},
+    },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
@@ -162,10 +176,17 @@ SWIN = {
     "small": (96, [2, 2, 18, 2], [3, 6, 12, 24]),
     "base": (128, [2, 2, 18, 2], [4, 8, 16, 32]),
 }
+# The zoo's ViT (upernet_vit-b) and DeiT-S (upernet_deit-s): embed_dims, num_heads, drop path.
+VIT = {"base": (768, 12, 0.0), "small": (384, 6, 0.1)}
 # The zoo's paramwise_cfg of its transformer rows (no weight decay on these name substrings).
 SWIN_CUSTOM_KEYS = {
     "absolute_pos_embed": {"decay_mult": 0.0},
     "relative_position_bias_table": {"decay_mult": 0.0},
+    "norm": {"decay_mult": 0.0},
+}
+VIT_CUSTOM_KEYS = {
+    "pos_embed": {"decay_mult": 0.0},
+    "cls_token": {"decay_mult": 0.0},
     "norm": {"decay_mult": 0.0},
 }
 # Buffers of mmseg's state dicts that are not weights (recomputed from the architecture).
@@ -306,6 +327,14 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
         channels = [width * 2**i for i in range(4)]
         cfg.model.decode_head.in_channels = channels
         cfg.model.auxiliary_head.in_channels = channels[2]
+    elif "vit" in case:  # sem_seg/configs/sem_seg/upernet_{vit-b,deit-s}_512x1024_80k_*.py
+        width, heads, drop_path = VIT[case["vit"]]
+        cfg.model.backbone.update(
+            embed_dims=width, num_heads=heads, drop_path_rate=drop_path, patch_bias=True
+        )  # mmseg 0.x's PatchEmbed (the zoo's)
+        cfg.model.neck.update(in_channels=[width] * 4, out_channels=width)
+        cfg.model.decode_head.in_channels = [width] * 4
+        cfg.model.auxiliary_head.in_channels = width
     else:
         cfg.model.backbone.norm_cfg = bn
         cfg.model.backbone.depth = case.get("depth", 50)
@@ -416,12 +445,12 @@ def write_fixtures(out: Path, cases: Sequence[str]) -> None:
             **case,
             "shapes": {k: list(v.shape) for k, v in weights.items()},
         }
-        if "convnext" not in case and "swin" not in case:
+        if not {"convnext", "swin", "vit"} & set(case):
             manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
         if "custom_keys" in case:  # the optimizer's parameter groups, into param_groups.json
             groups_path = out / "param_groups.json"
             tables = json.loads(groups_path.read_text()) if groups_path.is_file() else {}
-            custom_keys = {"swin": SWIN_CUSTOM_KEYS}[case["custom_keys"]]
+            custom_keys = {"swin": SWIN_CUSTOM_KEYS, "vit": VIT_CUSTOM_KEYS}[case["custom_keys"]]
             tables[name] = {"custom_keys": custom_keys,
                             "groups": param_group_table(model, custom_keys)}  # fmt: skip
             groups_path.write_text(json.dumps(dict(sorted(tables.items())), indent=0))

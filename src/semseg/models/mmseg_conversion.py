@@ -254,7 +254,62 @@ SWIN = MmsegBackbone(
     output_stride=32,
 )
 
-BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT, SWIN]
+
+# mmseg's VisionTransformer -> semseg.models.vit.VisionTransformerBackbone (timm's attention:
+# nn.MultiheadAttention's in_proj is its qkv, out_proj its proj; the FFN as timm's Mlp).
+_MMSEG_VIT = (
+    (r"(cls_token|pos_embed)", r"\1"),
+    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"layers\.(\d+)\.(ln[12])\.(weight|bias)", r"layers.\1.\2.\3"),
+    (r"layers\.(\d+)\.attn\.attn\.in_proj_(weight|bias)", r"layers.\1.attn.qkv.\2"),
+    (r"layers\.(\d+)\.attn\.attn\.out_proj\.(weight|bias)", r"layers.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"layers.\1.ffn.fc1.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"layers.\1.ffn.fc2.\2"),
+    (r"ln1\.(weight|bias)", r"ln1.\1"),
+)
+
+
+def mmseg_vit_rules(src: str = "", dst: str = "") -> list[Rule]:
+    """mmseg's ViT -> :class:`~semseg.models.vit.VisionTransformerBackbone` key rules;
+    ``src``/``dst`` prefix both sides (``"backbone."`` for whole segmentation models)."""
+    return [(re.compile(f"^{re.escape(src)}{p}$"), dst + r) for p, r in _MMSEG_VIT]
+
+
+# (width, heads) -> conf/backbone
+_VIT_SIZES = {768: "vit_base", 384: "deit_small"}
+
+
+def _vit_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``vit_base`` / ``deit_small`` from the width (12 layers each)."""
+    width = int(state["backbone.cls_token"].shape[-1])
+    layers = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
+    name = _VIT_SIZES.get(width)
+    if name is None or layers != 12:
+        raise CheckpointError(
+            f"ViT of width {width} with {layers} layers: only ViT-B (768) and DeiT-S (384) with "
+            "12 layers have backbone configs here"
+        )
+    return name
+
+
+def _vit_overrides(state: Mapping[str, Tensor]) -> list[str]:
+    """The MultiLevelNeck at the ViT's width (the zoo's configs: 768, DeiT-S 384); no bias in the
+    patch embedding where the file has none (mmseg 1.x's default; mmseg 0.x, the zoo's, had one)."""
+    width = int(state["backbone.cls_token"].shape[-1])
+    bias = "backbone.patch_embed.projection.bias" in state
+    return [f"model.neck.out_channels={width}"] + ([] if bias else ["backbone.patch_bias=false"])
+
+
+VIT = MmsegBackbone(
+    family="mmseg VisionTransformer",
+    marker="backbone.cls_token",
+    rules=mmseg_vit_rules("backbone.", "backbone."),
+    config_name=_vit_config,
+    output_stride=16,
+    overrides=lambda checkpoint: _vit_overrides(_state_dict(checkpoint)),
+)
+
+BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT, SWIN, VIT]
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +360,26 @@ HEADS: list[MmsegHead] = [
         "DepthwiseSeparableASPPHead",
         "image_pool aspp_modules bottleneck c1_bottleneck sep_bottleneck conv_seg",
         8,
+    ),
+    # UPerNet + ViT/DeiT: mmseg's MultiLevelNeck (convs without norm: ConvModule's ``.conv``)
+    # before the same UPerHead; before "upernet", whose submodules it shares.
+    MmsegHead(
+        "upernet_vit",
+        "MultiLevelNeck + UPerHead",
+        frozenset(
+            {
+                "psp_modules",
+                "bottleneck",
+                "lateral_convs",
+                "fpn_convs",
+                "fpn_bottleneck",
+                "conv_seg",
+            }
+        ),
+        32,
+        conv_module_rules("decode_head", "decode_head")
+        + _rules((r"^neck\.(lateral_convs|convs)\.(\d+)\.conv\.(weight|bias)$", r"neck.\1.\2.\3")),
+        marker=r"^neck\.convs\.",
     ),
     _head(
         "upernet",
