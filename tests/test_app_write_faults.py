@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import data_overrides, entry_config, fill_up, run_entry, run_python
+from helpers import data_overrides, entry_config, fill_up, run_entry, run_python
 from PIL import Image
 
 from semseg.apps.predict import run_predict

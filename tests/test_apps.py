@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REPO,
     SINGLE_THREAD_ENV,
     child_env,
@@ -24,7 +24,7 @@ from conftest import (
     run_python,
     train_in_process,
 )
-from conftest import entry_config as config
+from helpers import entry_config as config
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn

@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import load_script
+from helpers import load_script
 
 from semseg.data.checker import check_split
 from semseg.data.toy import make_toy_bdd100k

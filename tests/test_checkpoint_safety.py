@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_smoke, fill_up, run_entry
+from helpers import compose_smoke, fill_up, run_entry
 
 from semseg.engine.run_checkpoints import load_latest_checkpoint
 from semseg.engine.trainer import Trainer

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, compose_train, resolved, run_entry
+from helpers import REPO, compose_train, resolved, run_entry
 from hydra.errors import MissingConfigException
 
 CONF = REPO / "conf"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from helpers import load_script
 
 from semseg.cli import compose_groups
 from semseg.data import dataset_meta

@@ -15,7 +15,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import REPO, load_script, train_in_process
+from helpers import REPO, load_script, train_in_process
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 

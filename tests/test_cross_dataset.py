@@ -9,8 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import SMOKE_ITERS
-from conftest import entry_config as config
+from helpers import SMOKE_ITERS
+from helpers import entry_config as config
 from omegaconf import DictConfig, OmegaConf
 
 from semseg.apps.evaluate import run_evaluate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import train_in_process
+from helpers import train_in_process
 
 from semseg.models.checkpoint import load_checkpoint
 from semseg.runtime import cuda_precision

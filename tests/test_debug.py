@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from conftest import read_jsonl, train_in_process
+from helpers import read_jsonl, train_in_process
 
 from semseg.engine.debug import first_images, fixed_batches
 from semseg.models.checkpoint import load_checkpoint

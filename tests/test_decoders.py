@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     REPO,
     SINGLE_THREAD_ENV,
     assert_model_zoo_row,

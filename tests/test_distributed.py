@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, launch_ranks
+from helpers import REPO, launch_ranks
 from hydra.utils import instantiate
 from torch import nn
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, read_jsonl, train_in_process
+from helpers import REPO, read_jsonl, train_in_process
 from omegaconf import OmegaConf
 
 from semseg.engine.trainer import build_ema, check_best_metric, restore_ema

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REPO,
     SINGLE_THREAD_ENV,
     child_env,

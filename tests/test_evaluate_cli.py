@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import data_overrides, run_entry, tiny_checkpoint
-from conftest import entry_config as config
+from helpers import data_overrides, run_entry, tiny_checkpoint
+from helpers import entry_config as config
 from PIL import Image
 
 from semseg.apps.evaluate import run_evaluate

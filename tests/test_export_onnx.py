@@ -9,7 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import tiny_checkpoint
+from helpers import tiny_checkpoint
 
 from semseg.models import model_from_checkpoint
 

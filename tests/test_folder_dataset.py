@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_script
+from helpers import REPO, load_script
 from omegaconf import OmegaConf
 
 from semseg.cli import compose

@@ -11,7 +11,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-from conftest import entry_config, hub_cache_repo, load_script, run_entry, tiny_checkpoint
+from helpers import entry_config, hub_cache_repo, load_script, run_entry, tiny_checkpoint
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 

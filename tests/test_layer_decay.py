@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO
+from helpers import REPO
 from omegaconf import OmegaConf
 
 from semseg.cli import compose_groups

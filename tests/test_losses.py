@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, compose_train, train_in_process
+from helpers import REPO, compose_train, train_in_process
 from omegaconf import OmegaConf
 
 from semseg.data import class_pixel_counts

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, load_script
+from helpers import REPO, load_script
 from hydra import compose, initialize_config_dir
 from PIL import Image
 

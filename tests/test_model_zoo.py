@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import hub_cache_repo, run_entry
+from helpers import hub_cache_repo, run_entry
 from huggingface_hub import ModelCard, metadata_load, scan_cache_dir
 from PIL import Image
 

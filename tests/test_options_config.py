@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from conftest import REPO, compose_train, resolved, run_entry, smoke_overrides
+from helpers import REPO, compose_train, resolved, run_entry, smoke_overrides
 from omegaconf import OmegaConf
 
 

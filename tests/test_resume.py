@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REPO,
     SINGLE_THREAD_ENV,
     compose_smoke,

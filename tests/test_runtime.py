@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, run_entry, train_in_process
+from helpers import REPO, run_entry, train_in_process
 
 from semseg import runtime
 from semseg.errors import ConfigError, UserError

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SINGLE_THREAD_ENV, SWEEP_LRS, smoke_sweep, sweep_args
+from helpers import REPO, SINGLE_THREAD_ENV, SWEEP_LRS, smoke_sweep, sweep_args
 
 from semseg.tracking import runs
 

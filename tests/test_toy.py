@@ -9,7 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import load_script
+from helpers import load_script
 from omegaconf import OmegaConf
 
 from semseg.data.toy import default_classes, ensure_toy_dataset, make_toy_bdd100k

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     REPO,
     assert_model_zoo_row,
     assert_onnx_export_matches,

@@ -21,7 +21,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import (
+from helpers import (
     REPO,
     assert_model_zoo_row,
     assert_resume_is_exact,

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, assert_resume_is_exact, train_in_process
+from helpers import REPO, assert_resume_is_exact, train_in_process
 
 from semseg.cli import compose
 from semseg.engine.optim import build_optimizer

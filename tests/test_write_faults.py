@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fill_up, run_python
+from helpers import fill_up, run_python
 
 from semseg.files import WriteError, write_atomically, write_json
 from semseg.models.checkpoint import copy_checkpoint, load_checkpoint, save_checkpoint
