@@ -205,6 +205,39 @@ CASES: dict[str, dict[str, Any]] = {
         "config": "pointrend_r50",
         "groups": {"model": "pointrend", "backbone": "resnet50c"},
     },
+    # The zoo's UPerNet + Swin rows (mmseg's SwinTransformer); S and B: the key layout only.
+    "upernet_swin": {
+        "config": "upernet_swin",
+        "swin": "tiny",
+        "custom_keys": "swin",
+        "groups": {"model": "upernet", "backbone": "swin_tiny"},
+    },
+    "upernet_swin_small": {
+        "config": "upernet_swin",
+        "swin": "small",
+        "logits": False,
+        "groups": {"model": "upernet", "backbone": "swin_small"},
+    },
+    "upernet_swin_base": {
+        "config": "upernet_swin",
+        "swin": "base",
+        "logits": False,
+        "groups": {"model": "upernet", "backbone": "swin_base"},
+    },
+    # The zoo's UPerNet + ViT-B / DeiT-S rows (mmseg's VisionTransformer + MultiLevelNeck); the
+    # zoo's _base_/models/upernet_vit.py is mmseg's upernet_vit-b16_ln_mln; DeiT-S: layout only.
+    "upernet_vit": {
+        "config": "upernet_vit-b16_ln_mln",
+        "vit": "base",
+        "custom_keys": "vit",
+        "groups": {"model": "upernet_vit", "backbone": "vit_base"},
+    },
+    "upernet_deit": {
+        "config": "upernet_vit-b16_ln_mln",
+        "vit": "small",
+        "logits": False,
+        "groups": {"model": "upernet_vit", "backbone": "deit_small"},
+    },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
@@ -219,6 +252,28 @@ MMCLS0_DOWNSAMPLE_EPS = 1e-5
 # HRNet's norms at the end of the first two BasicBlocks of each branch and in its fuse layers (see
 # seeded_weights): its activations stay of order ten and several classes win somewhere.
 HRNET_DAMPED = re.compile(r"\.branches\.\d+\.[01]\.bn2\.|\.fuse_layers\.")
+# The zoo's Swin of each size (sem_seg/configs/sem_seg/upernet_swin-*_bdd100k.py): embed_dims,
+# depths, num_heads; drop path 0.3 in all three.
+SWIN = {
+    "tiny": (96, [2, 2, 6, 2], [3, 6, 12, 24]),
+    "small": (96, [2, 2, 18, 2], [3, 6, 12, 24]),
+    "base": (128, [2, 2, 18, 2], [4, 8, 16, 32]),
+}
+# The zoo's ViT (upernet_vit-b) and DeiT-S (upernet_deit-s): embed_dims, num_heads, drop path.
+VIT = {"base": (768, 12, 0.0), "small": (384, 6, 0.1)}
+# The zoo's paramwise_cfg of its transformer rows (no weight decay on these name substrings).
+SWIN_CUSTOM_KEYS = {
+    "absolute_pos_embed": {"decay_mult": 0.0},
+    "relative_position_bias_table": {"decay_mult": 0.0},
+    "norm": {"decay_mult": 0.0},
+}
+VIT_CUSTOM_KEYS = {
+    "pos_embed": {"decay_mult": 0.0},
+    "cls_token": {"decay_mult": 0.0},
+    "norm": {"decay_mult": 0.0},
+}
+# Buffers of mmseg's state dicts that are not weights (recomputed from the architecture).
+BUFFERS = ("relative_position_index",)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,10 +289,12 @@ def seeded_weights(
     matters: convs (1d and 2d) and linear layers He-normal (std sqrt(2 / fan-in)), norm scales U(0.5, 1)
     (U(0.1, 0.3) on the last norm of a residual block, on ConvNeXt's layer scales and on HRNet's
     fuse norms, which keeps the residual and fused sums from doubling per block), biases and running means N(0, 0.1), running
-    variances U(0.5, 1.5).
+    variances U(0.5, 1.5). Buffers that are no weights (:data:`BUFFERS`) are left out.
     """
     out: dict[str, torch.Tensor] = {}
     for key, shape in shapes.items():
+        if key.endswith(BUFFERS):
+            continue
         gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
         name = key.rsplit(".", 1)[-1]
         if name == "num_batches_tracked":
@@ -417,6 +474,21 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
             cfg.model.backbone.extra[f"stage{stage}"].num_channels = tuple(widths[:stage])
         cfg.model.decode_head.in_channels = widths
         cfg.model.decode_head.channels = sum(widths)
+    elif "swin" in case:  # sem_seg/configs/sem_seg/upernet_swin-*_bdd100k.py
+        width, depths, heads = SWIN[case["swin"]]
+        cfg.model.backbone.update(embed_dims=width, depths=depths, num_heads=heads,
+                                  drop_path_rate=0.3, use_abs_pos_embed=False)  # fmt: skip
+        channels = [width * 2**i for i in range(4)]
+        cfg.model.decode_head.in_channels = channels
+        cfg.model.auxiliary_head.in_channels = channels[2]
+    elif "vit" in case:  # sem_seg/configs/sem_seg/upernet_{vit-b,deit-s}_512x1024_80k_*.py
+        width, heads, drop_path = VIT[case["vit"]]
+        cfg.model.backbone.update(
+            embed_dims=width, num_heads=heads, drop_path_rate=drop_path, patch_bias=True
+        )  # mmseg 0.x's PatchEmbed (the zoo's)
+        cfg.model.neck.update(in_channels=[width] * 4, out_channels=width)
+        cfg.model.decode_head.in_channels = [width] * 4
+        cfg.model.auxiliary_head.in_channels = width
     else:
         cfg.model.backbone.norm_cfg = bn
         cfg.model.backbone.depth = case.get("depth", 50)
@@ -444,7 +516,8 @@ def mmseg_model(case: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, tor
             layer[0].eps = MMCLS0_DOWNSAMPLE_EPS
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     weights = seeded_weights(shapes)
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=False)  # strict but for the BUFFERS
+    assert {k for k in shapes if k not in weights} == {k for k in shapes if k.endswith(BUFFERS)}
     return model.eval(), weights
 
 
@@ -496,6 +569,28 @@ def resnet_geometry(model: torch.nn.Module, size: Sequence[int]) -> dict[str, An
     return {"input": list(size), "stage_shapes": [list(o.shape) for o in outs], "conv2": blocks}
 
 
+def param_group_table(model: torch.nn.Module, custom_keys: Mapping[str, Any]) -> dict:
+    """Each parameter's [lr, weight decay] as mmengine's ``DefaultOptimWrapperConstructor``
+    gives them under the zoo's transformer recipe (AdamW lr 6e-5, weight decay 0.01,
+    ``paramwise_cfg.custom_keys``)."""
+    import contextlib
+    import io
+
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    optimizer = {"type": "AdamW", "lr": 6e-5, "betas": (0.9, 0.999), "weight_decay": 0.01}
+    constructor = DefaultOptimWrapperConstructor(
+        {"type": "OptimWrapper", "optimizer": optimizer}, {"custom_keys": dict(custom_keys)}
+    )
+    with contextlib.redirect_stdout(io.StringIO()):
+        wrapper = constructor(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    table = {names[id(p)]: [g["lr"], g["weight_decay"]]
+             for g in wrapper.optimizer.param_groups for p in g["params"]}  # fmt: skip
+    assert set(table) == set(names.values())
+    return dict(sorted(table.items()))
+
+
 def write_fixtures(out: Path, cases: Sequence[str]) -> None:
     """The fixtures of ``cases`` (the manifest's other entries kept); the input images are
     written when missing (and must equal what is there otherwise)."""
@@ -520,8 +615,15 @@ def write_fixtures(out: Path, cases: Sequence[str]) -> None:
             **case,
             "shapes": {k: list(v.shape) for k, v in weights.items()},
         }
-        if "convnext" not in case and "hrnet" not in case:
+        if not {"convnext", "hrnet", "swin", "vit"} & set(case):
             manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
+        if "custom_keys" in case:  # the optimizer's parameter groups, into param_groups.json
+            groups_path = out / "param_groups.json"
+            tables = json.loads(groups_path.read_text()) if groups_path.is_file() else {}
+            custom_keys = {"swin": SWIN_CUSTOM_KEYS, "vit": VIT_CUSTOM_KEYS}[case["custom_keys"]]
+            tables[name] = {"custom_keys": custom_keys,
+                            "groups": param_group_table(model, custom_keys)}  # fmt: skip
+            groups_path.write_text(json.dumps(dict(sorted(tables.items())), indent=0))
         if name not in LOGIT_CASES:
             print(f"{name}: {len(weights)} tensors (layout only)")
             continue

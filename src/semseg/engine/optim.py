@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -79,6 +80,49 @@ class LayerDecay:
                 )  # fmt: skip
                 group["params"].append(p)
         return sorted(groups.values(), key=lambda g: -g["lr_scale"])
+
+
+class CustomKeys:
+    """mmengine's ``DefaultOptimWrapperConstructor`` with ``paramwise_cfg.custom_keys`` (the zoo's
+    Swin/ViT/DeiT/DPT rows): a parameter whose name contains a key (as a substring; the longest
+    key first, ties alphabetically) trains with ``lr * lr_mult`` and ``weight_decay *
+    decay_mult`` of that key; every other one with ``lr`` and ``weight_decay``, norm weights and
+    biases included (no rule by tensor rank, unlike :class:`LayerDecay`).
+
+    Args:
+        custom_keys: key -> ``{"lr_mult": ..., "decay_mult": ...}`` (each 1.0 when left out), e.g.
+            ``{"norm": {"decay_mult": 0.0}}``.
+    """
+
+    def __init__(self, custom_keys: Mapping[str, Mapping[str, float]]) -> None:
+        unknown = {k: sorted(set(v) - {"lr_mult", "decay_mult"}) for k, v in custom_keys.items()}
+        if any(unknown.values()):
+            raise ConfigError(
+                f"param_groups.custom_keys: {unknown} - each key takes lr_mult and decay_mult only"
+            )
+        order = sorted(sorted(custom_keys), key=len, reverse=True)  # mmengine's order
+        self.rules = [(k, float(custom_keys[k].get("lr_mult", 1.0)),
+                       float(custom_keys[k].get("decay_mult", 1.0))) for k in order]  # fmt: skip
+
+    def multipliers(self, name: str) -> tuple[float, float]:
+        """(lr_mult, decay_mult) of the parameter called ``name``."""
+        return next(((lr, decay) for key, lr, decay in self.rules if key in name), (1.0, 1.0))
+
+    def __call__(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups (one per pair of multipliers, parameters in model order) with their
+        ``lr``, ``weight_decay`` and ``lr_scale``, largest lr first, then most weight decay."""
+        groups: dict[tuple[float, float], dict[str, Any]] = {}
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            lr_mult, decay_mult = self.multipliers(name)
+            group = groups.setdefault(
+                (lr_mult, decay_mult),
+                {"params": [], "lr": lr * lr_mult, "lr_scale": lr_mult,
+                 "weight_decay": weight_decay * decay_mult},
+            )  # fmt: skip
+            group["params"].append(p)
+        return sorted(groups.values(), key=lambda g: (-g["lr_scale"], -g["weight_decay"]))
 
 
 def build_optimizer(

@@ -31,7 +31,7 @@ from semseg.models.build import (
     strip_wrapper_prefixes,
 )
 
-Rule = tuple[re.Pattern, str]
+Rule = tuple[re.Pattern, str | None]  # replacement None: the key holds nothing here (dropped)
 # The config groups of the reference row (Semantic FPN R-50); recognise_mmseg() names any file's.
 MMSEG_CONFIG_GROUPS = {"model": "semantic_fpn", "backbone": "resnet50c"}
 _BN_STATS = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
@@ -47,12 +47,14 @@ def _rules(*pairs: tuple[str, str]) -> list[Rule]:
 def rename_keys(
     state: Mapping[str, Tensor], rules: Sequence[Rule]
 ) -> tuple[dict[str, Tensor], list[str]]:
-    """``state`` renamed by the first rule that matches each key, and the keys no rule matches."""
+    """``state`` renamed by the first rule that matches each key (left out where its replacement
+    is None), and the keys no rule matches."""
     renamed, unmatched = {}, []
     for key, value in state.items():
         for pattern, replacement in rules:
             if pattern.match(key):
-                renamed[pattern.sub(replacement, key)] = value
+                if replacement is not None:
+                    renamed[pattern.sub(replacement, key)] = value
                 break
         else:
             unmatched.append(key)
@@ -218,7 +220,122 @@ HRNET = MmsegBackbone(
     config_name=_hrnet_config,
 )
 
-BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT, HRNET]
+
+# mmseg's SwinTransformer -> semseg.models.swin.SwinBackbone (timm's block names: ``attn``
+# without mmseg's ``w_msa`` level, ``mlp.fc1/fc2`` for the FFN, ``patch_embed.proj``); mmseg's
+# persistent ``relative_position_index`` buffers are recomputed here, so they are dropped.
+_MMSEG_SWIN = (
+    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"patch_embed\.norm\.(weight|bias)", r"patch_embed.norm.\1"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.attn\.w_msa\.relative_position_index", None),
+    (r"stages\.(\d)\.blocks\.(\d+)\.attn\.w_msa\.(relative_position_bias_table|(?:qkv|proj)\.(?:weight|bias))",
+     r"stages.\1.blocks.\2.attn.\3"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.(norm[12])\.(weight|bias)", r"stages.\1.blocks.\2.\3.\4"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"stages.\1.blocks.\2.mlp.fc1.\3"),
+    (r"stages\.(\d)\.blocks\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"stages.\1.blocks.\2.mlp.fc2.\3"),
+    (r"stages\.(\d)\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)", r"stages.\1.downsample.\2"),
+    (r"norm([0-3])\.(weight|bias)", r"norm\1.\2"),
+)  # fmt: skip
+
+
+def mmseg_swin_rules(src: str = "", dst: str = "") -> list[Rule]:
+    """mmseg's Swin -> :class:`~semseg.models.swin.SwinBackbone` key rules; ``src``/``dst``
+    prefix both sides (``"backbone."`` for whole segmentation models)."""
+    return [
+        (re.compile(f"^{re.escape(src)}{p}$"), None if r is None else dst + r)
+        for p, r in _MMSEG_SWIN
+    ]
+
+
+# (stage-0 width, blocks per stage) -> conf/backbone
+_SWIN_SIZES = {
+    (96, (2, 2, 6, 2)): "swin_tiny",
+    (96, (2, 2, 18, 2)): "swin_small",
+    (128, (2, 2, 18, 2)): "swin_base",
+}
+
+
+def _swin_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``swin_tiny|small|base`` from the patch embedding's width and the blocks per stage."""
+    blocks = tuple(
+        len({k.split(".")[4] for k in state if k.startswith(f"backbone.stages.{i}.blocks.")})
+        for i in range(4)
+    )
+    width = int(state["backbone.patch_embed.projection.weight"].shape[0])
+    name = _SWIN_SIZES.get((width, blocks))
+    if name is None:
+        known = "; ".join(f"{n} width {w}, {list(b)} blocks" for (w, b), n in _SWIN_SIZES.items())
+        raise CheckpointError(
+            f"Swin with width {width} and {list(blocks)} blocks per stage: only {known} have "
+            "backbone configs here"
+        )
+    return name
+
+
+SWIN = MmsegBackbone(
+    family="mmseg SwinTransformer",
+    marker="backbone.stages.0.blocks.0.attn.w_msa.qkv.weight",
+    rules=mmseg_swin_rules("backbone.", "backbone."),
+    config_name=_swin_config,
+    output_stride=32,
+)
+
+
+# mmseg's VisionTransformer -> semseg.models.vit.VisionTransformerBackbone (timm's attention:
+# nn.MultiheadAttention's in_proj is its qkv, out_proj its proj; the FFN as timm's Mlp).
+_MMSEG_VIT = (
+    (r"(cls_token|pos_embed)", r"\1"),
+    (r"patch_embed\.projection\.(weight|bias)", r"patch_embed.proj.\1"),
+    (r"layers\.(\d+)\.(ln[12])\.(weight|bias)", r"layers.\1.\2.\3"),
+    (r"layers\.(\d+)\.attn\.attn\.in_proj_(weight|bias)", r"layers.\1.attn.qkv.\2"),
+    (r"layers\.(\d+)\.attn\.attn\.out_proj\.(weight|bias)", r"layers.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)", r"layers.\1.ffn.fc1.\2"),
+    (r"layers\.(\d+)\.ffn\.layers\.1\.(weight|bias)", r"layers.\1.ffn.fc2.\2"),
+    (r"ln1\.(weight|bias)", r"ln1.\1"),
+)
+
+
+def mmseg_vit_rules(src: str = "", dst: str = "") -> list[Rule]:
+    """mmseg's ViT -> :class:`~semseg.models.vit.VisionTransformerBackbone` key rules;
+    ``src``/``dst`` prefix both sides (``"backbone."`` for whole segmentation models)."""
+    return [(re.compile(f"^{re.escape(src)}{p}$"), dst + r) for p, r in _MMSEG_VIT]
+
+
+# (width, heads) -> conf/backbone
+_VIT_SIZES = {768: "vit_base", 384: "deit_small"}
+
+
+def _vit_config(state: Mapping[str, Tensor], output_stride: int) -> str:
+    """``vit_base`` / ``deit_small`` from the width (12 layers each)."""
+    width = int(state["backbone.cls_token"].shape[-1])
+    layers = len({k.split(".")[2] for k in state if k.startswith("backbone.layers.")})
+    name = _VIT_SIZES.get(width)
+    if name is None or layers != 12:
+        raise CheckpointError(
+            f"ViT of width {width} with {layers} layers: only ViT-B (768) and DeiT-S (384) with "
+            "12 layers have backbone configs here"
+        )
+    return name
+
+
+def _vit_overrides(state: Mapping[str, Tensor]) -> list[str]:
+    """The MultiLevelNeck at the ViT's width (the zoo's configs: 768, DeiT-S 384); no bias in the
+    patch embedding where the file has none (mmseg 1.x's default; mmseg 0.x, the zoo's, had one)."""
+    width = int(state["backbone.cls_token"].shape[-1])
+    bias = "backbone.patch_embed.projection.bias" in state
+    return [f"model.neck.out_channels={width}"] + ([] if bias else ["backbone.patch_bias=false"])
+
+
+VIT = MmsegBackbone(
+    family="mmseg VisionTransformer",
+    marker="backbone.cls_token",
+    rules=mmseg_vit_rules("backbone.", "backbone."),
+    config_name=_vit_config,
+    output_stride=16,
+    overrides=lambda checkpoint: _vit_overrides(_state_dict(checkpoint)),
+)
+
+BACKBONES: list[MmsegBackbone] = [RESNET_V1C, CONVNEXT, HRNET, SWIN, VIT]
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +422,26 @@ HEADS: list[MmsegHead] = [
         "DepthwiseSeparableASPPHead",
         "image_pool aspp_modules bottleneck c1_bottleneck sep_bottleneck conv_seg",
         8,
+    ),
+    # UPerNet + ViT/DeiT: mmseg's MultiLevelNeck (convs without norm: ConvModule's ``.conv``)
+    # before the same UPerHead; before "upernet", whose submodules it shares.
+    MmsegHead(
+        "upernet_vit",
+        "MultiLevelNeck + UPerHead",
+        frozenset(
+            {
+                "psp_modules",
+                "bottleneck",
+                "lateral_convs",
+                "fpn_convs",
+                "fpn_bottleneck",
+                "conv_seg",
+            }
+        ),
+        32,
+        conv_module_rules("decode_head", "decode_head")
+        + _rules((r"^neck\.(lateral_convs|convs)\.(\d+)\.conv\.(weight|bias)$", r"neck.\1.\2.\3")),
+        marker=r"^neck\.convs\.",
     ),
     _head(
         "upernet",

@@ -1,0 +1,189 @@
+"""Vision Transformer (ViT-B, DeiT-S) as mmseg's ``VisionTransformer`` builds it for segmentation
+(the BDD100K zoo's UPerNet + ViT/DeiT rows, through mmseg's MultiLevelNeck:
+:mod:`semseg.models.necks_transformer`), on timm's pieces: ``PatchEmbed``, ``Attention``,
+``Mlp``, ``DropPath``.
+
+Where timm's ViT differs from mmseg's, the piece is built here:
+
+- the layer (:class:`TransformerEncoderLayer`) keeps mmseg's names ``ln1``/``ln2`` for its
+  LayerNorms (timm: ``norm1``/``norm2``). The zoo's optimizer matches parameter names: its
+  ``custom_keys`` rule ``norm`` takes the weight decay off names containing "norm", which mmseg's
+  ``ln1``/``ln2`` do not, so in mmseg those LayerNorms decay; with timm's names they would not;
+- position embeddings (:func:`resize_pos_embed`): mmseg resizes the pretraining grid
+  (``img_size / patch_size``, 32x32 at the zoo's 512x512) to the input's patch grid with bicubic
+  interpolation without antialiasing, the class token's embedding kept (mmseg skips it when the
+  token counts agree, where it is the identity); timm's ``resample_abs_pos_embed`` antialiases when it shrinks the grid;
+- any input size: the patch embedding pads the image to a multiple of the patch size at the
+  bottom/right (mmseg's ``padding='corner'``, timm's ``dynamic_img_pad``).
+
+``out_indices`` layers' outputs, class token removed, come out as ``N x C x H/16 x W/16`` maps;
+``final_norm`` (off in the zoo's configs) normalises the last layer's output first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Attention
+from torch import Tensor, nn
+
+from semseg.models.backbone_weights import WeightsError, read_weights_file
+from semseg.models.build import describe_key_mismatch
+from semseg.models.mmseg_conversion import mmseg_vit_rules, rename_keys
+
+log = logging.getLogger(__name__)
+
+
+class TransformerEncoderLayer(nn.Module):
+    """mmseg's pre-norm ViT layer under mmseg's norm names: ``x + attn(ln1(x))``, then
+    ``x + ffn(ln2(x))``, each branch through stochastic depth."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, norm_eps: float
+    ) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=True)
+        self.ln2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.ffn = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``N x L x C`` tokens."""
+        x = x + self.drop_path(self.attn(self.ln1(x)))
+        return x + self.drop_path(self.ffn(self.ln2(x)))
+
+
+def resize_pos_embed(pos_embed: Tensor, grid: Sequence[int], pos_grid: Sequence[int]) -> Tensor:
+    """``1 x (1 + h*w) x C`` position embeddings (class token first) of a ``pos_grid`` patch grid
+    resized to ``grid``: bicubic, align_corners=False, no antialiasing (mmseg's
+    ``VisionTransformer.resize_pos_embed``)."""
+    cls_embed, patch_embed = pos_embed[:, :1], pos_embed[:, 1:]
+    patch_embed = patch_embed.reshape(1, *pos_grid, -1).permute(0, 3, 1, 2)
+    patch_embed = F.interpolate(patch_embed, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls_embed, patch_embed.flatten(2).transpose(1, 2)], dim=1)
+
+
+class VisionTransformerBackbone(nn.Module):
+    """mmseg's ``VisionTransformer`` (class token, learned position embeddings at ``img_size``,
+    ``num_layers`` pre-norm layers) returning the ``out_indices`` layers as stride-16 maps.
+
+    Args:
+        name: timm's model of the same architecture (messages; e.g. ``vit_base_patch16_224``).
+        img_size: the pretraining size the position embeddings belong to (the zoo: 512x512).
+        patch_size: 16.
+        embed_dims: width (ViT-B 768, DeiT-S 384).
+        num_layers: 12.
+        num_heads: ViT-B 12, DeiT-S 6.
+        mlp_ratio: 4.
+        out_indices: the layers returned (the zoo: 2, 5, 8, 11).
+        drop_path_rate: stochastic depth, rising linearly over the layers from 0.
+        norm_eps: the LayerNorms' eps (the zoo's UPerNet rows: 1e-6).
+        final_norm: a LayerNorm (``ln1``) on the last layer's output.
+        patch_bias: a bias in the patch embedding's conv (mmseg 0.x, which trained the zoo: yes;
+            mmseg 1.x's default: no).
+        pretrained: load ImageNet weights from ``weights`` (mmseg's layout, as its
+            ``vit2mmseg`` converter writes the original ViT/DeiT files; the position embeddings
+            resized to ``img_size`` as mmseg does).
+        weights: local weights file.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        img_size: Sequence[int] = (512, 512),
+        patch_size: int = 16,
+        embed_dims: int = 768,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_indices: Sequence[int] = (2, 5, 8, 11),
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-6,
+        final_norm: bool = False,
+        patch_bias: bool = True,
+        pretrained: bool = False,
+        weights: str | os.PathLike | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.pos_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.patch_embed = PatchEmbed(
+            img_size=None,
+            patch_size=patch_size,
+            embed_dim=embed_dims,
+            bias=patch_bias,
+            output_fmt="NHWC",
+            strict_img_size=False,
+            dynamic_img_pad=True,
+        )
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims))
+        self.pos_embed = nn.Parameter(
+            torch.zeros(1, 1 + self.pos_grid[0] * self.pos_grid[1], embed_dims)
+        )
+        rates = torch.linspace(0, drop_path_rate, num_layers, device="cpu").tolist()
+        self.layers = nn.ModuleList(
+            TransformerEncoderLayer(embed_dims, num_heads, mlp_ratio, rate, norm_eps)
+            for rate in rates
+        )
+        self.ln1 = nn.LayerNorm(embed_dims, eps=norm_eps) if final_norm else None
+        self.out_indices = [int(i) for i in out_indices]
+        self.out_channels = [embed_dims] * len(self.out_indices)
+        self.out_strides = [patch_size] * len(self.out_indices)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        if pretrained:
+            self._load_imagenet(weights)
+        elif weights is not None:
+            log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
+
+    def _load_imagenet(self, weights: str | os.PathLike | None) -> None:
+        """mmseg's ImageNet ViT (``vit2mmseg``'s layout, bare or under ``backbone.``), the position
+        embeddings resized from the file's square grid to ``img_size``'s as mmseg does."""
+        if weights is None:
+            raise WeightsError(
+                f"backbone.pretrained=true for '{self.name}' needs backbone.weights=FILE (ImageNet "
+                "weights in mmseg's layout) or backbone.pretrained=false"
+            )
+        state, label = read_weights_file(weights, self.name)
+        state = {k.removeprefix("backbone."): v for k, v in state.items()}
+        renamed, unmatched = rename_keys(state, mmseg_vit_rules())
+        if "pos_embed" in renamed and renamed["pos_embed"].shape != self.pos_embed.shape:
+            side = int((renamed["pos_embed"].shape[1] - 1) ** 0.5)
+            renamed["pos_embed"] = resize_pos_embed(
+                renamed["pos_embed"], self.pos_grid, (side, side)
+            )
+        own = self.state_dict()
+        missing = [k for k in own if k not in renamed]
+        misshapen = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+                     for k, v in renamed.items() if k in own and v.shape != own[k].shape]  # fmt: skip
+        unexpected = unmatched + [k for k in renamed if k not in own]
+        if problems := describe_key_mismatch(misshapen, missing, unexpected):
+            raise WeightsError(f"{label} does not fit backbone '{self.name}' ({problems})")
+        self.load_state_dict(renamed)
+        log.info("backbone %s: ImageNet weights from %s", self.name, weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """The ``out_indices`` layers' patch tokens as ``N x C x H/16 x W/16`` maps."""
+        x = self.patch_embed(x)
+        batch, height, width, channels = x.shape
+        cls_tokens = self.cls_token + x.new_zeros(batch, 1, channels)  # broadcast: ONNX-safe
+        x = torch.cat([cls_tokens, x.flatten(1, 2)], dim=1)
+        # mmseg resizes only when the token counts differ; at the same grid the bicubic resize
+        # is the identity (weights exactly 0 and 1), so it always runs here (no shape branch:
+        # ONNX export with dynamic sizes).
+        x = x + resize_pos_embed(self.pos_embed, (height, width), self.pos_grid)
+        outs = []
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i == len(self.layers) - 1 and self.ln1 is not None:
+                x = self.ln1(x)
+            if i in self.out_indices:
+                out = x[:, 1:].reshape(batch, height, width, channels)
+                outs.append(out.permute(0, 3, 1, 2).contiguous())
+        return outs
