@@ -42,12 +42,7 @@ from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
-from semseg.models.backbone_weights import (
-    WeightsError,
-    build_timm_model,
-    load_hub_weights,
-    read_weights_file,
-)
+from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
 from semseg.models.build import describe_key_mismatch
 from semseg.models.mmseg_conversion import mmseg_swin_rules, rename_keys
 
@@ -228,14 +223,10 @@ class SwinBackbone(nn.Module):
 
     # -- ImageNet weights ---------------------------------------------------------------------
     def _load_imagenet(self, weights: str | os.PathLike | None) -> None:
-        if weights is None:
-            # timm's classification state dict, checked against its features_only model
-            state = load_hub_weights(build_timm_model(self.name, features_only=True), self.name, {})
-            label = f"the hub weights of {self.name}"
-        else:
-            state, label = read_weights_file(weights, self.name)
+        """ImageNet weights from ``backbone.weights`` (timm's or mmseg's layout), else the hub."""
+        state, label = read_imagenet_weights(self.name, {}, weights)
         self.load_imagenet_state(state, label)
-        log.info("backbone %s: ImageNet weights from %s", self.name, weights or "the hub")
+        log.info("backbone %s: ImageNet weights from %s", self.name, label)
 
     def load_imagenet_state(self, state: Mapping[str, Tensor], label: str) -> None:
         """Load a Swin classification state dict in timm's layout or mmseg's (bare or under
