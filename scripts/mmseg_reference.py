@@ -303,7 +303,7 @@ def seeded_weights(
             out[key] = torch.rand(shape, generator=gen) + 0.5
         elif name in ("running_mean", "bias"):
             out[key] = torch.randn(shape, generator=gen) * 0.1
-        elif len(shape) in (2, 3, 4):
+        elif len(shape) in (2, 4) or (len(shape) == 3 and key.startswith("decode_head.1.")):
             fan_in = int(np.prod(shape[1:]))
             out[key] = torch.randn(shape, generator=gen) * (2.0 / fan_in) ** 0.5
         elif ".bn3." in key or name == "gamma" or HRNET_DAMPED.search(key):

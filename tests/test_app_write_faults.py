@@ -32,6 +32,7 @@ except WriteError as e:
 """
 
 
+@pytest.mark.slow
 def test_evaluation_json_under_a_file_size_limit(checkpoint, toy_root, tmp_path) -> None:
     out = tmp_path / "out"
     overrides = [f"checkpoint={checkpoint}", *data_overrides(toy_root), f"output_dir={out}"]
@@ -44,6 +45,7 @@ def test_evaluation_json_under_a_file_size_limit(checkpoint, toy_root, tmp_path)
     assert list(out.iterdir()) == []  # no half file, no temporary file
 
 
+@pytest.mark.slow
 def test_evaluation_json_on_a_full_disk_through_evaluate_py(
     checkpoint, toy_root, tmp_path, small_tmpfs
 ) -> None:
@@ -82,6 +84,7 @@ def test_predictions_on_a_full_disk(checkpoint, toy_root, small_tmpfs) -> None:
     assert _no_temporary_files(out)
 
 
+@pytest.mark.slow
 def test_model_zoo_folder_on_a_full_disk(smoke_run, toy_root, small_tmpfs) -> None:
     """Weights larger than the disk: one line naming the output folder, and no folder at all
     (nor a temporary one) is left."""

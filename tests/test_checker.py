@@ -32,6 +32,7 @@ def test_good_data_passes(toy, capsys):
     assert report.usable and report.class_pixels.sum() == 3 * 32 * 64
 
 
+@pytest.mark.slow
 def test_script_entry_point(toy):
     res = subprocess.run([sys.executable, str(REPO / "scripts/check_dataset.py"), str(toy),
                           "--splits", "val"], capture_output=True, text=True)  # fmt: skip

@@ -117,6 +117,7 @@ def test_plain_mmseg_checkpoint_points_at_the_converter(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
+@pytest.mark.slow
 def test_converter_refuses_in_one_line_and_trust_pickle_converts(
     mmengine_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -191,6 +192,7 @@ def _resume_cannot_write(toy_root: Path, run_dir: Path, reason: str, **limits) -
     assert load_checkpoint(ckpt_dir / "last.pt")["iteration"] == 1
 
 
+@pytest.mark.slow
 def test_trainer_file_size_limit_and_damaged_last(toy_root: Path, tmp_path: Path) -> None:
     ckpt_dir = tmp_path / CHECKPOINT_DIR
     Trainer(smoke_config(toy_root, tmp_path, "schedule.max_iters=1")).fit()
@@ -201,6 +203,7 @@ def test_trainer_file_size_limit_and_damaged_last(toy_root: Path, tmp_path: Path
     assert trainer.state.iteration == 1
 
 
+@pytest.mark.slow
 def test_trainer_full_disk(toy_root: Path, small_tmpfs) -> None:
     disk = small_tmpfs(512)
     run_dir = disk / "run"

@@ -102,6 +102,7 @@ def test_zoo_models_have_mmseg_sizes(case: str) -> None:
     assert count_parameters(model) == total - aux
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_forward_contract(name: str) -> None:
     """Eval: logits at any input size; training: {"out", "aux"}; channels_last gives the same
@@ -171,6 +172,7 @@ def _ema_rank(rank: int, port: int, feats: torch.Tensor, start: torch.Tensor, ou
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ema_bases_are_averaged_over_ddp_ranks(tmp_path: Path) -> None:
     """Two gloo processes with one image each end with the same bases, those of one process
     with both images (the EM steps are per image; the update's batch mean spans the ranks)."""
@@ -217,6 +219,7 @@ def trained(toy_root: Path, module_tmp: Path) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_each_model_trains_on_toy_data(name: str, trained: dict[str, Path]) -> None:
     summary = json.loads((trained[name] / "summary.json").read_text())
@@ -228,6 +231,7 @@ def test_each_model_trains_on_toy_data(name: str, trained: dict[str, Path]) -> N
         assert model(torch.zeros(1, 3, 40, 56)).shape == (1, 19, 40, 56)
 
 
+@pytest.mark.slow
 def test_exact_resume_keeps_the_ema_bases(toy_root: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2, stop, resume to 4, EMANet's bases buffer included (which
     moved in training)."""
@@ -236,6 +240,7 @@ def test_exact_resume_keeps_the_ema_bases(toy_root: Path, tmp_path: Path) -> Non
                            small_model("emanet").state_dict()["decode_head.ema_module.bases"])  # fmt: skip
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_emanet(toy_root: Path, tmp_path: Path) -> None:
     """torchrun with two gloo processes: EMANet's bases all-reduce inside the step."""
     run_dir = tmp_path / "ddp"
@@ -245,6 +250,7 @@ def test_ddp_two_processes_train_emanet(toy_root: Path, tmp_path: Path) -> None:
     assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_export_is_right_at_every_size(
     name: str, trained: dict[str, Path], tmp_path: Path
@@ -254,6 +260,7 @@ def test_onnx_export_is_right_at_every_size(
     assert_onnx_export_matches(trained[name] / "checkpoints/last.pt", tmp_path / f"{name}.onnx")
 
 
+@pytest.mark.slow
 def test_model_zoo_row_of_a_context_head(
     trained: dict[str, Path], toy_root: Path, tmp_path: Path
 ) -> None:
@@ -263,6 +270,7 @@ def test_model_zoo_row_of_a_context_head(
     assert not any(k.startswith("aux_head.") for k in weights["model"])
 
 
+@pytest.mark.slow
 def test_benchmark_counts_and_times_a_context_head(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -282,6 +290,7 @@ def test_benchmark_counts_and_times_a_context_head(
     assert np.isfinite(result["train"][0]["final_loss"])
 
 
+@pytest.mark.slow
 def test_head_variants_the_zoo_lacks_are_refused_in_one_line() -> None:
     """An mmseg NLHead in 'concatenation' mode (its concat_project conv) is not the zoo's
     embedded-Gaussian head: the converter names the tensor that does not fit, in one line."""

@@ -186,6 +186,7 @@ def trained(toy_root: Path, module_tmp: Path) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_each_model_trains_on_toy_data(name: str, trained: dict[str, Path]) -> None:
     summary = json.loads((trained[name] / "summary.json").read_text())
@@ -197,11 +198,13 @@ def test_each_model_trains_on_toy_data(name: str, trained: dict[str, Path]) -> N
         assert model.decode_head.cca.gamma.scale.item() != 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_exact_resume(name: str, toy_root: Path, tmp_path: Path) -> None:
     assert_resume_is_exact(toy_root, tmp_path, *small(name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_ddp_two_processes(name: str, toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes: every parameter gets a gradient in each step (DDP would fail on one
@@ -219,6 +222,7 @@ def test_ddp_two_processes(name: str, toy_root: Path, tmp_path: Path) -> None:
     assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_onnx_export_is_right_at_every_size(
     name: str, trained: dict[str, Path], tmp_path: Path
@@ -228,10 +232,12 @@ def test_onnx_export_is_right_at_every_size(
     assert_onnx_export_matches(trained[name] / "checkpoints/last.pt", tmp_path / f"{name}.onnx")
 
 
+@pytest.mark.slow
 def test_model_zoo_row(trained: dict[str, Path], toy_root: Path, tmp_path: Path) -> None:
     assert_model_zoo_row(trained["psanet"], toy_root, tmp_path / "zoo")
 
 
+@pytest.mark.slow
 def test_benchmark_counts_and_times(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(
         bench_runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01)

@@ -93,6 +93,7 @@ def test_class_count_mismatch(mmseg_sd: dict[str, torch.Tensor], bdd_config: dic
     assert bdd_config["backbone"]["pretrained"] is True  # the caller's config is left as it was
 
 
+@pytest.mark.slow
 def test_script_end_to_end(mmseg_sd: dict[str, torch.Tensor], tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location(
         "convert_mmseg_checkpoint", REPO / "scripts" / "convert_mmseg_checkpoint.py"
@@ -142,6 +143,7 @@ def test_architecture_recognised_from_keys(case: str) -> None:
     assert len(renamed) == len(MMSEG_CASES[case]["shapes"])  # every key has a rule
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(MMSEG_CASES))
 def test_converted_layout_is_the_model_of_its_config(case: str) -> None:
     """Every tensor of mmseg's model lands on a tensor of this project's model of the same shape,
@@ -261,6 +263,7 @@ def deeplabv3plus_file(module_tmp: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [[], ["model.aux_head=null"]])
 def test_script_converts_a_decoder(
     deeplabv3plus_file: Path, tmp_path: Path, capsys, overrides: list[str]
@@ -289,6 +292,7 @@ def test_script_converts_a_decoder(
         )
 
 
+@pytest.mark.slow
 def test_script_without_aux_weights_configures_no_aux_head(tmp_path: Path, capsys) -> None:
     weights = load_script("mmseg_reference").seeded_weights(MMSEG_CASES["upernet"]["shapes"])
     weights = {k: v for k, v in weights.items() if not k.startswith("auxiliary_head.")}
@@ -308,6 +312,7 @@ def test_script_without_aux_weights_configures_no_aux_head(tmp_path: Path, capsy
 MMENGINE_META = {"mmengine_version": "0.10.7", "dataset_meta": {"classes": ["road"] * 19}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("meta", "eps"),
     [(None, 1e-5), ({"mmcv_version": "1.7.0", "mmseg_version": "0.30.0"}, 1e-5),

@@ -116,6 +116,7 @@ def test_timm_file_fills_the_final_norm_from_the_classifier_norm(tmp_path: Path)
     assert torch.equal(backbone.norm0.weight, torch.ones(40))
 
 
+@pytest.mark.slow
 def test_mmcls_file_of_another_size_is_a_clear_error(mm_weights, tmp_path: Path) -> None:
     path = tmp_path / "tiny.pth"
     torch.save({"state_dict": {f"backbone.{k}": v for k, v in mm_weights.items()}}, path)
@@ -160,6 +161,7 @@ def test_rules_with_prefixes_for_whole_segmentation_models(mm_shapes) -> None:
     assert set(renamed) == backbone_keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_zoo_drop_path_layer_scale_and_output_norms(size: str) -> None:
     rate, blocks = SIZES[size]
@@ -211,6 +213,7 @@ def test_grad_checkpointing_recomputes_and_keeps_gradients(backbone, checkpointe
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", ["tiny", "small", "base"])
 def test_each_size_trains_with_the_zoo_recipe(size: str, toy_root: Path, tmp_path: Path) -> None:
     # The zoo's optimizer (AdamW, stage-wise lr decay) and warm-up schedule on the toy data; ImageNet
@@ -232,6 +235,7 @@ def test_each_size_trains_with_the_zoo_recipe(size: str, toy_root: Path, tmp_pat
     assert [x["lr"] for x in train] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("size", "backbone_gflops", "fpn_gflops"),
     [("tiny", 93.1, 178.7), ("small", 181.5, 267.1), ("base", 320.9, 407.5)],

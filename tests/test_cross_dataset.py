@@ -33,6 +33,7 @@ def checkpoints(smoke_run) -> dict[str, Path]:
     return {layout: smoke_run(layout) / "checkpoints" / "last.pt" for layout in LAYOUTS}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_smoke_training_on_each_layout(smoke_run, layout):
     """Each layout trains end to end and ends with its own evaluation."""
@@ -86,6 +87,7 @@ def test_other_class_names_stop_with_the_differences(checkpoints, roots, tmp_pat
     assert "dataset=toy_folder" in message and "'road'" not in message
 
 
+@pytest.mark.slow
 def test_evaluation_runs_at_the_training_scale(checkpoints, tmp_path, caplog):
     """Trained at 128x64, evaluated on 256x128 scenes: images are fitted into 128x64, the metric
     is computed at the labels' 256x128, and the scale is reported; an explicit scale wins."""

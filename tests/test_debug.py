@@ -22,6 +22,7 @@ def test_fixed_batches_repeat_the_first_ones():
     assert first_images(data, None) is data and first_images(data, 20) is data
 
 
+@pytest.mark.slow
 def test_overfit_one_batch_drives_the_loss_down(toy_root, tmp_path):
     run_dir = tmp_path / "run"
     train_in_process(
@@ -40,6 +41,7 @@ def test_overfit_one_batch_drives_the_loss_down(toy_root, tmp_path):
     assert losses[-1] < 0.15 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled:UserWarning")  # torch's own
 def test_anomaly_profile_and_fast_presets(toy_root, tmp_path, caplog):
     caplog.set_level(logging.INFO)

@@ -117,6 +117,7 @@ def test_forward_contract(name: str) -> None:
     assert plain.aux_head is None and plain(images).shape == (2, 19, 75, 110)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "backbone"),
     [("upernet", "convnext_tiny"), ("deeplabv3plus", "efficientnet_b3"), ("pspnet", "resnet101")],
@@ -201,6 +202,7 @@ def trained(toy_root: Path, module_tmp: Path) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DECODERS)
 def test_each_decoder_trains_on_toy_data(name: str, trained: dict[str, Path]) -> None:
     run_dir = trained[name]
@@ -216,6 +218,7 @@ def test_each_decoder_trains_on_toy_data(name: str, trained: dict[str, Path]) ->
         assert model(torch.zeros(1, 3, 40, 56)).shape == (1, 19, 40, 56)
 
 
+@pytest.mark.slow
 def test_exact_resume_with_aux_head_and_ema(toy_root: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2, stop, resume to 4: weights (auxiliary head included),
     momenta and EMA."""
@@ -225,6 +228,7 @@ def test_exact_resume_with_aux_head_and_ema(toy_root: Path, tmp_path: Path) -> N
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_train_a_decoder_with_aux_head(toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes (plain BatchNorm: SyncBN needs CUDA), every parameter used in each
     step (the auxiliary head's too), one run folder."""
@@ -256,18 +260,21 @@ def test_inference_modes(trained: dict[str, Path]) -> None:
     torch.testing.assert_close(tta.exp().sum(1), torch.ones(1, 48, 64))  # averaged probabilities
 
 
+@pytest.mark.slow
 def test_onnx_export_is_right_at_every_size(trained: dict[str, Path], tmp_path: Path) -> None:
     """Pyramid pooling (PSPNet, UPerNet) exports with bins that follow the input size
     (adaptive_avg_pool), not the example's."""
     assert_onnx_export_matches(trained["pspnet"] / "checkpoints/last.pt", tmp_path / "pspnet.onnx")
 
 
+@pytest.mark.slow
 def test_model_zoo_row_of_a_decoder(trained: dict[str, Path], toy_root: Path, tmp_path) -> None:
     out = assert_model_zoo_row(trained["deeplabv3plus"], toy_root, tmp_path / "zoo")
     weights = load_checkpoint(out / "weights.pt")
     assert not any(k.startswith("aux_head.") for k in weights["model"])  # inference only
 
 
+@pytest.mark.slow
 def test_benchmark_counts_and_times_a_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """The benchmark's model costs (inference parameters and FLOPs without the auxiliary head;
     training FLOPs with it, depthwise convolutions' backward counted by their groups) and its
@@ -297,6 +304,7 @@ def _saved(model: EncoderDecoder, config: dict, path: Path) -> Path:
     return save_checkpoint(state, path)
 
 
+@pytest.mark.slow
 def test_start_weights_follow_the_aux_head_config(tmp_path: Path) -> None:
     """With an auxiliary head in the file and none configured, its weights are dropped; with
     none in the file and one configured, it keeps its initialisation; the rest loads strictly."""

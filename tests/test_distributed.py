@@ -64,6 +64,7 @@ def test_rng_state_holds_this_process_gpu_only():
 BACKBONES = sorted(p.stem for p in (REPO / "conf/backbone").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BACKBONES)
 def test_sync_batchnorm_keeps_every_layer_output(name):
     """torch's converter would turn timm's BatchNormAct2d into a plain SyncBatchNorm and drop its
@@ -96,6 +97,7 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 def test_nan_on_one_rank_stops_every_rank_with_the_same_line(toy_root, tmp_path):
     ranks = launch_ranks(
         "train.py", *SMOKE, f"dataset.root={toy_root}", f"hydra.run.dir={tmp_path}",
@@ -107,6 +109,7 @@ def test_nan_on_one_rank_stops_every_rank_with_the_same_line(toy_root, tmp_path)
     assert lines[0][0].startswith("error: the loss became NaN/inf at iteration 3;")
 
 
+@pytest.mark.slow
 def test_a_user_error_on_one_rank_does_not_block_the_others(toy_root, tmp_path):
     """Rank 1 stops with its one line; rank 0, waiting in the gradient all-reduce, is released at
     once (the process group is left on every way out), not after the collective's timeout."""

@@ -129,6 +129,7 @@ def test_overflowed_fp16_steps_stay_out_of_the_logged_norm():
     assert math.isnan(clipper.mean_norm())  # nothing finite to report
 
 
+@pytest.mark.slow
 def test_ema_clip_and_many_loggers_in_one_short_run(toy_root, tmp_path):
     run_dir = tmp_path / "run"
     summary = train_in_process(

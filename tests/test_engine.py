@@ -120,6 +120,7 @@ def test_checkpoint_helpers(tmp_path):
         load_checkpoint(tmp_path / "evil.pt")
 
 
+@pytest.mark.slow
 def test_tiny_training_run_writes_the_run_folder(toy_root, tmp_path):
     run_dir = tmp_path / "run"
     run_entry(
@@ -180,6 +181,7 @@ def test_tiny_training_run_writes_the_run_folder(toy_root, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path, caplog):
     run_dir = tmp_path / "run"
     args = [
@@ -224,6 +226,7 @@ def test_sigterm_checkpoints_and_auto_resume_continues(toy_root, tmp_path, caplo
     assert f"at iteration {stopped_at}" in caplog.text
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path):
     """A UserError: train.py prints it as one line and exits 2 (test_missing_dataset_root...)."""
     run_dir = tmp_path / "run"
@@ -243,6 +246,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(toy_root, tmp_path):
     assert not (run_dir / "checkpoints/iter_000004.pt").exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_root_is_one_clear_line(tmp_path):
     missing = tmp_path / "nowhere"
     proc = run_entry(
@@ -302,7 +306,7 @@ def test_model_weights_starts_fine_tuning_from_a_checkpoint(tmp_path):
     from semseg.errors import CheckpointError
     from semseg.models import build_model
 
-    cfg = compose_train("experiment=smoke", "model.dropout=0.0")
+    cfg = compose_train("experiment=smoke", "model.decode_head.dropout=0.0")
     cfg.paths.output_dir = str(tmp_path)
     source = build_model(cfg)
     path = save_checkpoint({"model": source.state_dict(), "iteration": 4}, tmp_path / "best.pt")

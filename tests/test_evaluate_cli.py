@@ -49,6 +49,7 @@ def test_evaluate_checkpoint(checkpoint: Path, toy_root: Path, tmp_path: Path, c
     assert folder["metrics"] == pytest.approx(metrics, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_predict_test_split_writes_bdd100k_files(
     checkpoint: Path, toy_root: Path, tmp_path: Path
 ) -> None:
@@ -72,6 +73,7 @@ def test_predict_test_split_writes_bdd100k_files(
     assert mask.dtype == np.uint8 and mask.max() < 19
 
 
+@pytest.mark.slow
 def test_predict_any_image_folder(checkpoint: Path, toy_root: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     images.mkdir()
@@ -85,6 +87,7 @@ def test_predict_any_image_folder(checkpoint: Path, toy_root: Path, tmp_path: Pa
         assert (img.mode, img.size) == ("L", (40, 30))
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_one_clear_line(toy_root: Path, tmp_path: Path) -> None:
     missing = tmp_path / "missing.pt"
     proc = run_entry(
@@ -95,6 +98,7 @@ def test_missing_checkpoint_is_one_clear_line(toy_root: Path, tmp_path: Path) ->
     assert str(missing) in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_errors(checkpoint: Path, toy_root: Path, tmp_path: Path) -> None:
     out = f"output_dir={tmp_path / 'out'}"
     with pytest.raises(ConfigError, match=r"checkpoint=PATH.*gt_dir"):

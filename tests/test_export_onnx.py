@@ -26,6 +26,7 @@ def export_main(*argv: str) -> int:
     return module.main(list(argv))
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_with_dynamic_size(tmp_path: Path) -> None:
     ckpt = tiny_checkpoint(tmp_path / "tiny.pt")
     onnx_path = tmp_path / "tiny.onnx"

@@ -86,6 +86,7 @@ def test_budget_skips_what_does_not_fit_and_the_table_sums_up(tmp_path, monkeypa
     ]
 
 
+@pytest.mark.slow
 def test_step_timeout_ends_the_step_and_its_children(tmp_path):
     gpu_check = load_script("gpu_check")
     check = gpu_check.Checklist(tmp_path / "c.json", budget=600, skip=set(), result={"steps": {}})

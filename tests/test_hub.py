@@ -66,6 +66,7 @@ def test_folder_holds_tensors_and_plain_metadata(converted: Path, folder: Path) 
     assert loaded["config"] == original["config"] and loaded["meta"] == original["meta"]
 
 
+@pytest.mark.slow
 def test_every_reader_takes_folders_and_hub_references(converted, folder, hub_cache, tmp_path):
     original = load_checkpoint(converted)["model"]
     for ref in (folder, f"hf://{REPO_ID}", f"hf://{REPO_ID}@v1"):
@@ -130,6 +131,7 @@ def test_bad_folders(folder: Path, tmp_path: Path) -> None:
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_bad_reference_through_evaluate_py(toy_root: Path, tmp_path: Path) -> None:
     proc = run_entry(
         "evaluate.py", "checkpoint=hf://semseg-test/missing", "dataset=toy_bdd100k",
@@ -152,6 +154,7 @@ for ref in ("hf://semseg-test/missing", "hf://semseg-test/tiny@v1"):
 """
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_falls_back_to_the_cache_at_once(folder: Path, tmp_path: Path) -> None:
     """Without HF_HUB_OFFLINE and without a reachable Hub (a closed local port here): one line
     for what the cache lacks, the cached model for what it holds; no retrying for half a minute
@@ -192,6 +195,7 @@ def test_a_config_that_names_other_code_is_refused(converted: Path, tmp_path: Pa
         assert not victim.exists()
 
 
+@pytest.mark.slow
 def test_hub_folder_of_a_converted_checkpoint(converted, toy_root, tmp_path, capsys) -> None:
     """scripts/hub_folder.py: the card names where the weights came from and the zoo's scores as
     reported (not measured here); with --scores (evaluate.py's JSON) the measured one too."""

@@ -211,6 +211,7 @@ def test_class_weights_of_the_wrong_length_name_the_key(toy_root):
     assert build_loss(cfg.loss, train_set, "/nowhere").class_weight.tolist() == [2.0] * 19
 
 
+@pytest.mark.slow
 def test_ohem_and_weighted_runs(toy_root: Path, tmp_path: Path, caplog):
     """One short run each: OHEM that really mines (64x64 crops, min_kept 500) and auto weights."""
     caplog.set_level(logging.INFO)

@@ -80,6 +80,7 @@ def assert_matches(logits: torch.Tensor, ref: np.lib.npyio.NpzFile, prefix: str)
     np.testing.assert_allclose(ours["mean"], ref[f"{prefix}_mean"], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LOGIT_CASES)
 def test_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
     model, _, _ = model_from_checkpoint(converted(name))
@@ -95,6 +96,7 @@ def test_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
         assert_matches(logits, ref, "pipeline")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["pspnet", "upernet_align_corners", "upernet_convnext"])
 def test_predict_entry_point_writes_mmseg_argmax(name: str, tmp_path: Path) -> None:
     """src/predict.py's runner on the PNG, with a converted checkpoint file: the mask it writes
@@ -154,6 +156,7 @@ def instantiate_backbone(config_name: str) -> TimmBackbone:
 SLIDE_CASES = [name for name, case in CASES.items() if case.get("slide")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SLIDE_CASES)
 def test_sliding_window_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
     """The zoo's 769x769 rows test with sliding windows: this project's slide inference

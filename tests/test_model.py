@@ -116,14 +116,16 @@ def test_group_norm_variant() -> None:
     assert model(torch.rand(1, 3, 64, 64) * 255).shape == (1, 19, 64, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", BACKBONE_CONFIGS, ids=lambda p: p.stem)
 def test_backbone_config_builds_and_trains(path: Path) -> None:
     bb_cfg = OmegaConf.load(path)
     bb_cfg.pretrained = False
     backbone = instantiate(bb_cfg)
     # [4, 8, 16, 32]; the dilated *_d8 configs: [4, 8, 8, 8]; HRNet's are fixed (no config key)
-    assert backbone.out_strides == list(bb_cfg.get("out_strides", [4, 8, 16, 32]))
-    assert backbone.out_strides[:2] == [4, 8] and backbone.out_strides[2:] in ([16, 32], [8, 8])
+    if "out_strides" in bb_cfg:  # HRNet's and the ViTs' are fixed (no config key)
+        assert backbone.out_strides == list(bb_cfg.out_strides)
+    assert backbone.out_strides in ([4, 8, 16, 32], [4, 8, 8, 8], [16, 16, 16, 16])
     assert len(backbone.out_channels) == 4
     model = semantic_fpn(backbone, num_classes=19)
     # 32x32, the smallest input every level sees (1x1 at stride 32); a batch of 2 so that

@@ -85,6 +85,7 @@ def test_rle_round_trip_and_toolkit_format(toy_root: Path, tmp_path: Path) -> No
         assert encode_scalabel_frame(frame["name"], mask, class_names) == frame
 
 
+@pytest.mark.slow
 def test_zoo_folder(zoo: Path, run_dir: Path, toy_root: Path, tmp_path: Path) -> None:
     val_stems = stems(toy_root / "images/10k/val", "*.jpg")
     test_stems = stems(toy_root / "images/10k/test", "*.jpg")
@@ -140,7 +141,7 @@ def test_zoo_folder(zoo: Path, run_dir: Path, toy_root: Path, tmp_path: Path) ->
     assert len(stems(zoo / "visuals/colormaps", "*.png")) == 3
     assert stems(zoo / "visuals/overlays", "*.jpg") == stems(zoo / "visuals/colormaps", "*.png")
     readme = (zoo / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| semantic_fpn"))
+    row = next(line for line in readme.splitlines() if line.startswith("| FPNHead"))
     cells = [c.strip() for c in row.strip("|").split(" | ")]
     assert cells[3] == f"{100 * scores['metrics']['mIoU']:.2f}" and cells[5] == ""
     assert "[scores](scores-val.json)" in row and f"`{sha[:8]}`" in row
@@ -161,6 +162,7 @@ def test_zoo_folder(zoo: Path, run_dir: Path, toy_root: Path, tmp_path: Path) ->
     assert f"`{sha_st[:8]}`" in row and f"| model.safetensors | `{sha_st}` |" in readme
 
 
+@pytest.mark.slow
 def test_missing_best_checkpoint_and_last(
     run_dir: Path, toy_root: Path, tmp_path: Path, caplog
 ) -> None:
@@ -194,11 +196,12 @@ def test_missing_best_checkpoint_and_last(
         0.4321, "the evaluation server", SERVER
     )  # fmt: skip
     row = next(line for line in (out / "README.md").read_text().splitlines()
-               if line.startswith("| semantic_fpn"))  # fmt: skip
+               if line.startswith("| FPNHead"))  # fmt: skip
     assert row.strip("|").split(" | ")[5].strip() == "43.21"
     assert sorted(p.name for p in only_last.iterdir()) == ["checkpoints", "model_zoo"]
 
 
+@pytest.mark.slow
 def test_bad_splits_leave_no_folder(run_dir: Path, toy_root: Path, tmp_path: Path) -> None:
     root = tmp_path / "data"
     shutil.copytree(toy_root, root)
@@ -216,6 +219,7 @@ def test_bad_splits_leave_no_folder(run_dir: Path, toy_root: Path, tmp_path: Pat
     assert list(tmp_path.iterdir()) == [root]
 
 
+@pytest.mark.slow
 def test_zoo_folder_through_a_hub_cache(zoo: Path, toy_root: Path, tmp_path: Path) -> None:
     """The folder as uploaded and downloaded again: a Hugging Face cache laid out as
     huggingface_hub lays it out (built here from the folder, no network), read through

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import nbformat
+import pytest
 from helpers import REPO
 from nbclient import NotebookClient
 
@@ -20,6 +21,7 @@ def inject_parameters(nb: nbformat.NotebookNode, **params: object) -> None:
     )
 
 
+@pytest.mark.slow
 def test_notebook_analyses_a_sweep(tiny_sweep: Path, tmp_path: Path) -> None:
     sweep_dir = tiny_sweep
     nb = nbformat.read(NOTEBOOK, as_version=4)

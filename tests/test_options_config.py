@@ -102,6 +102,7 @@ def test_local_config_is_git_ignored():
     assert ignored.returncode == 0 and example.returncode == 1
 
 
+@pytest.mark.slow
 def test_bad_clip_norm_is_one_line_exit_2(toy_root, tmp_path):
     proc = run_entry(
         "train.py",

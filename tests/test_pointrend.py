@@ -157,6 +157,7 @@ def trained(toy_root: Path, module_tmp: Path) -> Path:
     return module_tmp / "pointrend"
 
 
+@pytest.mark.slow
 def test_trains_on_toy_data(trained: Path) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["loss"])
@@ -166,11 +167,13 @@ def test_trains_on_toy_data(trained: Path) -> None:
     assert summary["params"] == count_parameters(model) == count_parameters(small_model())
 
 
+@pytest.mark.slow
 def test_exact_resume(toy_root: Path, tmp_path: Path) -> None:
     """The random training points come from the restored RNG: resumed == straight."""
     assert_resume_is_exact(toy_root, tmp_path, *SMALL)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes: every parameter (the point head's too) gets a gradient each step."""
     run_dir = tmp_path / "ddp"
@@ -185,16 +188,19 @@ def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
     assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
 
 
+@pytest.mark.slow
 def test_onnx_export_is_right_at_every_size(trained: Path, tmp_path: Path) -> None:
     """The subdivision (top-k of the uncertainty, scatter) exports with sizes that follow the
     input."""
     assert_onnx_export_matches(trained / "checkpoints/last.pt", tmp_path / "pointrend.onnx")
 
 
+@pytest.mark.slow
 def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
     assert_model_zoo_row(trained, toy_root, tmp_path / "zoo")
 
 
+@pytest.mark.slow
 def test_benchmark_counts_and_times(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Parameters and FLOPs counted, a training step on the point outputs."""
     monkeypatch.setattr(

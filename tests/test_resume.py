@@ -104,6 +104,7 @@ def _consume(dataset, train: bool) -> None:
         list(build_eval_loader(dataset, batch_size=2, num_workers=2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(BREAKAGES))
 @pytest.mark.parametrize(("split", "train"), [("train", True), ("val", False)])
 def test_worker_errors_arrive_as_the_one_line_user_error(
@@ -121,6 +122,7 @@ def test_worker_errors_arrive_as_the_one_line_user_error(
     assert "\n" not in message and "Caught" not in message and "Traceback" not in message
 
 
+@pytest.mark.slow
 def test_worker_error_through_train_py_is_one_line_exit_2(broken_roots, tmp_path):
     root, bad_files = broken_roots["mask_value_37"]
     proc = run_entry(
@@ -159,6 +161,7 @@ def straight_run(toy_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return run_dir
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(toy_root, tmp_path, straight_run):
     """Train 8 == train 4 (the checkpoint of iteration 4), stop, continue to 8 in a new run."""
     first_half = straight_run / "checkpoints/iter_000004.pt"
@@ -181,6 +184,7 @@ def test_resume_is_bit_exact(toy_root, tmp_path, straight_run):
     assert not all(torch.equal(t, b["model"][k]) for k, t in first["model"].items())
 
 
+@pytest.mark.slow
 def test_resume_with_new_max_iters_follows_the_new_schedule(
     toy_root, tmp_path, straight_run, caplog
 ):
@@ -219,6 +223,7 @@ def test_resume_with_another_model_stops_with_one_line(toy_root, tmp_path, strai
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_share_one_run_folder_and_resume_bit_exact(toy_root, tmp_path):
     """2 processes (gloo): one run folder, an evaluation equal to a single-process one, and
     8 iterations straight == 4, stop, resume to 8 (weights and momenta).
@@ -287,6 +292,7 @@ def _rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(ln).items() if k != "img_per_s"} for ln in lines]
 
 
+@pytest.mark.slow
 def test_torchrun_restart_continues_the_same_run_bit_exact(toy_root, tmp_path):
     """torchrun --max-restarts=1; rank 1 dies (SIGKILL) in iteration 7 of 12 of the first attempt
     (checkpoint at 4, metrics logged at 2, 4, 6): the restarted workers find the same run folder,
@@ -327,6 +333,7 @@ for i in range(1, 1000):
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_leaves_last_loadable(tmp_path):
     """A real kill in the middle of a real save (its temporary file half written): last.pt is the
     previous checkpoint, whole; the next run's start removes the partial file."""

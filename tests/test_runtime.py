@@ -123,6 +123,7 @@ def test_bad_trainer_settings_are_one_line_user_errors(toy_root, tmp_path, overr
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_bad_trainer_setting_through_train_py_is_one_line_exit_2(tmp_path):
     """What train.py makes of such a UserError (each of the settings above takes this path)."""
     override, expected = BAD_TRAINER_SETTINGS[1]
@@ -134,6 +135,7 @@ def test_bad_trainer_setting_through_train_py_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("setting", "shown"), [("auto", False), ("true", True)])
 def test_progress_bar_is_left_out_of_log_files_by_default(tmp_path, setting, shown):
     # stderr is a pipe here, as in a SLURM or nohup log: auto leaves the bar out, true forces it.
@@ -152,6 +154,7 @@ def test_progress_bar_is_left_out_of_log_files_by_default(tmp_path, setting, sho
 HEAVY = ("wandb", "pandas", "matplotlib", "onnx", "onnxruntime", "torchmetrics", "tensorboard")
 
 
+@pytest.mark.slow
 def test_training_entry_point_imports_no_heavy_modules():
     code = (
         "import runpy, sys; "
@@ -194,6 +197,7 @@ def _has_mallinfo2() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallopt, mallinfo2)")
 @pytest.mark.parametrize(
     ("env", "kept"),

@@ -33,6 +33,7 @@ def imported_modules(args: list[str], env: dict[str, str] | None = None) -> set[
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_printing_a_config_or_the_help_does_not_import_torch(name: str) -> None:
     modules = imported_modules(COMMANDS[name])

@@ -133,6 +133,7 @@ def test_fp16_gradscaler_syncs_only_without_a_fused_optimizer(fused, syncs):
     assert counter.counts["_local_scalar_dense"] == syncs, counter.counts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_the_compiled_forward_has_no_graph_break(loss, precision):
@@ -150,6 +151,7 @@ def test_the_compiled_forward_has_no_graph_break(loss, precision):
     assert explained.graph_count == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_fused_optimizer_matches_the_per_parameter_loop(optimizer):
     """The configs' ``fused: true`` makes the updates of torch's for-loop implementation.
@@ -182,6 +184,7 @@ def test_fused_optimizer_matches_the_per_parameter_loop(optimizer):
         torch.testing.assert_close(p, q, rtol=0, atol=tolerance, msg=name)
 
 
+@pytest.mark.slow
 def test_cuda_graphs_refuses_what_it_cannot_serve():
     with pytest.raises(ConfigError, match=r"trainer.cuda_graphs=true needs a CUDA device"):
         build_step_forward(False, True, CPU, sync_bn=False)

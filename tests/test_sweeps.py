@@ -59,6 +59,7 @@ def test_multirun_one_folder_per_job(sweep_dir: Path) -> None:
     assert examples[0]["image"].shape == (64, 128, 3) and examples[0]["pred"].shape == (64, 128)
 
 
+@pytest.mark.slow
 def test_two_sweeps_started_together_do_not_share_a_folder(toy_root: Path, tmp_path: Path) -> None:
     # Default sweep folders (multirun/train/<date>/<time>_<pid>) under a temporary project root; the
     # second sweep goes through submitit_local, whose job process must resolve the folder as its
@@ -87,6 +88,7 @@ def test_two_sweeps_started_together_do_not_share_a_folder(toy_root: Path, tmp_p
     assert [(sweep / ".submitit").is_dir() for sweep in sweeps].count(True) == 1
 
 
+@pytest.mark.slow
 def test_optuna_search_tiny_budget(toy_root: Path, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "optuna"
     smoke_sweep(

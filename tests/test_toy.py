@@ -115,6 +115,7 @@ def test_cli(tmp_path, monkeypatch, layout, val_images):
     assert len(list((tmp_path / "t").glob(val_images))) == 1
 
 
+@pytest.mark.slow
 def test_cli_entry_point(tmp_path):
     """The script runs as a command (the layouts are checked in this process above)."""
     script = REPO / "scripts/make_toy_dataset.py"

@@ -279,6 +279,7 @@ def test_many_logs_to_wandb_and_tensorboard(tmp_path: Path) -> None:
     assert list((tmp_path / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_tracking_imports_neither_wandb_nor_tensorboard() -> None:
     import subprocess
     import sys

@@ -150,6 +150,7 @@ def trained(toy_root: Path, module_tmp: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_narrow_model_trains_with_the_zoo_recipe(trained: Path) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["loss"]) and 0 <= summary["val/mIoU"] <= 1
@@ -166,6 +167,7 @@ def test_narrow_model_trains_with_the_zoo_recipe(trained: Path) -> None:
     assert len(groups) == 12 and len({g["lr_scale"] for g in groups}) == 6
 
 
+@pytest.mark.slow
 def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2, stop, resume to 4: weights, AdamW moments per layer-decay
     group and EMA, through the warm-up."""
@@ -180,6 +182,7 @@ def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
         assert a["scheduler"][key] == b["scheduler"][key], key
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes, every parameter used in each step (both heads, every stage)."""
     run_dir = tmp_path / "ddp"
@@ -189,15 +192,18 @@ def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
     assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
 
 
+@pytest.mark.slow
 def test_onnx_export_at_two_sizes(trained: Path, tmp_path: Path) -> None:
     assert_onnx_export_matches(trained / "checkpoints/last.pt", tmp_path / "upernet_convnext.onnx")
 
 
+@pytest.mark.slow
 def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
     out = assert_model_zoo_row(trained, toy_root, tmp_path / "zoo")
     assert isinstance(model_from_checkpoint(out / "weights.pt")[0].backbone, ConvNeXtBackbone)
 
 
+@pytest.mark.slow
 def test_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The benchmark's costs (inference without the auxiliary head) and its training step with
     the zoo's optimizer, with and without activation checkpointing (the same FLOPs counted

@@ -218,6 +218,7 @@ def trained(toy_root: Path, module_tmp: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_narrow_model_trains_with_the_zoo_recipe(trained: Path) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["loss"]) and 0 <= summary["val/mIoU"] <= 1
@@ -233,6 +234,7 @@ def test_narrow_model_trains_with_the_zoo_recipe(trained: Path) -> None:
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
 
 
+@pytest.mark.slow
 def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
     """4 iterations straight == 2, stop, resume to 4 (stochastic depth on): weights, AdamW
     moments and EMA, through the warm-up."""
@@ -244,6 +246,7 @@ def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
             assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes, every parameter used in each step (both heads, every stage)."""
     run_dir = tmp_path / "ddp"
@@ -258,6 +261,7 @@ def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
     assert isinstance(model_from_checkpoint(out / "weights.pt")[0].backbone, SwinBackbone)
 
 
+@pytest.mark.slow
 def test_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The benchmark's costs and its training step with the zoo's optimizer, with and without
     activation checkpointing (the recomputed blocks counted once more)."""

@@ -106,6 +106,7 @@ def trained(toy_root: Path, module_tmp: Path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_narrow_model_trains(trained: Path) -> None:
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["loss"]) and 0 <= summary["val/mIoU"] <= 1
@@ -113,5 +114,6 @@ def test_narrow_model_trains(trained: Path) -> None:
     assert isinstance(model.neck, MultiLevelNeck) and model.aux_head is None
 
 
+@pytest.mark.slow
 def test_exact_resume(toy_root: Path, tmp_path: Path) -> None:
     assert_resume_is_exact(toy_root, tmp_path, *narrow("schedule.warmup_iters=3"))

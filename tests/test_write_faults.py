@@ -59,6 +59,7 @@ def _previous_checkpoints(folder: Path) -> None:
     save_checkpoint({"model": {"w": torch.randn(2 * 2**20)}, "iteration": 2}, folder / "big.pt")
 
 
+@pytest.mark.slow
 def test_file_size_limit_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     _previous_checkpoints(tmp_path)
     proc = run_python(SAVE_BIG.format(folder=str(tmp_path)), limit_bytes=1 * MB)
@@ -66,6 +67,7 @@ def test_file_size_limit_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     _assert_one_line_and_intact(proc.stdout, tmp_path, "File too large")
 
 
+@pytest.mark.slow
 def test_full_disk_leaves_the_previous_checkpoint(small_tmpfs) -> None:
     disk = small_tmpfs(32)
     _previous_checkpoints(disk)

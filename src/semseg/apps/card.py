@@ -34,8 +34,12 @@ class Score:
 
 
 def describe_model(config: Mapping[str, Any]) -> tuple[str, str]:
-    """(method, backbone) of a checkpoint's config: ``semantic_fpn``, ``resnet50c``."""
-    method = str((config.get("model") or {}).get("_target_", "model")).rsplit(".", 1)[-1]
+    """(method, backbone) of a checkpoint's config, e.g. ``FPNHead``, ``resnet50c``."""
+    model = config.get("model") or {}
+    method = str(model.get("_target_", "model")).rsplit(".", 1)[-1]
+    head = model.get("decode_head") or {}
+    if method == "encoder_decoder" and "_target_" in head:  # named by its decode head
+        method = str(head["_target_"]).rsplit(".", 1)[-1]
     return method, str((config.get("backbone") or {}).get("name", "?"))
 
 
