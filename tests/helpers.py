@@ -444,6 +444,45 @@ def torchrun(
     return proc
 
 
+def train_on_two_ranks(toy_root: Path, run_dir: Path, *overrides: str) -> dict:
+    """One iteration of the smoke experiment with ``overrides`` on two gloo processes (torchrun);
+    the run's last checkpoint, after checking that it holds both ranks' RNG states."""
+    import json
+
+    from semseg.checkpoints.file import load_checkpoint
+
+    torchrun("train.py", "experiment=smoke", f"dataset.root={toy_root}", *overrides,
+             "schedule.max_iters=1", "trainer.eval_at_end=false", f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
+    checkpoint = load_checkpoint(run_dir / "checkpoints/last.pt")
+    assert len(checkpoint["rng_per_rank"]) == 2
+    return checkpoint
+
+
+def benchmark_train_step(monkeypatch: pytest.MonkeyPatch, out: Path, *overrides: str) -> dict:
+    """``scripts/benchmark.py``'s training section for ``overrides`` on the CPU: fp32, NCHW, one
+    step at batch 2 of 32x64 crops, the matmul peak timed briefly on a 64-side matrix; its JSON
+    (written to ``out``), after checking that the step's loss is finite."""
+    import json
+    from functools import partial
+
+    import numpy as np
+
+    from semseg_bench import runner
+    from semseg_bench.timing import matmul_peak_flops
+
+    monkeypatch.setattr(runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01))
+    argv = ["--only", "train", "--precision", "fp32", "--channels-last", "off", "--batch-size",
+            "2", "--crop", "32", "64", "--steps", "1", "--warmup", "0", "--matmul-size", "64",
+            "--device", "cpu", "--output", str(out), *overrides,
+            f"paths.data_dir={out.parent / 'data'}"]  # fmt: skip
+    assert load_script("benchmark").main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["forward_gflops_per_image"] > 0
+    assert np.isfinite(result["train"][0]["final_loss"])
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # Sweeps
 

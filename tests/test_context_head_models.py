@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,10 +20,10 @@ from helpers import (
     assert_model_zoo_row,
     assert_onnx_export_matches,
     assert_resume_is_exact,
+    benchmark_train_step,
     free_port,
-    load_script,
-    torchrun,
     train_in_process,
+    train_on_two_ranks,
 )
 
 from semseg.checkpoints.file import load_checkpoint
@@ -40,8 +39,6 @@ from semseg.models import (
 )
 from semseg.models.context_heads import DynamicConvModule, EMAModule
 from semseg.models.mmseg_conversion import recognise_mmseg
-from semseg_bench import runner as bench_runner
-from semseg_bench.timing import matmul_peak_flops
 
 MODELS = ["nonlocal", "gcnet", "dnlnet", "emanet", "dmnet", "apcnet"]
 MMSEG = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
@@ -243,11 +240,7 @@ def test_exact_resume_keeps_the_ema_bases(toy_root: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_ddp_two_processes_train_emanet(toy_root: Path, tmp_path: Path) -> None:
     """torchrun with two gloo processes: EMANet's bases all-reduce inside the step."""
-    run_dir = tmp_path / "ddp"
-    torchrun("train.py", "experiment=smoke", f"dataset.root={toy_root}", *small("emanet"),
-             "schedule.max_iters=1", "trainer.eval_at_end=false", f"hydra.run.dir={run_dir}")  # fmt: skip
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
-    assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
+    train_on_two_ranks(toy_root, tmp_path / "ddp", *small("emanet"))
 
 
 @pytest.mark.slow
@@ -275,19 +268,8 @@ def test_benchmark_counts_and_times_a_context_head(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """The benchmark's parameters and FLOPs (attention matmuls counted) and its training step."""
-    monkeypatch.setattr(
-        bench_runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01)
-    )
-    out = tmp_path / "bench.json"
-    argv = ["--only", "train", "--precision", "fp32", "--channels-last", "off", "--batch-size",
-            "2", "--crop", "32", "64", "--steps", "1", "--warmup", "0", "--matmul-size", "64",
-            "--device", "cpu", "--output", str(out), *small("dnlnet"),
-            f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
-    assert load_script("benchmark").main(argv) == 0
-    result = json.loads(out.read_text())
+    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *small("dnlnet"))
     assert result["model"]["params"] == count_parameters(small_model("dnlnet"))
-    assert result["model"]["forward_gflops_per_image"] > 0
-    assert np.isfinite(result["train"][0]["final_loss"])
 
 
 @pytest.mark.slow

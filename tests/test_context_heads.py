@@ -7,9 +7,6 @@ weights in the HRNet backbone."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,25 +15,21 @@ import timm
 import torch
 from helpers import (
     REPO,
-    SINGLE_THREAD_ENV,
     assert_model_zoo_row,
     assert_onnx_export_matches,
     assert_resume_is_exact,
-    child_env,
+    benchmark_train_step,
     compose_train,
-    load_script,
     train_in_process,
+    train_on_two_ranks,
 )
 from safetensors.torch import save_file
 
-from semseg.checkpoints.file import load_checkpoint
 from semseg.cli import compose_groups
 from semseg.errors import CheckpointError
 from semseg.models import build_model, count_parameters, model_from_checkpoint
 from semseg.models.hrnet import HRNet
 from semseg.models.mmseg_conversion import recognise_mmseg
-from semseg_bench import runner as bench_runner
-from semseg_bench.timing import matmul_peak_flops
 
 MODELS = ["ccnet", "psanet", "fcn_hr"]
 MMSEG = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
@@ -209,17 +202,7 @@ def test_exact_resume(name: str, toy_root: Path, tmp_path: Path) -> None:
 def test_ddp_two_processes(name: str, toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes: every parameter gets a gradient in each step (DDP would fail on one
     that does not), one run folder."""
-    run_dir = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "src/train.py"), "experiment=smoke", f"dataset.root={toy_root}",
-         *small(name), "schedule.max_iters=1", "trainer.eval_at_end=false",
-         f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=child_env(SINGLE_THREAD_ENV),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
+    train_on_two_ranks(toy_root, tmp_path / "ddp", *small(name))
 
 
 @pytest.mark.slow
@@ -239,19 +222,8 @@ def test_model_zoo_row(trained: dict[str, Path], toy_root: Path, tmp_path: Path)
 
 @pytest.mark.slow
 def test_benchmark_counts_and_times(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(
-        bench_runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01)
-    )
-    out = tmp_path / "bench.json"
-    argv = ["--only", "train", "--precision", "fp32", "--channels-last", "off", "--batch-size",
-            "2", "--crop", "32", "64", "--steps", "1", "--warmup", "0", "--matmul-size", "64",
-            "--device", "cpu", "--output", str(out), *small("ccnet"),
-            f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
-    assert load_script("benchmark").main(argv) == 0
-    result = json.loads(out.read_text())
+    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *small("ccnet"))
     assert result["model"]["params"] == count_parameters(small_model("ccnet"))
-    assert result["model"]["forward_gflops_per_image"] > 0
-    assert np.isfinite(result["train"][0]["final_loss"])
 
 
 def test_hrnet_upsample_equals_mmseg_resize_to_int_size() -> None:

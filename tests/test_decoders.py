@@ -5,9 +5,6 @@ DDP, inference modes, ONNX export, the model-zoo writer, the benchmark, fine-tun
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +13,12 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     REPO,
-    SINGLE_THREAD_ENV,
     assert_model_zoo_row,
     assert_onnx_export_matches,
     assert_resume_is_exact,
-    child_env,
-    load_script,
+    benchmark_train_step,
     train_in_process,
+    train_on_two_ranks,
 )
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -37,8 +33,6 @@ from semseg.evaluation.inference import predict_logits
 from semseg.models import EncoderDecoder, build_model, count_parameters, model_from_checkpoint
 from semseg.models.backbone import BackboneStrideError, TimmBackbone
 from semseg.models.decoders import adaptive_avg_pool
-from semseg_bench import runner as bench_runner
-from semseg_bench.timing import matmul_peak_flops
 
 DECODERS = ["fcn", "pspnet", "deeplabv3", "deeplabv3plus", "upernet"]
 DILATED = {"fcn", "pspnet", "deeplabv3", "deeplabv3plus"}  # the zoo's "-D8" rows
@@ -232,18 +226,7 @@ def test_exact_resume_with_aux_head_and_ema(toy_root: Path, tmp_path: Path) -> N
 def test_ddp_two_processes_train_a_decoder_with_aux_head(toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes (plain BatchNorm: SyncBN needs CUDA), every parameter used in each
     step (the auxiliary head's too), one run folder."""
-    run_dir = tmp_path / "ddp"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(REPO / "src/train.py"), "experiment=smoke", f"dataset.root={toy_root}",
-         *small("pspnet"), "schedule.max_iters=1", "trainer.eval_at_end=false",
-         f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=child_env(SINGLE_THREAD_ENV),
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
-    assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
+    train_on_two_ranks(toy_root, tmp_path / "ddp", *small("pspnet"))
 
 
 def test_inference_modes(trained: dict[str, Path]) -> None:
@@ -279,20 +262,10 @@ def test_benchmark_counts_and_times_a_decoder(monkeypatch: pytest.MonkeyPatch, t
     """The benchmark's model costs (inference parameters and FLOPs without the auxiliary head;
     training FLOPs with it, depthwise convolutions' backward counted by their groups) and its
     training step on {"out", "aux"} outputs."""
-    monkeypatch.setattr(
-        bench_runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01)
-    )
-    out = tmp_path / "bench.json"
-    argv = ["--only", "train", "--precision", "fp32", "--channels-last", "off", "--batch-size",
-            "2", "--crop", "32", "64", "--steps", "1", "--warmup", "0", "--matmul-size", "64",
-            "--device", "cpu", "--output", str(out), *small("deeplabv3plus"),
-            f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
-    assert load_script("benchmark").main(argv) == 0
-    result = json.loads(out.read_text())
+    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *small("deeplabv3plus"))
     costs = result["model"]
     assert costs["params"] == count_parameters(small_model("deeplabv3plus"))
     assert 2 < costs["train_gflops_per_image"] / costs["forward_gflops_per_image"] < 4
-    assert np.isfinite(result["train"][0]["final_loss"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ full-size S and B models are built here on the meta device.
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,9 @@ from helpers import (
     assert_model_zoo_row,
     assert_onnx_export_matches,
     assert_resume_is_exact,
-    load_script,
-    torchrun,
+    benchmark_train_step,
     train_in_process,
+    train_on_two_ranks,
 )
 
 from semseg.checkpoints.file import load_checkpoint
@@ -33,8 +32,6 @@ from semseg.models import build_model, count_parameters, model_from_checkpoint
 from semseg.models.convnext import ConvNeXtBackbone
 from semseg.models.decoders import FCNHead, UPerHead
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict
-from semseg_bench import runner as bench_runner
-from semseg_bench.timing import matmul_peak_flops
 
 MMSEG = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
 
@@ -185,11 +182,7 @@ def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
     """Two gloo processes, every parameter used in each step (both heads, every stage)."""
-    run_dir = tmp_path / "ddp"
-    torchrun("train.py", "experiment=smoke", f"dataset.root={toy_root}", *narrow(),
-             "schedule.max_iters=1", "trainer.eval_at_end=false", f"hydra.run.dir={run_dir}")  # fmt: skip
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
-    assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2
+    train_on_two_ranks(toy_root, tmp_path / "ddp", *narrow())
 
 
 @pytest.mark.slow
@@ -208,24 +201,14 @@ def test_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The benchmark's costs (inference without the auxiliary head) and its training step with
     the zoo's optimizer, with and without activation checkpointing (the same FLOPs counted
     once more for the recomputed backbone)."""
-    monkeypatch.setattr(
-        bench_runner, "matmul_peak_flops", partial(matmul_peak_flops, min_time=0.01)
-    )
-    results = {}
-    for checkpointing in ("false", "true"):
-        out = tmp_path / f"bench_{checkpointing}.json"
-        argv = ["--only", "train", "--precision", "fp32", "--channels-last", "off",
-                "--batch-size", "2", "--crop", "32", "64", "--steps", "1", "--warmup", "0",
-                "--matmul-size", "64", "--device", "cpu", "--output", str(out),
-                *narrow(f"backbone.grad_checkpointing={checkpointing}"),
-                f"paths.data_dir={tmp_path / 'data'}"]  # fmt: skip
-        assert load_script("benchmark").main(argv) == 0
-        results[checkpointing] = json.loads(out.read_text())
-    plain, recompute = results["false"], results["true"]
+    plain, recompute = (
+        benchmark_train_step(monkeypatch, tmp_path / f"bench_{checkpointing}.json",
+                             *narrow(f"backbone.grad_checkpointing={checkpointing}"))
+        for checkpointing in ("false", "true")
+    )  # fmt: skip
     cfg = compose("train", narrow())
     torch.manual_seed(0)
     assert plain["model"]["params"] == count_parameters(build_model(cfg))
     ratio = plain["model"]["train_gflops_per_image"] / plain["model"]["forward_gflops_per_image"]
     assert 2 < ratio < 4
     assert recompute["model"]["train_gflops_per_image"] > plain["model"]["train_gflops_per_image"]
-    assert np.isfinite(plain["train"][0]["final_loss"])

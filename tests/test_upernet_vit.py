@@ -1,7 +1,7 @@
 """UPerNet on ViT-B / DeiT-S through mmseg's MultiLevelNeck, the BDD100K zoo's ViT rows: the two
 experiments against the zoo's configs and mmseg's models, the optimizer's parameter groups against
 mmengine's own constructor, and a narrow UPerNet + ViT (width 32, 4 layers, narrow heads) through
-training and exact resume (ONNX export does not work yet: onnxruntime fails on a batch of 2).
+training, exact resume, DDP, ONNX export, the model-zoo writer and the benchmark.
 
 The full-size ViT-B UPerNet runs in tests/test_mmseg_exactness.py (mmseg's logits); DeiT-S is
 built here on the meta device.
@@ -15,11 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, assert_resume_is_exact, train_in_process
+from helpers import (
+    REPO,
+    assert_model_zoo_row,
+    assert_onnx_export_matches,
+    assert_resume_is_exact,
+    benchmark_train_step,
+    train_in_process,
+    train_on_two_ranks,
+)
 
 from semseg.cli import compose
 from semseg.engine.optim import build_optimizer
-from semseg.models import build_model, model_from_checkpoint
+from semseg.models import build_model, count_parameters, model_from_checkpoint
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict, recognise_mmseg, rename_keys
 from semseg.models.necks_transformer import MultiLevelNeck
 from semseg.models.vit import VisionTransformerBackbone
@@ -117,3 +125,36 @@ def test_narrow_model_trains(trained: Path) -> None:
 @pytest.mark.slow
 def test_exact_resume(toy_root: Path, tmp_path: Path) -> None:
     assert_resume_is_exact(toy_root, tmp_path, *narrow("schedule.warmup_iters=3"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
+    """Two gloo processes, every parameter used in each step (the class token and position
+    embeddings, both heads)."""
+    train_on_two_ranks(toy_root, tmp_path / "ddp", *narrow())
+
+
+@pytest.mark.slow
+def test_onnx_export_at_two_sizes(trained: Path, tmp_path: Path) -> None:
+    """Dynamic batch and size: the class token follows the batch, the position embeddings the
+    patch grid (75x110 is not a multiple of the patch size)."""
+    assert_onnx_export_matches(trained / "checkpoints/last.pt", tmp_path / "vit.onnx")
+
+
+@pytest.mark.slow
+def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
+    out = assert_model_zoo_row(trained, toy_root, tmp_path / "zoo")
+    assert isinstance(
+        model_from_checkpoint(out / "weights.pt")[0].backbone, VisionTransformerBackbone
+    )
+
+
+@pytest.mark.slow
+def test_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The benchmark's costs (attention counted; inference without the auxiliary head) and its
+    training step with the zoo's optimizer."""
+    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *narrow())
+    torch.manual_seed(0)
+    assert result["model"]["params"] == count_parameters(build_model(compose("train", narrow())))
+    costs = result["model"]
+    assert 2 < costs["train_gflops_per_image"] / costs["forward_gflops_per_image"] < 4

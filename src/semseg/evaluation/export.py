@@ -88,10 +88,13 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` (float RGB 0..255 Nx3xHxW -> logits NxCxHxW) to ONNX with dynamic batch,
     height and width; ``height``/``width`` only size the example input used for tracing, which is
-    made on the model's device."""
+    made on the model's device.
+
+    The example is a batch of 2: with a batch of 1, torch.export specialises size-1 dimensions
+    inside views, and the ViT's token reshape came out with a constant batch of 1."""
     model = model.eval()
     device = next(model.parameters()).device
-    example = torch.rand(1, 3, height, width, device=device) * 255
+    example = torch.rand(2, 3, height, width, device=device) * 255
     dynamic = torch.export.Dim.DYNAMIC  # errors (instead of silently fixing a size) if not dynamic
 
     def write(tmp: Path) -> None:
