@@ -10,10 +10,13 @@ built here on the meta device.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from helpers import (
     REPO,
@@ -24,10 +27,13 @@ from helpers import (
     train_in_process,
     train_on_two_ranks,
 )
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from semseg.cli import compose
 from semseg.engine.optim import build_optimizer
 from semseg.models import build_model, count_parameters, model_from_checkpoint
+from semseg.models.backbone_weights import WeightsError
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict, recognise_mmseg, rename_keys
 from semseg.models.necks_transformer import MultiLevelNeck
 from semseg.models.vit import VisionTransformerBackbone
@@ -105,6 +111,68 @@ def test_optimizer_groups_equal_mmengine_constructor() -> None:
     assert not wrong, wrong
     assert table["backbone.layers.0.ln1.weight"] == [6e-5, 0.01]
     assert table["backbone.pos_embed"] == table["backbone.cls_token"] == [6e-5, 0.0]
+
+
+def _random_timm_vit() -> nn.Module:
+    """A narrow timm ViT (width 32, 4 layers, 64x64) with random LayerNorm affines and position
+    embeddings, so that no block is the identity."""
+    torch.manual_seed(3)
+    vit = VisionTransformer(img_size=64, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    with torch.no_grad():
+        for name, tensor in vit.named_parameters():
+            if "norm" in name or name in ("pos_embed", "cls_token"):
+                tensor.normal_(1.0 if name.endswith("weight") else 0.0, 0.2)
+    return vit.eval()
+
+
+def _mmseg_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's ViT keys -> mmseg's (what mmseg's vit2mmseg.py writes), under ``backbone.``."""
+    rules = [(r"^blocks\.", "layers."), (r"\.norm([12])\.", r".ln\1."), (r"^norm\.", "ln1."),
+             (r"\.attn\.qkv\.", ".attn.attn.in_proj_"), (r"\.attn\.proj\.", ".attn.attn.out_proj."),
+             (r"\.mlp\.fc1\.", ".ffn.layers.0.0."), (r"\.mlp\.fc2\.", ".ffn.layers.1."),
+             (r"^patch_embed\.proj\.", "patch_embed.projection.")]  # fmt: skip
+    out = {}
+    for key, value in state.items():
+        if key.startswith("head."):
+            continue
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        out["backbone." + key.replace("in_proj_.", "in_proj_")] = value
+    return out
+
+
+def test_imagenet_weights_in_timm_and_mmseg_layouts(tmp_path: Path) -> None:
+    """The original files' layout (timm's) gives timm's own layer outputs; the same weights in
+    mmseg's layout load to the same model; the classifier and its final norm are left out."""
+    timm_vit = _random_timm_vit()
+    state = timm_vit.state_dict()
+    safetensors.torch.save_file(state, tmp_path / "timm.safetensors")
+    torch.save({"state_dict": _mmseg_layout(state)}, tmp_path / "mmseg.pth")
+    x = torch.rand(2, 3, 64, 64) * 4 - 2
+    expected = timm_vit.forward_intermediates(
+        x, indices=[0, 1, 2, 3], norm=False, output_fmt="NCHW", intermediates_only=True
+    )
+    outputs = {}
+    for name in ("timm.safetensors", "mmseg.pth"):
+        ours = VisionTransformerBackbone(
+            "vit_test", img_size=(64, 64), embed_dims=32, num_layers=4, num_heads=2,
+            out_indices=(0, 1, 2, 3), pretrained=True, weights=tmp_path / name,
+        ).eval()  # fmt: skip
+        with torch.no_grad():
+            # ours normalises nothing itself: feed timm's input as is.
+            outputs[name] = ours(x)
+    for got_timm, got_mmseg, want in zip(*outputs.values(), expected, strict=True):
+        torch.testing.assert_close(got_timm, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got_timm, got_mmseg)
+
+
+def test_hub_weights_offline_without_a_cached_copy_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match=r"deit_small_patch16_224\.fb_in1k.*no cached copy"):
+        build_model(compose("train", ["experiment=upernet_deit-s_512x1024_80k_bdd100k"]))
 
 
 @pytest.fixture(scope="module")

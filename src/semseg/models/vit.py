@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -32,11 +33,21 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from semseg.models.backbone_weights import WeightsError, read_weights_file
+from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
 from semseg.models.build import describe_key_mismatch
 from semseg.models.mmseg_conversion import mmseg_vit_rules, rename_keys
 
 log = logging.getLogger(__name__)
+
+# timm's ViT keys -> this module's (mmseg's layer names on timm's attention and MLP).
+_TIMM_VIT = [(re.compile(p), r) for p, r in (
+    (r"^(cls_token|pos_embed|patch_embed\.proj\.(?:weight|bias))$", r"\1"),
+    (r"^blocks\.(\d+)\.norm([12])\.(weight|bias)$", r"layers.\1.ln\2.\3"),
+    (r"^blocks\.(\d+)\.(attn\.(?:qkv|proj)\.(?:weight|bias))$", r"layers.\1.\2"),
+    (r"^blocks\.(\d+)\.mlp\.(fc[12]\.(?:weight|bias))$", r"layers.\1.ffn.\2"),
+    (r"^norm\.(weight|bias)$", r"ln1.\1"),
+    (r"^(?:head|head_dist|fc_norm)\.", None),  # the classifier
+)]  # fmt: skip
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -87,10 +98,12 @@ class VisionTransformerBackbone(nn.Module):
         final_norm: a LayerNorm (``ln1``) on the last layer's output.
         patch_bias: a bias in the patch embedding's conv (mmseg 0.x, which trained the zoo: yes;
             mmseg 1.x's default: no).
-        pretrained: load ImageNet weights from ``weights`` (mmseg's layout, as its
-            ``vit2mmseg`` converter writes the original ViT/DeiT files; the position embeddings
-            resized to ``img_size`` as mmseg does).
-        weights: local weights file.
+        pretrained: load ImageNet weights: from ``weights``, else timm's hub weights of ``name``
+            (the local Hub cache when offline); the position embeddings resized to ``img_size``
+            as mmseg does.
+        weights: local weights file in timm's layout (the original ViT/DeiT files, timm's
+            ``state_dict()``) or mmseg's (what its ``vit2mmseg`` converter writes), bare or under
+            ``backbone.``.
     """
 
     def __init__(
@@ -143,16 +156,15 @@ class VisionTransformerBackbone(nn.Module):
             log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
 
     def _load_imagenet(self, weights: str | os.PathLike | None) -> None:
-        """mmseg's ImageNet ViT (``vit2mmseg``'s layout, bare or under ``backbone.``), the position
-        embeddings resized from the file's square grid to ``img_size``'s as mmseg does."""
-        if weights is None:
-            raise WeightsError(
-                f"backbone.pretrained=true for '{self.name}' needs backbone.weights=FILE (ImageNet "
-                "weights in mmseg's layout) or backbone.pretrained=false"
-            )
-        state, label = read_weights_file(weights, self.name)
+        """ImageNet weights (timm's or mmseg's layout; the file, else the hub), the position
+        embeddings resized from the file's square grid to ``img_size``'s as mmseg does. The
+        classifier and its final norm are left out, as mmseg leaves them (unless ``final_norm``)."""
+        state, label = read_imagenet_weights(self.name, {}, weights)
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
-        renamed, unmatched = rename_keys(state, mmseg_vit_rules())
+        timm_layout = any(k.startswith("blocks.") for k in state)
+        renamed, unmatched = rename_keys(state, _TIMM_VIT if timm_layout else mmseg_vit_rules())
+        if self.ln1 is None:  # the classifier's final norm: not part of this backbone
+            renamed = {k: v for k, v in renamed.items() if not k.startswith("ln1.")}
         if "pos_embed" in renamed and renamed["pos_embed"].shape != self.pos_embed.shape:
             side = int((renamed["pos_embed"].shape[1] - 1) ** 0.5)
             renamed["pos_embed"] = resize_pos_embed(
