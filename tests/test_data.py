@@ -242,7 +242,7 @@ def test_rgb_decode_and_chw_planes_are_the_bgr_path_pixels(tmp_path):
 def test_train_pipeline_builds_from_its_config(cfg):
     dataset = build_dataset(cfg, "train", train=True)
     steps = [type(t).__name__ for t in dataset.transform.transforms]
-    assert steps[:2] == ["RandomRescaleCrop", "HorizontalFlip"] and steps[-1] == "PadIfNeeded"
+    assert steps[:2] == ["RandomRescaleCrop", "HorizontalFlip"] and steps[-1] == "PadIfNeededNoCopy"
     assert dataset.transform.transforms[0].size == (48, 64)  # crop_size (h, w) from the config
     assert dataset.transform.transforms[-1].fill == (124, 116, 104)  # the mean, rounded
     bad = OmegaConf.merge(cfg, {"train_pipeline": {"crop_sise": [8, 8]}})
