@@ -18,7 +18,7 @@ from semseg.data import (
     build_train_loader,
     make_toy_bdd100k,
 )
-from semseg.data.base import chw_tensor, read_rgb
+from semseg.data.base import chw_tensor, invalid_values, read_rgb
 from semseg.data.loader import InfiniteSeededSampler
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "bdd100k.yaml"
@@ -248,3 +248,19 @@ def test_train_pipeline_builds_from_its_config(cfg):
     bad = OmegaConf.merge(cfg, {"train_pipeline": {"crop_sise": [8, 8]}})
     with pytest.raises(DatasetError, match=r"dataset\.train_pipeline does not build.*crop_sise"):
         build_dataset(bad, "train", train=True)
+
+
+def test_invalid_values_are_those_neither_class_nor_ignore():
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        num_classes = int(rng.integers(0, 257))
+        ignore = int(rng.choice([255, int(rng.integers(0, 256)), -1]))
+        mask = rng.integers(0, 20, (int(rng.integers(1, 30)), int(rng.integers(1, 30))))
+        mask = mask.astype(np.uint8)
+        if rng.random() < 0.5:
+            mask[rng.random(mask.shape) < 0.05] = rng.integers(0, 256)
+        valid = np.zeros(256, bool)
+        valid[:num_classes] = True
+        valid[ignore] = True  # -1: 255, as indexing a table with the ignore index has always done
+        want = [v for v in np.unique(mask).tolist() if not valid[v]][:10]
+        assert invalid_values(mask[:, ::-1], num_classes, ignore) == want, (num_classes, ignore)
