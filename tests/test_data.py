@@ -264,3 +264,11 @@ def test_invalid_values_are_those_neither_class_nor_ignore():
         valid[ignore] = True  # -1: 255, as indexing a table with the ignore index has always done
         want = [v for v in np.unique(mask).tolist() if not valid[v]][:10]
         assert invalid_values(mask[:, ::-1], num_classes, ignore) == want, (num_classes, ignore)
+    for num_classes in (0, 1, 19, 254, 255, 256):
+        for ignore in (-1, 0, 18, 19, 100, 254, 255):
+            valid = np.zeros(256, bool)
+            valid[:num_classes] = True
+            valid[ignore] = True
+            for value in range(256):  # every value alone: the ends of each invalid range
+                got = invalid_values(np.full((2, 3), value, np.uint8), num_classes, ignore)
+                assert got == ([] if valid[value] else [value]), (num_classes, ignore, value)
