@@ -18,7 +18,7 @@ from semseg.data import (
     build_train_loader,
     make_toy_bdd100k,
 )
-from semseg.data.base import chw_tensor, read_rgb
+from semseg.data.base import chw_tensor, invalid_values, read_rgb
 from semseg.data.loader import InfiniteSeededSampler
 
 CONFIG = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "bdd100k.yaml"
@@ -242,9 +242,33 @@ def test_rgb_decode_and_chw_planes_are_the_bgr_path_pixels(tmp_path):
 def test_train_pipeline_builds_from_its_config(cfg):
     dataset = build_dataset(cfg, "train", train=True)
     steps = [type(t).__name__ for t in dataset.transform.transforms]
-    assert steps[:2] == ["RandomRescaleCrop", "HorizontalFlip"] and steps[-1] == "PadIfNeeded"
+    assert steps[:2] == ["RandomRescaleCrop", "HorizontalFlip"] and steps[-1] == "PadIfNeededNoCopy"
     assert dataset.transform.transforms[0].size == (48, 64)  # crop_size (h, w) from the config
     assert dataset.transform.transforms[-1].fill == (124, 116, 104)  # the mean, rounded
     bad = OmegaConf.merge(cfg, {"train_pipeline": {"crop_sise": [8, 8]}})
     with pytest.raises(DatasetError, match=r"dataset\.train_pipeline does not build.*crop_sise"):
         build_dataset(bad, "train", train=True)
+
+
+def test_invalid_values_are_those_neither_class_nor_ignore():
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        num_classes = int(rng.integers(0, 257))
+        ignore = int(rng.choice([255, int(rng.integers(0, 256)), -1]))
+        mask = rng.integers(0, 20, (int(rng.integers(1, 30)), int(rng.integers(1, 30))))
+        mask = mask.astype(np.uint8)
+        if rng.random() < 0.5:
+            mask[rng.random(mask.shape) < 0.05] = rng.integers(0, 256)
+        valid = np.zeros(256, bool)
+        valid[:num_classes] = True
+        valid[ignore] = True  # -1: 255, as indexing a table with the ignore index has always done
+        want = [v for v in np.unique(mask).tolist() if not valid[v]][:10]
+        assert invalid_values(mask[:, ::-1], num_classes, ignore) == want, (num_classes, ignore)
+    for num_classes in (0, 1, 19, 254, 255, 256):
+        for ignore in (-1, 0, 18, 19, 100, 254, 255):
+            valid = np.zeros(256, bool)
+            valid[:num_classes] = True
+            valid[ignore] = True
+            for value in range(256):  # every value alone: the ends of each invalid range
+                got = invalid_values(np.full((2, 3), value, np.uint8), num_classes, ignore)
+                assert got == ([] if valid[value] else [value]), (num_classes, ignore, value)

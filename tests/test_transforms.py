@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 
 from semseg.data.transforms import (
+    PadIfNeededNoCopy,
     PhotoMetricDistortion,
     RandomCropCatMax,
     RandomRescale,
     RandomRescaleCrop,
     build_eval_transform,
     build_train_transform,
+    mask_histogram,
     nearest_indices,
     pad_fill,
     rescale_size,
@@ -228,11 +230,16 @@ def test_strict_compose_and_eval_transform():
 # -- The crop-first rescale: every pixel as the resize-then-crop recipe -------------------------
 
 
-def reference_rescale_crop(image, mask, seed, scale, ratio_range, size, cat_max_ratio=0.75):
+def reference_rescale_crop(
+    image, mask, seed, scale, ratio_range, size, cat_max_ratio=0.75, streams=None
+):
     """The recipe as it was first written: rescale the whole pair (mmcv keep-ratio sizes, cv2
     bilinear / nearest), then draw crops until cat_max_ratio holds (at most 10 re-draws). The
-    ratio and the crop offsets come from two streams seeded alike, as two seeded transforms."""
+    ratio and the crop offsets come from two streams seeded alike, as two seeded transforms
+    (``streams``: a dict that receives them, to compare what they drew)."""
     ratio_rng, crop_rng = random.Random(seed), random.Random(seed)
+    if streams is not None:
+        streams.update(ratio=ratio_rng, crop=crop_rng)
     h, w = rescale_size(*image.shape[:2], scale, ratio_rng.uniform(*ratio_range))
     image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
     mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
@@ -315,3 +322,163 @@ def test_nearest_indices_are_cv2_nearest():
         rows, cols = nearest_indices((in_h, in_w), (h, w))
         want = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
         assert np.array_equal(mask[np.ix_(rows, cols)], want)
+
+
+# -- The whole train recipe against a plain reference: every pixel, every draw -----------------
+
+
+def mmcv_convert(values, alpha=1.0, beta=0.0):
+    """mmseg PhotoMetricDistortion.convert: float32 affine map, clip to 0..255, truncate to uint8."""
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def reference_photometric(image, beta=None, alpha=None, contrast_first=True, sat=None, hue=None):
+    """PhotoMetricDistortion's arithmetic on whole arrays, no lookup tables: brightness, contrast
+    here or last, then saturation and hue in one RGB->HSV->RGB round trip (as the transform does;
+    mmseg does one round trip per step, see test_photometric_hsv_round_trip_is_the_fused_one)."""
+    if beta is not None:
+        image = mmcv_convert(image, beta=beta)
+    if alpha is not None and contrast_first:
+        image = mmcv_convert(image, alpha=alpha)
+    if sat is not None or hue is not None:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        if sat is not None:
+            hsv[..., 1] = mmcv_convert(hsv[..., 1], alpha=sat)
+        if hue is not None:
+            hsv[..., 0] = (hsv[..., 0].astype(int) + hue) % 180
+        image = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if alpha is not None and not contrast_first:
+        image = mmcv_convert(image, alpha=alpha)
+    return image
+
+
+def reference_photometric_draws(rnd):
+    """The draws, in order, each value only when its 0.5 gate opens (the transform's order)."""
+    beta = rnd.uniform(-32, 32) if rnd.random() < 0.5 else None
+    contrast_first = rnd.random() < 0.5
+    alpha = rnd.uniform(0.5, 1.5) if rnd.random() < 0.5 else None
+    sat = rnd.uniform(0.5, 1.5) if rnd.random() < 0.5 else None
+    hue = rnd.randint(-18, 18) if rnd.random() < 0.5 else None
+    return {"beta": beta, "alpha": alpha, "contrast_first": contrast_first, "sat": sat, "hue": hue}
+
+
+def reference_train_recipe(image, mask, seed, scale, crop, ratio_range=(0.5, 2.0)):
+    """The whole recipe, plainly: resize-then-crop with cat_max_ratio, flip (p=0.5) by numpy
+    indexing, the photometric arithmetic without tables, pad at the bottom/right with np.full.
+    Every step draws from its own stream seeded with ``seed``; returns them too."""
+    streams = {"flip": random.Random(seed), "photometric": random.Random(seed)}
+    image, mask = reference_rescale_crop(
+        image, mask, seed, scale, ratio_range, crop, streams=streams
+    )
+    if streams["flip"].random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    image = reference_photometric(image, **reference_photometric_draws(streams["photometric"]))
+    padded_image = np.empty((*crop, 3), np.uint8)
+    padded_image[...] = FILL
+    padded_mask = np.full(crop, 255, np.uint8)
+    padded_image[: image.shape[0], : image.shape[1]] = image
+    padded_mask[: mask.shape[0], : mask.shape[1]] = mask
+    return padded_image, padded_mask, streams
+
+
+def recipe_pair(shape, seed):
+    """Noise image (every value in every channel) and a block label map with ignored blocks and
+    a dominant class over a third of it (so that cat_max_ratio re-draws happen)."""
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 20, (shape[0] // 8 + 1, shape[1] // 8 + 1)).astype(np.uint8)
+    blocks[blocks == 19] = 255
+    blocks[:, : blocks.shape[1] // 3] = 3
+    mask = cv2.resize(blocks, shape[::-1], interpolation=cv2.INTER_NEAREST)
+    return rng.integers(0, 256, (*shape, 3), dtype=np.uint8), mask
+
+
+@pytest.mark.parametrize(
+    ("shape", "crop", "seeds"),
+    [((720, 1280), (512, 1024), 30), ((96, 192), (80, 160), 150), ((75, 131), (64, 64), 150),
+     ((61, 47), (50, 30), 150), ((129, 257), (100, 200), 150), ((33, 301), (32, 97), 100)],
+)  # fmt: skip
+def test_train_recipe_is_the_plain_reference_pixel_for_pixel(shape, crop, seeds):
+    image, mask = recipe_pair(shape, shape[1])
+    scale = shape[::-1]
+    tf = build_train_transform(scale, (0.5, 2.0), crop, 0.75, 0.5, True, FILL, 255)
+    rrc, flip, pmd, _ = tf.transforms
+    retried = flipped = 0
+    for seed in range(seeds):
+        want_image, want_mask, streams = reference_train_recipe(image, mask, seed, scale, crop)
+        tf.set_random_seed(seed)
+        out = tf(image=image, mask=mask)
+        assert out["image"].shape == (*crop, 3) and out["mask"].shape == crop, seed
+        assert np.array_equal(out["image"], want_image), seed
+        assert np.array_equal(out["mask"], want_mask), seed
+        # Every stream drew exactly what the reference drew, no more, no less.
+        assert rrc.rescale.py_random.getstate() == streams["ratio"].getstate(), seed
+        assert rrc.crop.py_random.getstate() == streams["crop"].getstate(), seed
+        assert flip.py_random.getstate() == streams["flip"].getstate(), seed
+        assert pmd.py_random.getstate() == streams["photometric"].getstate(), seed
+        retried += random.Random(seed).getstate() != streams["crop"].getstate()
+        flipped += random.Random(seed).random() < 0.5
+    assert 0 < flipped < seeds and retried > 0
+
+
+def test_photometric_tables_are_the_float_arithmetic_on_every_value():
+    # Every value 0..255 in each channel (and many colours), under many draws of the parameters.
+    values = np.arange(256, dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    image = np.stack([np.tile(values, 64), rng.permutation(np.tile(values, 64)),
+                      rng.permutation(np.tile(values, 64))], -1).reshape(128, 128, 3)  # fmt: skip
+    pmd = PhotoMetricDistortion()
+    rnd = random.Random(0)
+    for _ in range(300):
+        params = reference_photometric_draws(rnd)
+        original = image.copy()
+        out = pmd.apply(image, **params)
+        assert np.array_equal(out, reference_photometric(image, **params)), params
+        assert np.array_equal(image, original)  # the input is never written
+    # The extremes of every range, where clipping and truncation decide.
+    for beta in (-32.0, -0.5, 0.5, 31.999):
+        for alpha in (0.5, 0.999, 1.0, 1.5):
+            for first in (True, False):
+                params = {"beta": beta, "alpha": alpha, "contrast_first": first}
+                want = reference_photometric(image, **params)
+                assert np.array_equal(pmd.apply(image, **params), want), params
+    for sat, hue in ((0.5, -18), (1.5, 18), (1.0, 0), (None, 17), (1.2, None)):
+        want = reference_photometric(image, sat=sat, hue=hue)
+        assert np.array_equal(pmd.apply(image, sat=sat, hue=hue), want), (sat, hue)
+
+
+def test_photometric_hsv_round_trip_is_the_fused_one():
+    """Saturation and hue share one HSV round trip (the recipe since it was written); mmseg's two
+    round trips give other pixels where both apply, so the reference keeps the fused one."""
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    hsv[..., 1] = mmcv_convert(hsv[..., 1], alpha=1.3)
+    two = cv2.cvtColor(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB), cv2.COLOR_RGB2HSV)
+    two[..., 0] = (two[..., 0].astype(int) + 7) % 180
+    fused = PhotoMetricDistortion().apply(image, sat=1.3, hue=7)
+    assert np.array_equal(fused, reference_photometric(image, sat=1.3, hue=7))
+    assert not np.array_equal(fused, cv2.cvtColor(two, cv2.COLOR_HSV2RGB))
+
+
+def test_mask_histogram_counts_every_value():
+    rng = np.random.default_rng(0)
+    runs = cv2.resize(rng.integers(0, 20, (9, 17)).astype(np.uint8), (300, 200),
+                      interpolation=cv2.INTER_NEAREST)  # fmt: skip
+    masks = [runs, runs[:, ::-1], runs[3:150:2, 7:290], rng.integers(0, 256, (200, 300)),
+             np.full((40, 50), 255), np.zeros((1, 1)), np.zeros((0, 5)), np.arange(256)[None]]  # fmt: skip
+    for mask in masks:
+        mask = mask.astype(np.uint8)
+        want = np.bincount(mask.ravel(), minlength=256)
+        got = mask_histogram(mask)
+        assert got.dtype == np.int64 and got.shape == (256,)
+        assert np.array_equal(got, want), mask.shape
+
+
+def test_pad_hands_on_a_full_size_pair_and_pads_a_small_one():
+    pad = PadIfNeededNoCopy(min_height=4, min_width=6, position="top_left",
+                            border_mode=cv2.BORDER_CONSTANT, fill=FILL, fill_mask=255)  # fmt: skip
+    image, mask = np.ones((4, 6, 3), np.uint8), np.ones((4, 6), np.uint8)
+    out = pad(image=image, mask=mask)
+    assert out["image"] is image and out["mask"] is mask
+    out = pad(image=image[:3, :5], mask=mask[:3, :5])
+    assert (out["image"][:3, :5] == 1).all() and (out["image"][3] == FILL).all()
+    assert (out["mask"][:3, :5] == 1).all() and (out["mask"][:, 5] == 255).all()
