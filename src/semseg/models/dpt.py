@@ -42,7 +42,7 @@ def dpt(backbone: nn.Module, aux_head: HeadFactory | None = None, **kwargs: Any)
     ``kwargs``: :func:`~semseg.models.decoders.encoder_decoder`'s."""
     if not isinstance(backbone, VisionTransformerBackbone):
         raise ConfigError(
-            f"model=dpt reads a ViT's class tokens: pair it with backbone=vit_base (or "
+            "model=dpt reads a ViT's class tokens: pair it with backbone=vit_base (or "
             f"deit_small), not {type(backbone).__name__}"
         )
     if aux_head is not None:
@@ -186,7 +186,7 @@ class DPTHead(DecodeHead):
         self.project = conv_norm_act(channels, channels, 3, norm_layer)
         self.init_weights()
 
-    def features(self, inputs: list[Any]) -> Tensor:
+    def features(self, inputs: list[tuple[Tensor, Tensor]]) -> Tensor:
         maps = self.reassemble_blocks([inputs[i] for i in self.in_index])
         maps = [conv(x) for conv, x in zip(self.convs, maps, strict=True)]
         out = self.fusion_blocks[0](maps[-1])
