@@ -238,6 +238,14 @@ CASES: dict[str, dict[str, Any]] = {
         "logits": False,
         "groups": {"model": "upernet_vit", "backbone": "deit_small"},
     },
+    # The zoo's DPT + ViT-B row: its _base_/models/dpt_vit.py is mmseg's dpt_vit-b16 (ViT at
+    # 224x224, LN eps 1e-5, class tokens out; DPTHead, no auxiliary head) with 19 classes, BN.
+    "dpt": {
+        "config": "dpt_vit-b16",
+        "vit": "base",
+        "custom_keys": "vit",
+        "groups": {"model": "dpt", "backbone": "vit_base"},
+    },
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
@@ -259,7 +267,8 @@ SWIN = {
     "small": (96, [2, 2, 18, 2], [3, 6, 12, 24]),
     "base": (128, [2, 2, 18, 2], [4, 8, 16, 32]),
 }
-# The zoo's ViT (upernet_vit-b) and DeiT-S (upernet_deit-s): embed_dims, num_heads, drop path.
+# The zoo's ViT (upernet_vit-b, dpt_vit) and DeiT-S (upernet_deit-s): embed_dims, num_heads, drop
+# path.
 VIT = {"base": (768, 12, 0.0), "small": (384, 6, 0.1)}
 # The zoo's paramwise_cfg of its transformer rows (no weight decay on these name substrings).
 SWIN_CUSTOM_KEYS = {
@@ -486,13 +495,16 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
         cfg.model.backbone.update(
             embed_dims=width, num_heads=heads, drop_path_rate=drop_path, patch_bias=True
         )  # mmseg 0.x's PatchEmbed (the zoo's)
-        cfg.model.neck.update(in_channels=[width] * 4, out_channels=width)
         cfg.model.decode_head.in_channels = [width] * 4
-        cfg.model.auxiliary_head.in_channels = width
+        if cfg.model.decode_head.type == "DPTHead":  # sem_seg/configs/_base_/models/dpt_vit.py
+            cfg.model.decode_head.num_classes = 19
+        else:
+            cfg.model.neck.update(in_channels=[width] * 4, out_channels=width)
+            cfg.model.auxiliary_head.in_channels = width
     else:
         cfg.model.backbone.norm_cfg = bn
         cfg.model.backbone.depth = case.get("depth", 50)
-    heads = [cfg.model[k] for k in ("decode_head", "auxiliary_head") if k in cfg.model]
+    heads = [cfg.model[k] for k in ("decode_head", "auxiliary_head") if cfg.model.get(k)]
     for head in [h for entry in heads for h in (entry if isinstance(entry, list) else [entry])]:
         if head.get("norm_cfg") is not None:  # PointRend's point head has none
             head.norm_cfg = bn

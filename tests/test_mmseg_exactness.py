@@ -97,11 +97,11 @@ def test_logits_equal_mmseg(name: str, inputs: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["pspnet", "upernet_align_corners", "upernet_convnext"])
+@pytest.mark.parametrize("name", ["pspnet", "upernet_align_corners", "upernet_convnext", "dpt"])
 def test_predict_entry_point_writes_mmseg_argmax(name: str, tmp_path: Path) -> None:
     """src/predict.py's runner on the PNG, with a converted checkpoint file: the mask it writes
     is mmseg's test-pipeline argmax (on the 769x769 rows' model too, whose final resize has
-    align_corners=True)."""
+    align_corners=True; on DPT, whose ViT returns its class tokens)."""
     checkpoint = save_checkpoint(converted(name), tmp_path / f"{name}.pt")
     images = tmp_path / "images"
     images.mkdir()

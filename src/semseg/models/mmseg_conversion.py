@@ -319,11 +319,18 @@ def _vit_config(state: Mapping[str, Tensor], output_stride: int) -> str:
 
 
 def _vit_overrides(state: Mapping[str, Tensor]) -> list[str]:
-    """The MultiLevelNeck at the ViT's width (the zoo's configs: 768, DeiT-S 384); no bias in the
-    patch embedding where the file has none (mmseg 1.x's default; mmseg 0.x, the zoo's, had one)."""
+    """The position embeddings' size (their square patch grid: the UPerNet rows' 512x512, DPT's
+    224x224); the MultiLevelNeck, where the file has one, at the ViT's width (the zoo's configs:
+    768, DeiT-S 384); no bias in the patch embedding where the file has none (mmseg 1.x's default;
+    mmseg 0.x, the zoo's, had one)."""
     width = int(state["backbone.cls_token"].shape[-1])
+    side = math.isqrt(int(state["backbone.pos_embed"].shape[1]) - 1)
+    size = side * int(state["backbone.patch_embed.projection.weight"].shape[-1])
+    overrides = [f"backbone.img_size=[{size},{size}]"]
+    if any(k.startswith("neck.") for k in state):
+        overrides.append(f"model.neck.out_channels={width}")
     bias = "backbone.patch_embed.projection.bias" in state
-    return [f"model.neck.out_channels={width}"] + ([] if bias else ["backbone.patch_bias=false"])
+    return overrides + ([] if bias else ["backbone.patch_bias=false"])
 
 
 VIT = MmsegBackbone(
@@ -442,6 +449,21 @@ HEADS: list[MmsegHead] = [
         conv_module_rules("decode_head", "decode_head")
         + _rules((r"^neck\.(lateral_convs|convs)\.(\d+)\.conv\.(weight|bias)$", r"neck.\1.\2.\3")),
         marker=r"^neck\.convs\.",
+    ),
+    # DPT: the ViT's layers with their class tokens; no auxiliary head. mmseg's DPT configs (the
+    # zoo's and its own) build the ViT's LayerNorms with LN's default eps, 1e-5.
+    _head(
+        "dpt",
+        "DPTHead",
+        "reassemble_blocks convs fusion_blocks project conv_seg",
+        16,
+        (
+            r"^decode_head\.reassemble_blocks\.(?:resize_layers\.[013]|readout_projects\.\d+\.0)"
+            r"\.(?:weight|bias)$",
+            _SAME,
+        ),
+        aux=False,
+        overrides=lambda state: ["backbone.norm_eps=1e-5"],
     ),
     _head(
         "upernet",

@@ -17,7 +17,9 @@ Where timm's ViT differs from mmseg's, the piece is built here:
   bottom/right (mmseg's ``padding='corner'``, timm's ``dynamic_img_pad``).
 
 ``out_indices`` layers' outputs, class token removed, come out as ``N x C x H/16 x W/16`` maps;
-``final_norm`` (off in the zoo's configs) normalises the last layer's output first.
+``final_norm`` (off in the zoo's configs) normalises the last layer's output first. With
+``output_cls_token`` (mmseg's; DPT's head reads it: :mod:`semseg.models.dpt`) each output is the
+pair ``(map, N x C class token)``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class VisionTransformerBackbone(nn.Module):
         weights: local weights file in timm's layout (the original ViT/DeiT files, timm's
             ``state_dict()``) or mmseg's (what its ``vit2mmseg`` converter writes), bare or under
             ``backbone.``.
+        output_cls_token: return ``(map, class token)`` pairs (mmseg's ``output_cls_token``).
     """
 
     def __init__(
@@ -122,9 +125,11 @@ class VisionTransformerBackbone(nn.Module):
         patch_bias: bool = True,
         pretrained: bool = False,
         weights: str | os.PathLike | None = None,
+        output_cls_token: bool = False,
     ) -> None:
         super().__init__()
         self.name = name
+        self.output_cls_token = output_cls_token
         self.pos_grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.patch_embed = PatchEmbed(
             img_size=None,
@@ -180,8 +185,9 @@ class VisionTransformerBackbone(nn.Module):
         self.load_state_dict(renamed)
         log.info("backbone %s: ImageNet weights from %s", self.name, weights)
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """The ``out_indices`` layers' patch tokens as ``N x C x H/16 x W/16`` maps."""
+    def forward(self, x: Tensor) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
+        """The ``out_indices`` layers' patch tokens as ``N x C x H/16 x W/16`` maps (with
+        ``output_cls_token``: each with the layer's ``N x C`` class token)."""
         x = self.patch_embed(x)
         batch, height, width, channels = x.shape
         cls_tokens = self.cls_token + x.new_zeros(batch, 1, channels)  # broadcast: ONNX-safe
@@ -197,5 +203,6 @@ class VisionTransformerBackbone(nn.Module):
                 x = self.ln1(x)
             if i in self.out_indices:
                 out = x[:, 1:].reshape(batch, height, width, channels)
-                outs.append(out.permute(0, 3, 1, 2).contiguous())
+                out = out.permute(0, 3, 1, 2).contiguous()
+                outs.append((out, x[:, 0]) if self.output_cls_token else out)
         return outs
