@@ -11,6 +11,7 @@ models are built here on the meta device.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -250,6 +251,10 @@ def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("SEMSEG_HEAVY_TESTS") != "1",
+    reason="Swin's dynamic-shape ONNX export takes 3-5 minutes on 2 CPU cores: SEMSEG_HEAVY_TESTS=1",
+)
 def test_onnx_export_at_two_sizes(trained: Path, tmp_path: Path) -> None:
     """Dynamic batch and size: the padding to whole windows and the shifted-window masks follow
     the input (75x110 needs padding at every stage)."""
