@@ -358,7 +358,8 @@ class PhotoMetricDistortion(ImageOnlyTransform):
         if beta is not None:
             lut = self._affine_lut(beta=beta)
         if alpha is not None and contrast_first:
-            lut = self._affine_lut(alpha=alpha) if lut is None else self._affine_lut(alpha=alpha)[lut]
+            contrast = self._affine_lut(alpha=alpha)
+            lut = contrast if lut is None else contrast[lut]
         if lut is not None:
             img, owned = cv2.LUT(img, lut), True
         if sat is not None or hue is not None:

@@ -95,7 +95,7 @@ def export_onnx(
     model = model.eval()
     device = next(model.parameters()).device
     example = torch.rand(2, 3, height, width, device=device) * 255
-    dynamic = torch.export.Dim.DYNAMIC  # errors (instead of silently fixing a size) if not dynamic
+    dynamic = torch.export.Dim.DYNAMIC  # a size the trace fixes errors, except a size-1 one
 
     def write(tmp: Path) -> None:
         with torch.no_grad():
