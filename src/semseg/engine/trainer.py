@@ -278,7 +278,7 @@ class Trainer:
         )
         self.accumulate = int(cfg.trainer.accumulate)
         self.global_batch = int(cfg.dataset.batch_size) * self.env.world_size * self.accumulate
-        configure_backends(self.device)
+        configure_backends(self.device, self.precision)
         seed_everything(cfg.seed)  # identical initial weights on every rank
 
         data_cfg = cfg.dataset
@@ -317,6 +317,7 @@ class Trainer:
             bool(cfg.trainer.cuda_graphs),
             self.device,
             sync_bn=self.env.distributed and self.device.type == "cuda" and cfg.trainer.sync_bn,
+            accumulate=self.accumulate,
         )
         self._val_loader: torch.utils.data.DataLoader | None = None  # built at the first evaluation
         self.reporter = RunReporter(
