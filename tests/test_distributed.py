@@ -146,13 +146,12 @@ HOLD_THE_GROUP = """
 import time, torch, torch.distributed as dist
 from semseg.distributed import PeerFailureWatch, init_distributed, publish_failure
 env = init_distributed("cpu")
+if env.rank == 1:  # failed: its watch is over, as when train() handles its error
+    time.sleep(2)
+    publish_failure("rank 1 cannot go on", final=True)
+    time.sleep(300)
 with PeerFailureWatch():
-    if env.rank == 1:
-        time.sleep(2)
-        publish_failure("rank 1 cannot go on", final=True)
-        time.sleep(300)
-    else:
-        dist.all_reduce(torch.ones(1))
+    dist.all_reduce(torch.ones(1))
 print("released by the collective", flush=True)
 """
 
@@ -175,15 +174,14 @@ def test_a_rank_blocked_in_a_collective_leaves_when_a_peer_fails(tmp_path):
     try:
         out, err = procs[0].communicate(timeout=90)
         left_after = time.monotonic() - started
-        procs[1].communicate(timeout=30)  # rank 1's own watch ends it too
     finally:
         for proc in procs:
             proc.kill()
+            proc.communicate()
     assert procs[0].returncode == 2, err[-3000:]
     assert "released by the collective" not in out
     assert _error_lines(err) == ["error: rank 1 cannot go on"]
     assert left_after < 60
-    assert procs[1].returncode == 2
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -668,13 +669,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = Path(cfg.paths.output_dir)
     repeated = failure_to_repeat(run_dir)
     if repeated is not None:
-        log.error(
-            "an earlier attempt of this job stopped with a failure a restart cannot fix "
-            "(%s): not training again; fix the cause, then start the run anew "
-            "(trainer.resume=auto hydra.run.dir=%s)",
-            run_dir / FAILURE_FILE,
-            run_dir,
-        )
+        if os.environ.get("RANK", "0") == "0":  # one line in the shared train.log
+            log.error(
+                "an earlier attempt of this job stopped with a failure a restart cannot fix "
+                "(%s): not training again; fix the cause, then start the run anew "
+                "(trainer.resume=auto hydra.run.dir=%s)",
+                run_dir / FAILURE_FILE,
+                run_dir,
+            )
         raise UserError(repeated)
     try:
         with PeerFailureWatch():
