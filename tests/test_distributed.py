@@ -245,3 +245,16 @@ def test_a_restart_does_not_train_into_the_same_failure_again(toy_root, tmp_path
     fixed = torchrun("train.py", *common, "trainer.resume=auto")  # the cause fixed: a new job
     assert fixed.returncode == 0
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_dist_timeout_is_minutes_and_bad_values_are_one_line():
+    from datetime import timedelta
+
+    from semseg.distributed import collective_timeout
+
+    assert collective_timeout(None) == timedelta(minutes=30)
+    assert collective_timeout(2) == timedelta(minutes=2)
+    assert collective_timeout(0.5) == timedelta(seconds=30)
+    for bad in (0, -1, "soon", True):
+        with pytest.raises(ConfigError, match=r"^trainer\.dist_timeout=.* must be a number"):
+            collective_timeout(bad)

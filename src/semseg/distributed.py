@@ -100,9 +100,23 @@ def check_local_rank(local_rank: int, gpu_count: int) -> None:
         )
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def collective_timeout(minutes: float | None) -> timedelta:
+    """``trainer.dist_timeout``: how long a collective may wait for a rank that neither answers
+    nor fails (a hang, a lost node) before the process group gives up; null: 30 minutes."""
+    if minutes is None:
+        return TIMEOUT
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
+        raise ConfigError(
+            f"trainer.dist_timeout={minutes!r} must be a number of minutes > 0 (null: 30); it "
+            "bounds how long every rank waits for one that hangs"
+        )
+    return timedelta(minutes=minutes)
+
+
+def init_distributed(device: str = "auto", timeout: timedelta = TIMEOUT) -> DistEnv:
     """Resolve ``device`` for this process, join the process group the launcher describes (none
-    for a single process) with that device's backend, and describe the process."""
+    for a single process) with that device's backend and collective ``timeout``, and describe
+    the process."""
     world_size = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
@@ -115,7 +129,7 @@ def init_distributed(device: str = "auto") -> DistEnv:
             store=_attempt_store(_launcher_store()),
             rank=int(os.environ["RANK"]),
             world_size=world_size,
-            timeout=TIMEOUT,
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistEnv(get_rank(), local_rank, get_world_size(), dev)

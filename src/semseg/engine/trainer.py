@@ -48,6 +48,7 @@ from semseg.distributed import (
     all_gather_object,
     all_reduce_max,
     broadcast_buffers,
+    collective_timeout,
     destroy,
     elastic_restart_count,
     get_rank,
@@ -273,7 +274,9 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.env: DistEnv = init_distributed(cfg.device)
+        self.env: DistEnv = init_distributed(
+            cfg.device, collective_timeout(cfg.trainer.get("dist_timeout"))
+        )
         if not self.env.is_main:  # every rank shares train.log: only rank 0 reports progress
             logging.getLogger().setLevel(logging.WARNING)
         self.device = self.env.device
