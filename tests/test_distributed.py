@@ -123,20 +123,22 @@ def test_nan_on_one_rank_stops_every_rank_with_the_same_line(toy_root, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_user_error_on_one_rank_stops_every_rank_with_its_line(toy_root, tmp_path):
-    """Rank 1 stops with its one line; rank 0, waiting in the gradient all-reduce, is released
-    at once (not after the collective's timeout) and leaves with rank 1's line, and the run
-    folder records it (srun-like ranks: rank 0 also serves the store)."""
-    started = time.monotonic()
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_user_error_on_one_rank_stops_every_rank_with_its_line(toy_root, tmp_path, failing):
+    """One rank stops with its one line; the other, waiting in the gradient all-reduce, is
+    released at once (not after the collective's timeout) and leaves with the same line, and
+    the run folder records it. srun-like ranks: rank 0 also serves the store, and when it is
+    the one failing, the other rank still gets its line."""
     ranks = launch_ranks(
         "train.py", *SMOKE, f"dataset.root={toy_root}", f"hydra.run.dir={tmp_path}",
-        "loss._target_=faulty_loss.FaultOnRank", "+loss.fault=error", "+loss.at=3", timeout=120,
+        "loss._target_=faulty_loss.FaultOnRank", "+loss.fault=error", "+loss.at=3",
+        f"+loss.rank={failing}", timeout=120,
     )  # fmt: skip
-    assert time.monotonic() - started < 120
-    assert [r.returncode for r in ranks] == [2, 2], ranks[0].stderr[-3000:]
-    assert [_error_lines(r.stderr) for r in ranks] == [["error: rank 1 cannot go on"]] * 2
+    line = f"rank {failing} cannot go on"
+    assert [r.returncode for r in ranks] == [2, 2], ranks[1 - failing].stderr[-3000:]
+    assert [_error_lines(r.stderr) for r in ranks] == [[f"error: {line}"]] * 2
     record = json.loads((tmp_path / FAILURE_FILE).read_text())
-    assert record["message"] == "rank 1 cannot go on" and record["rank"] == 1
+    assert record["message"] == line and record["rank"] == failing
 
 
 # Two ranks in a gloo group; rank 1 publishes its failure but stays in the group (as a rank whose

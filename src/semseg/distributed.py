@@ -260,6 +260,7 @@ _FAILED, _FAILED_SEEN, _JOB_FAILED = "failed", "failed_seen", "semseg/job/failed
 FAILURE_POLL_S = 1.0  # how often each rank looks for a peer's failure
 PEER_EXIT_GRACE_S = 10.0  # the time a rank gets to leave by itself after a peer failed
 _SEEN_WAIT_S = 10.0  # how long a rank that serves the store waits for its peers to read it
+_seen_failure: str | None = None  # a peer's line, once this process's watch has read it
 
 
 def _store_client() -> dist.TCPStore:
@@ -291,15 +292,18 @@ def publish_failure(message: str, final: bool = False) -> None:
         return
     try:
         store = _launcher_store()
-        _attempt_store(store).compare_set(_FAILED, "", message)
+        attempt = _attempt_store(store)
+        attempt.compare_set(_FAILED, "", message)
         if final and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             store.compare_set(_JOB_FAILED, "", message)
-        if _serves_store():
-            deadline = time.monotonic() + _SEEN_WAIT_S
-            while _attempt_store(store).add(_FAILED_SEEN, 0) < env_world_size() - 1:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
+        if not _serves_store():  # a rank that fails too needs no telling
+            attempt.add(_FAILED_SEEN, 1)
+            return
+        deadline = time.monotonic() + _SEEN_WAIT_S
+        while attempt.add(_FAILED_SEEN, 0) < env_world_size() - 1:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     except (RuntimeError, OSError) as e:  # the store is gone: nobody is left to tell
         log.debug("could not publish the failure to the other ranks: %s", e)
 
@@ -317,7 +321,10 @@ def job_failure() -> str | None:
 
 
 def peer_failure(store: dist.Store | None = None) -> str | None:
-    """The line another rank of this attempt stopped with, if one did (None without peers)."""
+    """The line another rank of this attempt stopped with, if one did (None without peers); once
+    the watch has read it, also after the store is gone (its rank 0 ended)."""
+    if _seen_failure is not None:
+        return _seen_failure
     if env_world_size() <= 1:
         return None
     try:
@@ -360,6 +367,8 @@ class PeerFailureWatch:
                 return
             if message is None:
                 continue
+            global _seen_failure
+            _seen_failure = message
             with contextlib.suppress(RuntimeError, OSError):
                 _attempt_store(store).add(_FAILED_SEEN, 1)
             if self._stop.wait(PEER_EXIT_GRACE_S):
