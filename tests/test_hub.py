@@ -214,6 +214,9 @@ def test_hub_folder_of_a_converted_checkpoint(converted, toy_root, tmp_path, cap
     assert (reported["val"].metric_value, reported["test"].metric_value) == (0.5924, 0.5289)
     assert all(r.source_name.endswith(", not measured here") for r in reported.values())
     assert card.data.license == "apache-2.0" and card.data.library_name == "semseg"
+    assert card.text.startswith("# Semantic FPN, resnet18 on toy_bdd100k\n")
+    assert "semantic-fpn" in card.data.tags
+    assert card.data.model_name == "semantic-fpn-resnet18-toy-bdd100k"
     assert "Weights from `fpn_r50_512x1024_40k_sem_seg_bdd100k.pth`" in card.text
     assert "Not measured here yet" in card.text and "hf://semseg-test/fpn-r50" in card.text
     assert _same_weights(load_model_checkpoint(out)["model"], load_checkpoint(converted)["model"])
