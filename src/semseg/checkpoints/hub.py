@@ -66,7 +66,10 @@ def download_hub_files(reference: str, files: Sequence[str]) -> Path:
             f"{reference}: {repo_id} has no revision {revision!r} (a branch, tag or commit)"
         ) from None
     except HfHubHTTPError as e:
-        raise CheckpointError(f"{reference}: downloading {', '.join(files)} failed: {e}") from None
+        answer = " ".join(str(e).split())  # the Hub's message, on one line
+        raise CheckpointError(
+            f"{reference}: downloading {', '.join(files)} failed: {answer}"
+        ) from None
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         what = f"{repo_id}@{revision or 'main'} has no {' and no '.join(missing)}"
