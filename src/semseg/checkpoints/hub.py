@@ -119,12 +119,17 @@ def _cache_miss(
 
 def _cache_advice(repo_id: str, revision: str | None, cause: BaseException | None = None) -> str:
     """Where was looked (the cache), why the Hub was not asked (offline mode, or ``cause``: it
-    cannot be reached), and how to get the model."""
+    cannot be reached, or it failed), and how to get the model."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
 
-    why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-    if cause is not None and not constants.HF_HUB_OFFLINE:
-        why += f" ({type(cause).__name__}: {' '.join(str(cause).split())})"
+    if constants.HF_HUB_OFFLINE:
+        why = "HF_HUB_OFFLINE=1"
+    elif cause is None:
+        why = "the Hub cannot be reached"
+    else:
+        what = "failed" if isinstance(cause, HfHubHTTPError) else "cannot be reached"
+        why = f"the Hub {what} ({type(cause).__name__}: {' '.join(str(cause).split())})"
     pin = f" --revision {revision}" if revision and revision != "main" else ""
     return (
         f"in the Hugging Face cache {constants.HF_HUB_CACHE}, and {why}: download it once with "
