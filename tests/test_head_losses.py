@@ -184,9 +184,30 @@ def computed(overrides: list[str]) -> dict[str, dict[str, torch.Tensor | str]]:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize(
-    ("name", "aux", "overrides"), list(variants()), ids=[f"{n}-{a}" for n, a, _ in variants()]
-)
+# Checked in the quick subset: one of each kind of head and loss path (an auxiliary head, a neck,
+# a cascade, a transformer, an attention head); the others are slow (a second each).
+QUICK = {
+    "fcn/aux",
+    "upernet/aux",
+    "semantic_fpn/no_aux",
+    "pointrend/no_aux",
+    "dpt/no_aux",
+    "ccnet/aux",
+}
+
+
+def variant_params() -> list:
+    return [
+        pytest.param(
+            name, aux, overrides,
+            id=f"{name}-{aux}",
+            marks=() if f"{name}/{aux}" in QUICK else pytest.mark.slow,
+        )
+        for name, aux, overrides in variants()
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "aux", "overrides"), variant_params())
 def test_losses_and_gradients_are_those_recorded(name: str, aux: str, overrides: list[str]):
     golden = json.loads(FIXTURE.read_text())[f"{name}/{aux}"]
     rows = computed(overrides)
@@ -211,7 +232,7 @@ class TwoPredictions(FCNHead):
 
     def loss_by_feat(self, outputs, target, pixel_loss):
         second = resize(outputs["second"], target.shape[-2:], self.align_corners)
-        return super().loss_by_feat(outputs, target, pixel_loss) + self.pixel_loss(
+        return super().loss_by_feat(outputs, target, pixel_loss) + self.loss_of(
             second, target, pixel_loss
         )
 

@@ -297,9 +297,9 @@ class DecodeHead(nn.Module, abc.ABC):
         """This head's loss on its training outputs (mmseg's ``loss_by_feat``): ``"out"``, its
         logits resized to the labels ``target`` by the model. A head with more outputs (a
         cascade's points, DANet's three predictions) overrides this."""
-        return self.loss_weight * self.pixel_loss(outputs["out"], target, pixel_loss)
+        return self.loss_weight * self.loss_of(outputs["out"], target, pixel_loss)
 
-    def pixel_loss(self, logits: Tensor, target: Tensor, pixel_loss: SegCrossEntropy) -> Tensor:
+    def loss_of(self, logits: Tensor, target: Tensor, pixel_loss: SegCrossEntropy) -> Tensor:
         """The loss group's ``pixel_loss`` of ``logits``, with its sampler when this head
         samples pixels, else its plain cross-entropy (unweighted by ``loss_weight``)."""
         if self.sample_pixels:

@@ -121,7 +121,7 @@ class PointHead(DecodeHead):
         as mmseg samples them."""
         points = outputs["point_coords"]
         labels = point_sample(target[:, None].float(), points, mode="nearest")[:, 0].long()
-        return self.loss_weight * self.pixel_loss(outputs["points"], labels, pixel_loss)
+        return self.loss_weight * self.loss_of(outputs["points"], labels, pixel_loss)
 
     def point_logits(self, inputs: list[Tensor], coarse: Tensor, points: Tensor) -> Tensor:
         """N x classes x P logits at ``points`` (N x P x 2 in [0, 1])."""
