@@ -39,7 +39,7 @@ class SegCrossEntropy(nn.Module):
     Called with the ``{"out", "aux"}`` outputs of a model with an auxiliary head (training), it
     returns ``loss(out) + aux_weight * cross_entropy(aux)``: as in mmseg, where each head has its
     own loss, a pixel sampler (OHEM) applies to the decode head only; PointRend's ``"points"``
-    add their :meth:`point_loss`.
+    add their :meth:`point_loss`, DANet's ``"pam"`` and ``"cam"`` logits the decode loss.
     """
 
     def __init__(
@@ -67,6 +67,11 @@ class SegCrossEntropy(nn.Module):
             loss = loss + self.aux_weight * self.cross_entropy(outputs["aux"], target)
         if "points" in outputs:  # PointRend's point head (mmseg's loss weight 1)
             loss = loss + self.point_loss(outputs["points"], outputs["point_coords"], target)
+        # DANet's head (mmseg DAHead.loss_by_feat): the decode loss (OHEM included) on the logits
+        # of its position- and channel-attention branches too, weight 1 each.
+        for branch in ("pam", "cam"):
+            if branch in outputs:
+                loss = loss + super().__call__(outputs[branch], target)
         return loss
 
     def point_loss(self, logits: torch.Tensor, points: torch.Tensor, target: torch.Tensor):

@@ -43,7 +43,8 @@ class EncoderDecoder(SegmentationModel):
     head, returns logits ``N x C x H x W`` at the input size; in training mode with an auxiliary
     head, ``{"out": logits, "aux": aux_logits}`` (both at the input size), whose loss the
     ``loss`` config weighs (``loss.aux_weight``); a cascade decode head (PointRend) adds its
-    point predictions in training (``"points"``, ``"point_coords"``).
+    point predictions in training (``"points"``, ``"point_coords"``), DANet's head the logits of
+    its two attention branches (``"pam"``, ``"cam"``, at the input size).
     """
 
     def __init__(
@@ -70,9 +71,13 @@ class EncoderDecoder(SegmentationModel):
         if self.neck is not None:
             features = self.neck(features)
         head = self.decode_head(features)
-        # A cascade head (PointRend) in training: a dict, its logits "out" and what the loss needs.
+        # A head in training may return a dict: its logits "out" and what its loss needs (PointRend's
+        # points, DANet's branch logits). Its logit maps (N x C x h x w) go to the input size.
         outputs = dict(head) if isinstance(head, dict) else {"out": head}
-        outputs["out"] = self._to_input_size(outputs["out"], images)
+        outputs = {
+            key: self._to_input_size(value, images) if value.dim() == 4 else value
+            for key, value in outputs.items()
+        }
         if self.training and self.aux_head is not None:
             outputs["aux"] = self._to_input_size(self.aux_head(features), images)
         return outputs if len(outputs) > 1 else outputs["out"]
