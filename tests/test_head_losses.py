@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 
 from semseg.checkpoints.resume import ResumeConfigError, check_resume_config
 from semseg.losses import SegCrossEntropy
-from semseg.models.decoders import EncoderDecoder, FCNHead, resize
+from semseg.models.decoders import EncoderDecoder, FCNHead
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests/fixtures/head_losses.json"
@@ -223,17 +223,16 @@ def test_losses_and_gradients_are_those_recorded(name: str, aux: str, overrides:
 
 
 class TwoPredictions(FCNHead):
-    """A head with a second prediction at its own resolution and a loss on each (DANet's shape):
-    its :meth:`loss_by_feat` is all that says so."""
+    """A head with a second prediction and a loss on each (DANet's shape): its
+    :meth:`loss_by_feat` is all that says so; the model brings every logit map to the input size."""
 
     def forward(self, inputs: list[torch.Tensor]):
         logits = super().forward(inputs)
         return {"out": logits, "second": logits[..., ::2, ::2] * 2} if self.training else logits
 
     def loss_by_feat(self, outputs, target, pixel_loss):
-        second = resize(outputs["second"], target.shape[-2:], self.align_corners)
         return super().loss_by_feat(outputs, target, pixel_loss) + self.loss_of(
-            second, target, pixel_loss
+            outputs["second"], target, pixel_loss
         )
 
 
@@ -250,10 +249,9 @@ def test_a_head_with_more_outputs_says_their_loss_itself() -> None:
     model = EncoderDecoder(FourMaps(), head, pixel_mean=[0.0] * 3, pixel_std=[1.0] * 3).train()
     images, target = torch.rand(2, 3, 16, 24) * 255, torch.randint(0, 5, (2, 16, 24))
     outputs = model(images)
-    assert outputs.keys() == {"out", "second"} and outputs["second"].shape == (2, 5, 2, 3)
+    assert outputs.keys() == {"out", "second"} and outputs["second"].shape == (2, 5, 16, 24)
     ce = SegCrossEntropy()
-    second = resize(outputs["second"], (16, 24), align_corners=False)
-    expected = ce(outputs["out"], target) + ce(second, target)
+    expected = ce(outputs["out"], target) + ce(outputs["second"], target)
     assert torch.equal(model.loss(outputs, target, ce), expected)
 
 

@@ -73,9 +73,13 @@ class EncoderDecoder(SegmentationModel):
         if self.neck is not None:
             features = self.neck(features)
         head = self.decode_head(features)
-        # A cascade head (PointRend) in training: a dict, its logits "out" and what the loss needs.
+        # A head in training may return a dict: its logits "out" and what its loss needs (PointRend's
+        # points, DANet's branch logits). Its logit maps (N x C x h x w) go to the input size.
         outputs = dict(head) if isinstance(head, dict) else {"out": head}
-        outputs["out"] = self._to_input_size(outputs["out"], images)
+        outputs = {
+            key: self._to_input_size(value, images) if value.dim() == 4 else value
+            for key, value in outputs.items()
+        }
         if self.training and self.aux_head is not None:
             outputs[AUX_OUTPUT] = self._to_input_size(self.aux_head(features), images)
         return outputs if len(outputs) > 1 else outputs["out"]
