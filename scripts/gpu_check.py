@@ -6,8 +6,8 @@
 Steps, in this order (each a subprocess with its own time limit, cut to what is left of
 ``--budget``; a failing step is recorded and the next one runs):
   toy          a 200-iteration quickstart run on the GPU, with evaluation
-  benchmark    scripts/benchmark.py, Semantic FPN R-50 at 512x1024, batch 2: bf16 and fp32
-               (channels_last), eager; inference in bf16
+  benchmark    scripts/benchmark.py, Semantic FPN R-50 at 512x1024, batch 2: bf16, tf32 and
+               fp32 (channels_last; tf32 on CUDA only), eager; inference in the same
   cuda_graphs  the bf16 training step with trainer.cuda_graphs (compile time, s/step)
   cuda_tests   the CUDA-only tests (``-m cuda``)
   tests        the rest of the suite (pinned to the CPU), with pytest-xdist where installed; it
@@ -234,8 +234,9 @@ def run_steps(check: Checklist, args: argparse.Namespace, work: Path, output: Pa
     )  # fmt: skip
     bench = [py, "scripts/benchmark.py", f"--device={args.device}", "--steps=10", "--warmup=3",
              "--batch-size=2", "--channels-last=on", "backbone=resnet50"]  # fmt: skip
+    precisions = "bf16,tf32,fp32" if args.device.startswith("cuda") else "bf16,fp32"
     for name, extra in (
-        ("benchmark", ["--only=train,infer", "--precision=bf16,fp32", "--infer-batch=8"]),
+        ("benchmark", ["--only=train,infer", f"--precision={precisions}", "--infer-batch=8"]),
         ("cuda_graphs", ["--only=train", "--precision=bf16", "--compile=cuda_graphs"]),
     ):
         path = work / f"{name}.json"

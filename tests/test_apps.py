@@ -99,7 +99,13 @@ def test_evaluation_follows_the_runs_precision_and_layout(toy_root, tmp_path, ca
 def test_precision_choice() -> None:
     cuda = torch.device("cuda", 0)
     assert inference_precision("fp16", "bf16", CPU) == ("fp16", "inference.precision=fp16")
-    assert inference_precision("auto", "fp16", CPU)[0] == "fp16"  # the CPU runs every precision
+    assert inference_precision("auto", "fp16", CPU)[0] == "fp16"  # the CPU runs bf16 and fp16
+    cpu_default = inference_precision("auto", None, CPU)[0]
+    tf32_run = inference_precision("auto", "tf32", CPU)  # a GPU run's TF32: CUDA only
+    assert tf32_run == (
+        cpu_default,
+        "auto: its run's tf32 does not run on cpu: this device's default",
+    )
     mps = inference_precision("auto", "bf16", torch.device("mps"))
     assert mps == ("fp32", "auto: its run's bf16 does not run on mps: this device's default")
     if not torch.cuda.is_available():  # asking a GPU what it runs needs one

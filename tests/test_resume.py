@@ -292,35 +292,118 @@ def _rows(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(ln).items() if k != "img_per_s"} for ln in lines]
 
 
+# torchrun restart tests: 12 iterations on 2 ranks, checkpoints every 4, metrics logged every 2.
+RESTART_COMMON = (
+    "schedule.max_iters=12", "trainer.checkpoint_interval=4", "trainer.precision=fp32",
+    "dataset.batch_size=1", "dataset.eval_batch_size=1", "device=cpu",
+)  # fmt: skip
+KILL_RANK_1 = ("loss._target_=faulty_loss.FaultOnRank", "+loss.fault=kill")
+
+
+@pytest.fixture(scope="module")
+def straight_torchrun_run(toy_root: Path, module_tmp: Path) -> Path:
+    """The uninterrupted 2-rank run that the restarted ones must equal."""
+    log_dir = module_tmp / "straight"
+    torchrun("train.py", "experiment=smoke", f"dataset.root={toy_root}", *RESTART_COMMON,
+             f"paths.log_dir={log_dir}")  # fmt: skip
+    (run,) = [p.parent for p in log_dir.rglob("summary.json")]
+    return run
+
+
+def _only_run(log_dir: Path) -> Path:
+    runs = [p.parent for p in log_dir.rglob("summary.json")]
+    assert len(runs) == 1 and len(list(log_dir.rglob(".hydra"))) == 1
+    return runs[0]
+
+
+def _assert_same_final_state(a: Path, b: Path) -> None:
+    """last.pt of both runs: model and optimizer tensors equal bit for bit."""
+    ca, cb = load_checkpoint(a / "checkpoints/last.pt"), load_checkpoint(b / "checkpoints/last.pt")
+    assert ca["iteration"] == cb["iteration"] == 12
+    assert ca["model"].keys() == cb["model"].keys()
+    assert all(torch.equal(t, cb["model"][k]) for k, t in ca["model"].items())
+    states = zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values(), strict=True)
+    for sa, sb in states:
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 @pytest.mark.slow
-def test_torchrun_restart_continues_the_same_run_bit_exact(toy_root, tmp_path):
+def test_torchrun_restart_continues_the_same_run_bit_exact(
+    toy_root, tmp_path, straight_torchrun_run
+):
     """torchrun --max-restarts=1; rank 1 dies (SIGKILL) in iteration 7 of 12 of the first attempt
     (checkpoint at 4, metrics logged at 2, 4, 6): the restarted workers find the same run folder,
     resume from iteration 4, log 6 again instead of twice, and end with the weights of an
     uninterrupted run, bit for bit."""
-    common = [
-        "experiment=smoke", f"dataset.root={toy_root}", "schedule.max_iters=12",
-        "trainer.checkpoint_interval=4", "trainer.precision=fp32", "dataset.batch_size=1",
-        "dataset.eval_batch_size=1", "device=cpu",
-    ]  # fmt: skip
-    straight, restarted = tmp_path / "straight", tmp_path / "restarted"
-    torchrun("train.py", *common, f"paths.log_dir={straight}")
+    restarted = tmp_path / "restarted"
     proc = torchrun(
-        "train.py", *common, f"paths.log_dir={restarted}",
-        "loss._target_=faulty_loss.FaultOnRank", "+loss.fault=kill", "+loss.at=7",
+        "train.py", "experiment=smoke", f"dataset.root={toy_root}", *RESTART_COMMON,
+        f"paths.log_dir={restarted}", *KILL_RANK_1, "+loss.at=7",
         torchrun_args=("--max-restarts=1",),
     )  # fmt: skip
     assert "failed (exitcode: -9) local_rank: 1" in proc.stderr  # rank 1 died of SIGKILL
-    runs = {name: [p.parent for p in root.rglob("summary.json")] for name, root in
-            (("straight", straight), ("restarted", restarted))}  # fmt: skip
-    assert len(runs["restarted"]) == 1 and len(list(restarted.rglob(".hydra"))) == 1
-    a, b = runs["straight"][0], runs["restarted"][0]
+    a, b = straight_torchrun_run, _only_run(restarted)
     assert json.loads((b / "summary.json").read_text())["steps"] == 12
     assert "resumed from" in (b / "train.log").read_text()
     assert _rows(b) == _rows(a)  # every step once, with the uninterrupted run's values
-    wa = load_checkpoint(a / "checkpoints/last.pt")["model"]
-    wb = load_checkpoint(b / "checkpoints/last.pt")["model"]
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _assert_same_final_state(a, b)
+
+
+@pytest.mark.slow
+def test_torchrun_restart_of_a_run_started_from_another_folder_keeps_its_progress(
+    toy_root, tmp_path, straight_torchrun_run
+):
+    """A run started as trainer.resume=<other run>/iter_000004.pt in its own folder; rank 1 dies
+    (SIGKILL) in iteration 10, after the folder got iteration 8's checkpoint. The restart resumes
+    at 8 from its own folder (not at 4 again), logs every step once, and ends bit for bit where
+    the uninterrupted run ended."""
+    start = straight_torchrun_run / "checkpoints/iter_000004.pt"
+    run = tmp_path / "continued"
+    proc = torchrun(
+        "train.py", "experiment=smoke", f"dataset.root={toy_root}", *RESTART_COMMON,
+        f"hydra.run.dir={run}", f"trainer.resume={start}", *KILL_RANK_1, "+loss.at=6",
+        torchrun_args=("--max-restarts=1",),
+    )  # fmt: skip
+    assert "failed (exitcode: -9) local_rank: 1" in proc.stderr  # killed in iteration 4 + 6
+    log = (run / "train.log").read_text()
+    assert f"resumed from {start} at iteration 4" in log  # the first start
+    newest = run / "checkpoints/last.pt"
+    assert f"continuing this run from its newest checkpoint {newest}" in log
+    assert f"resumed from {newest} at iteration 8" in log  # the restart
+    assert "at iteration 4" not in log.split("torchrun restart 1:")[1]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 12
+    rows = _rows(run)
+    keys = [(r["step"], "loss" in r) for r in rows]
+    assert len(keys) == len(set(keys))  # no row twice
+    assert rows == [r for r in _rows(straight_torchrun_run) if r["step"] > 4]
+    _assert_same_final_state(straight_torchrun_run, run)
+
+
+def test_pruning_keeps_the_checkpoints_written_last_whatever_their_numbers(tmp_path):
+    """A run resumed from iteration 4 of a folder that reached 12 writes 6 and 8 after 12: those
+    are the ones kept (never the one just written) and the ones a restart resumes from."""
+    import os
+
+    from semseg.checkpoints.file import save_checkpoint
+    from semseg.checkpoints.run_folder import (
+        checkpoint_path,
+        load_latest_checkpoint,
+        save_iteration_checkpoint,
+    )
+
+    for age, it in ((30, 4), (20, 8), (10, 12)):  # the first run's, seconds ago
+        path = save_checkpoint(
+            {"model": {}, "iteration": it}, tmp_path / f"checkpoints/iter_{it:06d}.pt"
+        )
+        os.utime(path, ns=(time.time_ns() - age * 10**9,) * 2)
+    for it in (6, 8):  # the resumed run's
+        save_iteration_checkpoint({"model": {}, "iteration": it}, tmp_path, keep_last=2)
+        names = sorted(p.name for p in (tmp_path / "checkpoints").glob("iter_*.pt"))
+        assert f"iter_{it:06d}.pt" in names and len(names) == 2
+    assert names == ["iter_000006.pt", "iter_000008.pt"]  # 12, the highest number, went first
+    checkpoint_path(tmp_path, "last").unlink()  # the iter_* fallback: newest written first
+    path, state = load_latest_checkpoint(tmp_path)
+    assert path.name == "iter_000008.pt" and state["iteration"] == 8
 
 
 KEEP_SAVING = """

@@ -16,11 +16,19 @@ from semseg.errors import ConfigError, UserError
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
 
 
-def _machine(monkeypatch, cuda=False, mps=False, capability="AVX512", bf16=True) -> None:
+def _machine(
+    monkeypatch, cuda=False, mps=False, capability="AVX512", cpu_flags=("avx512_bf16",)
+) -> None:
+    """A faked machine: its devices, torch's CPU kernel level and cpuinfo's flags (``cpu_flags``
+    true, every other false). oneDNN's own bf16 answer is faked True whatever the flags: it says
+    so on every AVX-512 CPU, emulated bf16 included, and the policy must not trust it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(runtime, "mps_available", lambda: mps)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16)
+    flags = {"avx512_bf16": False, "amx_bf16": False, "amx_tile": False, "avx512_bw": True}
+    flags.update(dict.fromkeys(cpu_flags, True))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
 
 
 @pytest.mark.parametrize(
@@ -46,15 +54,20 @@ def test_mps_gets_fp32_nchw_and_the_cpu_fallback(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("capability", "bf16", "precision", "channels_last"),
+    ("capability", "cpu_flags", "precision", "channels_last"),
     [
-        ("AVX512", True, "bf16", True),  # AVX512-BF16 / AMX CPUs
-        ("AVX512", False, "fp32", True),  # AVX-512 without BF16: fp32 NHWC still faster
-        ("AVX2", False, "fp32", False),  # AVX2-only: NCHW (16.9 vs 13.6 s per R-50 step)
+        ("AVX512", ("avx512_bf16",), "bf16", True),  # Zen 4+, Cooper Lake: AVX512-BF16
+        ("AVX512", ("amx_tile", "amx_bf16"), "bf16", True),  # AMX-BF16 (Sapphire Rapids+)
+        ("AVX512", (), "fp32", True),  # Skylake-SP / Cascade Lake: bf16 only emulated
+        ("AVX512", ("amx_tile",), "fp32", True),  # AMX tiles without its BF16 unit
+        ("AVX2", (), "fp32", False),  # AVX2-only: NCHW (16.9 vs 13.6 s per R-50 step)
     ],
 )
-def test_cpu_policy_by_instruction_set(monkeypatch, capability, bf16, precision, channels_last):
-    _machine(monkeypatch, capability=capability, bf16=bf16)
+def test_cpu_policy_by_instruction_set(
+    monkeypatch, capability, cpu_flags, precision, channels_last
+):
+    _machine(monkeypatch, capability=capability, cpu_flags=cpu_flags)
+    assert runtime.cpu_has_native_bf16() is (precision == "bf16")
     assert runtime.resolve_precision("auto", CPU) == precision
     assert runtime.resolve_channels_last("auto", CPU, precision) is channels_last
 
@@ -83,8 +96,59 @@ def test_cuda_policy(monkeypatch):
     assert runtime.resolve_channels_last("auto", CUDA, "fp16") is True
 
 
+@pytest.mark.parametrize("device", [CPU, MPS])
+def test_tf32_is_refused_off_cuda_in_one_line(monkeypatch, device):
+    _machine(monkeypatch, mps=True)
+    with pytest.raises(ConfigError) as info:
+        runtime.resolve_precision("tf32", device)
+    assert str(info.value).startswith(f"precision=tf32 is a CUDA setting (TF32 tensor cores) and "
+                                      f"this run is on {device.type}")  # fmt: skip
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture
+def fp32_math_restored():
+    """torch's fp32 math settings put back after the test (they are process-wide)."""
+    ops = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+    before = [op.fp32_precision for op in ops]
+    yield ops
+    for op, value in zip(ops, before, strict=True):
+        op.fp32_precision = value
+
+
+@pytest.mark.parametrize(
+    ("precision", "math"), [("tf32", "tf32"), ("fp32", "ieee"), ("bf16", "ieee"), ("fp16", "ieee")]
+)
+def test_cuda_fp32_math_follows_the_precision(monkeypatch, fp32_math_restored, precision, math):
+    """tf32: TF32 matmuls and convolutions; fp32 (and what autocast keeps in fp32) full IEEE,
+    through the fp32_precision settings (a faked CUDA run: the settings are host-side)."""
+    _machine(monkeypatch, cuda=True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert runtime.resolve_precision(precision, CUDA) == precision
+    for op in fp32_math_restored:
+        op.fp32_precision = "tf32" if math == "ieee" else "ieee"  # the opposite first
+    runtime.configure_backends(CUDA, precision)
+    assert [op.fp32_precision for op in fp32_math_restored] == [math] * 3
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_the_cpu_leaves_cuda_fp32_math_alone(fp32_math_restored):
+    before = [op.fp32_precision for op in fp32_math_restored]
+    runtime.use_fp32_math(CPU, "tf32")
+    assert [op.fp32_precision for op in fp32_math_restored] == before
+
+
+def test_no_legacy_tf32_flag_is_set_anywhere():
+    """TF32 only through fp32_precision: torch refuses to mix it with the allow_tf32 flags."""
+    import re
+
+    setter = re.compile(r"allow_tf32\s*=(?!=)|allowTF32|set_float32_matmul_precision")
+    sources = [*(REPO / "src").rglob("*.py"), *(REPO / "scripts").rglob("*.py")]
+    assert sources and not [p for p in sources if setter.search(p.read_text())]
+
+
 def test_explicit_settings_win(monkeypatch):
-    _machine(monkeypatch, capability="AVX2", bf16=False)
+    _machine(monkeypatch, capability="AVX2", cpu_flags=())
     assert runtime.resolve_channels_last(True, CPU, "fp32") is True
     assert runtime.resolve_channels_last("false", CPU, "bf16") is False
     assert runtime.resolve_precision("bf16", CPU) == "bf16"
@@ -96,7 +160,7 @@ def test_bad_values_name_the_allowed_ones(monkeypatch):
         ConfigError, match=r"trainer\.channels_last must be one of auto, true, false"
     ):
         runtime.resolve_channels_last("sometimes", CPU, "fp32")
-    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16, fp16"):
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, tf32, bf16, fp16"):
         runtime.resolve_precision("fp8", CPU)
     with pytest.raises(ConfigError, match="available: cpu"):
         runtime.resolve_device("cuda")
@@ -108,7 +172,8 @@ def test_bad_values_name_the_allowed_ones(monkeypatch):
 
 BAD_TRAINER_SETTINGS = [
     ("trainer.channels_last=maybe", "trainer.channels_last must be one of auto, true, false"),
-    ("trainer.precision=fp8", "precision must be one of auto, fp32, bf16, fp16"),
+    ("trainer.precision=fp8", "precision must be one of auto, fp32, tf32, bf16, fp16"),
+    ("trainer.precision=tf32", "precision=tf32 is a CUDA setting (TF32 tensor cores)"),
     ("device=cuda", "torch sees no CUDA device"),
     ("trainer.progress_bar=maybe", "trainer.progress_bar must be auto, true or false"),
 ]

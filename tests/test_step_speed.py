@@ -194,6 +194,21 @@ def test_cuda_graphs_refuses_what_it_cannot_serve():
     assert build_step_forward(True, False, CPU, sync_bn=False).mode == "default"
 
 
+def test_cuda_graphs_with_accumulation_is_refused_until_a_gpu_shows_it_exact():
+    """Each micro-batch replays the graphs, which may overwrite the graph-owned outputs of the
+    one before: one config line until a GPU test shows eager's gradients (docs/performance.md)."""
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ConfigError) as info:
+        build_step_forward(False, True, cuda, sync_bn=False, accumulate=2)
+    message = str(info.value)
+    assert message.startswith("trainer.cuda_graphs=true with trainer.accumulate=2:")
+    assert "\n" not in message
+    assert build_step_forward(False, True, cuda, sync_bn=False, accumulate=1).mode == (
+        "reduce-overhead"
+    )
+    assert build_step_forward(True, False, CPU, sync_bn=False, accumulate=2).mode == "default"
+
+
 def test_compile_time_is_the_first_step_and_is_logged(caplog):
     """``compile_s`` runs from the first call of the compiled forward to the second one."""
     forward = build_step_forward(True, False, CPU, sync_bn=False)

@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from semseg.errors import ConfigError, UserError
+from semseg.errors import ConfigError, UserError, error_line
 
 _STAMP_ENV = "SEMSEG_RUN_STAMP"
 # The repository's config tree (the package is installed editable from src/).
@@ -106,7 +106,7 @@ def report_user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
+            print(error_line(str(e)), file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
     return wrapper

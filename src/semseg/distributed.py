@@ -8,7 +8,12 @@ for that device (gloo for CPU tensors, NCCL for CUDA ones); what the ranks must 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -16,8 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from semseg.errors import ConfigError
+from semseg.errors import ConfigError, error_line
 from semseg.runtime import resolve_device
+
+log = logging.getLogger(__name__)
 
 TIMEOUT = timedelta(minutes=30)
 _STORE: dist.TCPStore | None = None  # see _launcher_store
@@ -59,6 +66,22 @@ def elastic_restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+def job_identity() -> str | None:
+    """The launcher's job this process belongs to, the same for all of its restarts: torchrun's
+    run id, else the SLURM job id; None without a launcher."""
+    if run_id := os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun:{run_id}"
+    if job := os.environ.get("SLURM_JOB_ID"):
+        return f"slurm:{job}"
+    return None
+
+
+def is_restart() -> bool:
+    """Whether the launcher started this process again after a failure: a torchrun restart
+    (``--max-restarts``) or a requeued SLURM job."""
+    return elastic_restart_count() > 0 or int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+
+
 def process_group_backend(device_type: str) -> str:
     """The backend for tensors on ``device_type``: NCCL for CUDA (gloo still serves the CPU
     tensors of object collectives), gloo for everything else."""
@@ -77,9 +100,23 @@ def check_local_rank(local_rank: int, gpu_count: int) -> None:
         )
 
 
-def init_distributed(device: str = "auto") -> DistEnv:
+def collective_timeout(minutes: float | None) -> timedelta:
+    """``trainer.dist_timeout``: how long a collective may wait for a rank that neither answers
+    nor fails (a hang, a lost node) before the process group gives up; null: 30 minutes."""
+    if minutes is None:
+        return TIMEOUT
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or minutes <= 0:
+        raise ConfigError(
+            f"trainer.dist_timeout={minutes!r} must be a number of minutes > 0 (null: 30); it "
+            "bounds how long every rank waits for one that hangs"
+        )
+    return timedelta(minutes=minutes)
+
+
+def init_distributed(device: str = "auto", timeout: timedelta = TIMEOUT) -> DistEnv:
     """Resolve ``device`` for this process, join the process group the launcher describes (none
-    for a single process) with that device's backend, and describe the process."""
+    for a single process) with that device's backend and collective ``timeout``, and describe
+    the process."""
     world_size = env_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
@@ -87,18 +124,21 @@ def init_distributed(device: str = "auto") -> DistEnv:
         check_local_rank(dev.index or 0, torch.cuda.device_count())
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        # Keys of this attempt only: torchrun's store keeps those of a crashed first attempt,
-        # whose addresses a restarted rank would otherwise read and fail to connect to.
-        attempt = dist.PrefixStore(f"semseg/attempt{elastic_restart_count()}/", _launcher_store())
         dist.init_process_group(
             backend=process_group_backend(dev.type),
-            store=attempt,
+            store=_attempt_store(_launcher_store()),
             rank=int(os.environ["RANK"]),
             world_size=world_size,
-            timeout=TIMEOUT,
+            timeout=timeout,
             device_id=dev if dev.type == "cuda" else None,
         )
     return DistEnv(get_rank(), local_rank, get_world_size(), dev)
+
+
+def _attempt_store(store: dist.Store) -> dist.Store:
+    """The keys of this attempt only: torchrun's store keeps those of a crashed first attempt,
+    whose addresses (and failures) a restarted rank must not read."""
+    return dist.PrefixStore(f"semseg/attempt{elastic_restart_count()}/", store)
 
 
 def _launcher_store() -> dist.Store:
@@ -208,3 +248,133 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor / dist.get_world_size()
     dist.all_reduce(tensor)
     return tensor
+
+
+# --------------------------------------------------------------------------------------------
+# When one rank fails, the others leave: the failing rank publishes its one line in the
+# launcher's store, and every rank's :class:`PeerFailureWatch` reads it. Leaving the process
+# group releases peers blocked in a gloo collective at once, but NCCL collectives wait for the
+# group's timeout (30 minutes): the watch ends such a process instead.
+
+_FAILED, _FAILED_SEEN, _JOB_FAILED = "failed", "failed_seen", "semseg/job/failed"
+FAILURE_POLL_S = 1.0  # how often each rank looks for a peer's failure
+PEER_EXIT_GRACE_S = 10.0  # the time a rank gets to leave by itself after a peer failed
+_SEEN_WAIT_S = 10.0  # how long a rank that serves the store waits for its peers to read it
+_seen_failure: str | None = None  # a peer's line, once this process's watch has read it
+
+
+def _store_client() -> dist.TCPStore:
+    """A client of its own to the launcher's store (for the watch's thread)."""
+    return dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=30),
+        wait_for_workers=False,
+    )
+
+
+def _serves_store() -> bool:
+    """Whether this process serves the store (rank 0 without torchrun: its exit ends the store)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and os.environ["RANK"] == "0"
+
+
+def publish_failure(message: str, final: bool = False) -> None:
+    """Tell the other ranks that this one stops with ``message`` (the first rank's stays).
+
+    ``final``: a failure no restart can fix (:class:`~semseg.errors.UserError`); under torchrun
+    it is also kept for the job's restarts (:func:`job_failure`), whose store outlives the
+    workers, even where the disk is too full to record it in the run folder. A rank that serves
+    the store waits up to 10 s for the others to read it before its exit takes the store away.
+    Never raises: the store may be gone already.
+    """
+    if env_world_size() <= 1:
+        return
+    try:
+        store = _launcher_store()
+        attempt = _attempt_store(store)
+        attempt.compare_set(_FAILED, "", message)
+        if final and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store.compare_set(_JOB_FAILED, "", message)
+        if not _serves_store():  # a rank that fails too needs no telling
+            attempt.add(_FAILED_SEEN, 1)
+            return
+        deadline = time.monotonic() + _SEEN_WAIT_S
+        while attempt.add(_FAILED_SEEN, 0) < env_world_size() - 1:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    except (RuntimeError, OSError) as e:  # the store is gone: nobody is left to tell
+        log.debug("could not publish the failure to the other ranks: %s", e)
+
+
+def job_failure() -> str | None:
+    """The line of a failure no restart can fix that an earlier attempt of this torchrun job
+    published (None elsewhere: only torchrun's store outlives the workers)."""
+    if env_world_size() <= 1 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    try:
+        store = _launcher_store()
+        return store.get(_JOB_FAILED).decode() if store.check([_JOB_FAILED]) else None
+    except (RuntimeError, OSError):
+        return None
+
+
+def peer_failure(store: dist.Store | None = None) -> str | None:
+    """The line another rank of this attempt stopped with, if one did (None without peers); once
+    the watch has read it, also after the store is gone (its rank 0 ended)."""
+    if _seen_failure is not None:
+        return _seen_failure
+    if env_world_size() <= 1:
+        return None
+    try:
+        attempt = _attempt_store(store or _launcher_store())
+        return attempt.get(_FAILED).decode() if attempt.check([_FAILED]) else None
+    except (RuntimeError, OSError):
+        return None
+
+
+class PeerFailureWatch:
+    """While training, a thread looks for a peer's failure every second. When one is published,
+    this process gets 10 s to leave by itself (gloo releases it at once when the peer leaves
+    the group); a process still there after that (blocked in an NCCL collective, which waits
+    for the group's timeout) prints the peer's line and ends with exit code 2, as the peer did."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeerFailureWatch:
+        if env_world_size() > 1:
+            self._thread = threading.Thread(target=self._watch, name="peer-failure", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2 * FAILURE_POLL_S)
+
+    def _watch(self) -> None:
+        try:
+            store = _store_client()
+        except (RuntimeError, OSError):
+            return
+        while not self._stop.wait(FAILURE_POLL_S):
+            try:
+                message = peer_failure(store)
+            except (RuntimeError, OSError):  # the store is gone (its process ended): stop
+                return
+            if message is None:
+                continue
+            global _seen_failure
+            _seen_failure = message
+            with contextlib.suppress(RuntimeError, OSError):
+                _attempt_store(store).add(_FAILED_SEEN, 1)
+            if self._stop.wait(PEER_EXIT_GRACE_S):
+                return  # this process left by itself
+            log.error("another rank failed and this one is still blocked: leaving (%s)", message)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            print(error_line(message), file=sys.stderr, flush=True)
+            os._exit(2)

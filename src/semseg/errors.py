@@ -1,6 +1,11 @@
 """The one exception family that entry points report as a single clear line (no traceback)."""
 
 
+def error_line(message: str) -> str:
+    """How an entry point prints a :class:`UserError`: ``error: <message>``."""
+    return f"error: {message}"
+
+
 class UserError(RuntimeError):
     """A failure the user can act on (a bad path, config key or file; a diverged run).
 

@@ -10,11 +10,16 @@ import torch
 
 from semseg.errors import ConfigError
 
+# The autocast dtype of each precision (None: no autocast). ``fp32`` is full IEEE fp32 everywhere;
+# ``tf32`` is fp32 tensors whose CUDA matmuls and convolutions run on TF32 tensor cores
+# (:func:`use_fp32_math`), a CUDA-only setting.
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
+    "tf32": None,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
+CUDA_ONLY_PRECISIONS = ("tf32",)
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -63,21 +68,35 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The autocast precision. ``auto``: bf16 where the hardware runs it natively (Ampere+ GPUs,
-    AVX512-BF16/AMX CPUs), fp16 on older GPUs, fp32 on other CPUs and on MPS (autocast support
-    there varies across macOS/torch versions; fp32 always works). docs/performance.md has the
-    figures behind each choice."""
+    """The run's precision. ``auto``: bf16 where the hardware runs it natively (Ampere+ GPUs,
+    AVX512-BF16/AMX CPUs: :func:`cpu_has_native_bf16`), fp16 on older GPUs, fp32 on other CPUs
+    and on MPS (autocast support there varies across macOS/torch versions; fp32 always works).
+    ``tf32`` needs a CUDA device. docs/performance.md has the figures behind each choice."""
     if precision != "auto":
         if precision not in PRECISIONS:
             raise ConfigError(
                 f"precision must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}"
             )
+        if precision in CUDA_ONLY_PRECISIONS and device.type != "cuda":
+            raise ConfigError(
+                f"precision={precision} is a CUDA setting (TF32 tensor cores) and this run is on "
+                f"{device.type}: use fp32, or bf16 where the CPU has native BF16"
+            )
         return precision
     if device.type == "cuda":
         return cuda_precision(torch.cuda.get_device_capability(device))
-    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if device.type == "cpu" and cpu_has_native_bf16():
         return "bf16"
     return "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: AVX512-BF16 (Cooper Lake, Sapphire Rapids and
+    later, AMD Zen 4 and later) or AMX-BF16 (Sapphire Rapids and later). Other AVX-512 CPUs
+    (Skylake-SP, Cascade Lake, Ice Lake) emulate it: oneDNN says bf16 is supported there
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) but it runs slower than fp32."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16", False) or caps.get("amx_bf16", False))
 
 
 def cuda_precision(capability: tuple[int, int]) -> str:
@@ -119,15 +138,29 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_backends(device: torch.device) -> None:
-    """cuDNN autotuning and TF32 matmuls on CUDA (fixed input sizes: the autotuner pays off); on
-    the CPU, an allocator that keeps freed activation memory (:func:`keep_cpu_memory`)."""
+def configure_backends(device: torch.device, precision: str = "fp32") -> None:
+    """cuDNN autotuning on CUDA (fixed input sizes: the autotuner pays off) and the fp32 math of
+    ``precision`` (:func:`use_fp32_math`); on the CPU, an allocator that keeps freed activation
+    memory (:func:`keep_cpu_memory`)."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        use_fp32_math(device, precision)
     elif device.type == "cpu":
         keep_cpu_memory()
+
+
+def use_fp32_math(device: torch.device, precision: str) -> None:
+    """How CUDA matmuls and convolutions compute on fp32 tensors: TF32 tensor cores for
+    ``precision=tf32``, full IEEE fp32 for every other precision (fp32 means fp32; under bf16 /
+    fp16 autocast the ops it keeps in fp32 stay exact). Through torch's ``fp32_precision``
+    settings; the legacy ``allow_tf32`` flags are never touched (mixing the two APIs is an
+    error in torch). A no-op off CUDA."""
+    if device.type != "cuda":
+        return
+    math = "tf32" if precision == "tf32" else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = math
+    torch.backends.cudnn.conv.fp32_precision = math
+    torch.backends.cudnn.rnn.fp32_precision = math  # cuDNN's ops agree (torch checks they do)
 
 
 # glibc <malloc.h> mallopt parameters and the values that keep a training step's memory.

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from semseg.evaluation.inference import inference_kwargs, predict_logits
 from semseg.models import build_model
-from semseg.runtime import autocast
+from semseg.runtime import autocast, use_fp32_math
 from semseg_bench.timing import Setting, StepCounts, time_calls
 
 
@@ -28,6 +28,7 @@ def bench_infer(
 ) -> dict[str, Any]:
     """Time whole-image ``predict_logits`` and the argmax, as evaluation runs them."""
     torch.manual_seed(0)
+    use_fp32_math(device, setting.precision)
     model = build_model(cfg).to(device).eval().to(memory_format=setting.memory_format)
     run_model = setting.runnable(model)
     kwargs = {

@@ -28,6 +28,7 @@ from semseg.runtime import (
     resolve_channels_last,
     resolve_device,
     resolve_precision,
+    use_fp32_math,
 )
 from semseg_bench.data import DataJob, bench_data, ensure_bench_data
 from semseg_bench.inference import InferJob, bench_infer
@@ -132,10 +133,12 @@ def model_costs(cfg: DictConfig, crop: Sequence[int], infer_size: Sequence[int])
 def matmul_peaks(
     device: torch.device, precisions: Sequence[str], size: int
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """The ``matmul_peak`` section and the peak FLOP/s per precision."""
-    measured = {
-        p: matmul_peak_flops(device, PRECISIONS[p] or torch.float32, size) for p in precisions
-    }
+    """The ``matmul_peak`` section and the peak FLOP/s per precision (tf32: fp32 matrices on
+    TF32 tensor cores)."""
+    measured = {}
+    for p in precisions:
+        use_fp32_math(device, p)
+        measured[p] = matmul_peak_flops(device, PRECISIONS[p] or torch.float32, size)
     peaks = {p: m["peak"] for p, m in measured.items()}
     section = {
         "size": size,

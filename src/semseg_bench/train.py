@@ -20,7 +20,7 @@ from semseg.engine.compiled_step import build_step_forward
 from semseg.engine.optim import build_optimizer, build_scheduler
 from semseg.engine.trainer import train_step
 from semseg.models import build_model
-from semseg.runtime import resolve_channels_last, resolve_precision
+from semseg.runtime import resolve_channels_last, resolve_precision, use_fp32_math
 from semseg_bench.timing import Setting, StepCounts, time_calls
 
 
@@ -100,6 +100,7 @@ def bench_train(
     ``compile_s``: a compiled setting's first step (compiling forward and backward, autotuning).
     """
     torch.manual_seed(0)
+    use_fp32_math(device, setting.precision)  # tf32: TF32 tensor cores; every other: IEEE fp32
     model = build_model(cfg).to(device).to(memory_format=setting.memory_format).train()
     loss_fn = build_bench_loss(cfg, device)
     optimizer = build_optimizer(cfg.optimizer, model, cfg.param_groups)

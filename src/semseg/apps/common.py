@@ -22,10 +22,12 @@ from semseg.distributed import DistEnv, destroy, get_rank, init_distributed
 from semseg.errors import ConfigError
 from semseg.models import model_from_checkpoint
 from semseg.runtime import (
+    CUDA_ONLY_PRECISIONS,
     configure_backends,
     cuda_precision,
     resolve_channels_last,
     resolve_precision,
+    use_fp32_math,
 )
 
 log = logging.getLogger(__name__)
@@ -66,14 +68,15 @@ def is_checkpoint_file(reference: str) -> bool:
 
 def precision_supported(precision: str, device: torch.device) -> bool:
     """Whether ``precision`` runs on ``device`` as the device policy has it: fp32 everywhere;
-    CUDA fp16, and bf16 on GPUs that run it natively (:func:`semseg.runtime.cuda_precision`); the
-    CPU both (emulated, and slower, where the CPU lacks them); on MPS only fp32."""
+    CUDA tf32 and fp16, and bf16 on GPUs that run it natively
+    (:func:`semseg.runtime.cuda_precision`); the CPU bf16 and fp16 too (emulated, and slower,
+    where the CPU lacks them) but not tf32; on MPS only fp32."""
     if precision == "fp32":
         return True
     if device.type == "cuda":
         native = cuda_precision(torch.cuda.get_device_capability(device))
-        return precision == "fp16" or native == "bf16"
-    return device.type == "cpu"
+        return precision in ("tf32", "fp16") or native == "bf16"
+    return device.type == "cpu" and precision not in CUDA_ONLY_PRECISIONS
 
 
 def inference_precision(
@@ -167,6 +170,7 @@ def load_inference_model(
             "inference on %s in %s (%s), %s memory layout (%s)",
             device, precision, why, "channels_last" if channels_last else "NCHW", why_layout,
         )  # fmt: skip
+    use_fp32_math(device, precision)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=layout).eval()
     return InferenceModel(model, state, meta, dataset_cfg, device, precision)

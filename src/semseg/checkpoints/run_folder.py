@@ -1,7 +1,7 @@
 """A run folder's checkpoints: which files ``checkpoints/`` holds, which one a resume reads, and
 which ones are kept.
 
-    checkpoints/iter_XXXXXX.pt   every checkpoint step (the newest ``trainer.keep_last`` are kept)
+    checkpoints/iter_XXXXXX.pt   every checkpoint step (the ``trainer.keep_last`` written last are kept)
     checkpoints/last.pt          a copy of the newest iter_XXXXXX.pt: what ``trainer.resume=auto`` reads
     checkpoints/best.pt          the best ``trainer.best_metric`` so far
 
@@ -51,8 +51,20 @@ def save_iteration_checkpoint(
 
 
 def _iter_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """``iter_*.pt`` files, oldest first."""
-    return sorted(ckpt_dir.glob("iter_*.pt"), key=lambda p: int(_ITER_RE.search(p.name).group(1)))
+    """``iter_*.pt`` files, oldest first by when they were written (the iteration number breaks
+    ties): a run resumed from an earlier checkpoint writes lower numbers after higher ones, and
+    its own newest files are the ones to keep and to resume from."""
+
+    def written(path: Path) -> tuple[int, int]:
+        return path.stat().st_mtime_ns, int(_ITER_RE.search(path.name).group(1))
+
+    stamped = []
+    for path in ckpt_dir.glob("iter_*.pt"):
+        try:
+            stamped.append((written(path), path))
+        except FileNotFoundError:  # pruned meanwhile (another process's run in this folder)
+            continue
+    return [path for _, path in sorted(stamped)]
 
 
 def load_latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, dict | None]:
@@ -77,7 +89,9 @@ def load_latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, dic
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` ``iter_*.pt`` files (``last.pt``/``best.pt`` stay)."""
+    """Delete all but the ``keep_last`` ``iter_*.pt`` files written last, whatever their
+    iteration numbers (``last.pt``, a copy of the newest, and ``best.pt`` stay; ``keep_last=0``
+    leaves only those)."""
     iters = _iter_checkpoints(Path(run_dir) / CHECKPOINT_DIR)
     for old in iters[: max(0, len(iters) - keep_last)]:
         old.unlink(missing_ok=True)

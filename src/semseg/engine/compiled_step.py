@@ -91,10 +91,12 @@ class StepForward:
 
 
 def build_step_forward(
-    compile: bool, cuda_graphs: bool, device: torch.device, sync_bn: bool
+    compile: bool, cuda_graphs: bool, device: torch.device, sync_bn: bool, accumulate: int = 1
 ) -> StepForward:
     """The forward of ``trainer.compile`` / ``trainer.cuda_graphs``; a ConfigError for what
-    CUDA graphs cannot serve (no CUDA device; SyncBatchNorm, which breaks the graph)."""
+    CUDA graphs cannot serve (no CUDA device; SyncBatchNorm, which breaks the graph) or what no
+    GPU test has shown them to serve yet: ``trainer.accumulate > 1``, where each micro-batch's
+    replay may overwrite the graph-owned outputs of the one before (docs/performance.md)."""
     if not cuda_graphs:
         return StepForward("default" if compile else None)
     if device.type != "cuda":
@@ -106,5 +108,11 @@ def build_step_forward(
         raise ConfigError(
             "trainer.cuda_graphs=true with SyncBatchNorm (trainer.sync_bn=true under DDP): its "
             "all-reduce breaks the graph at every norm layer; set trainer.sync_bn=false"
+        )
+    if accumulate > 1:
+        raise ConfigError(
+            f"trainer.cuda_graphs=true with trainer.accumulate={accumulate}: gradient "
+            "accumulation under CUDA graphs is not shown to give eager's gradients yet; use "
+            "trainer.accumulate=1 (raise dataset.batch_size) or trainer.compile=true instead"
         )
     return StepForward("reduce-overhead")

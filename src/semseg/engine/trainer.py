@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -43,16 +44,22 @@ from semseg.checkpoints.run_folder import (
 from semseg.data import build_dataset, build_eval_loader, build_train_loader, dataset_meta
 from semseg.distributed import (
     DistEnv,
+    PeerFailureWatch,
     all_gather_object,
     all_reduce_max,
     broadcast_buffers,
+    collective_timeout,
     destroy,
     elastic_restart_count,
+    get_rank,
     init_distributed,
+    peer_failure,
+    publish_failure,
     wrap_ddp,
 )
 from semseg.engine.compiled_step import build_step_forward, forward_loss
 from semseg.engine.debug import DebugSession, first_images, fixed_batches
+from semseg.engine.failures import FAILURE_FILE, failure_to_repeat, record_failure
 from semseg.engine.losses import build_loss
 from semseg.engine.optim import GradClipper, build_grad_clipper, build_optimizer, build_scheduler
 from semseg.errors import ConfigError, UserError
@@ -267,7 +274,9 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
-        self.env: DistEnv = init_distributed(cfg.device)
+        self.env: DistEnv = init_distributed(
+            cfg.device, collective_timeout(cfg.trainer.get("dist_timeout"))
+        )
         if not self.env.is_main:  # every rank shares train.log: only rank 0 reports progress
             logging.getLogger().setLevel(logging.WARNING)
         self.device = self.env.device
@@ -278,7 +287,7 @@ class Trainer:
         )
         self.accumulate = int(cfg.trainer.accumulate)
         self.global_batch = int(cfg.dataset.batch_size) * self.env.world_size * self.accumulate
-        configure_backends(self.device)
+        configure_backends(self.device, self.precision)
         seed_everything(cfg.seed)  # identical initial weights on every rank
 
         data_cfg = cfg.dataset
@@ -317,6 +326,7 @@ class Trainer:
             bool(cfg.trainer.cuda_graphs),
             self.device,
             sync_bn=self.env.distributed and self.device.type == "cuda" and cfg.trainer.sync_bn,
+            accumulate=self.accumulate,
         )
         self._val_loader: torch.utils.data.DataLoader | None = None  # built at the first evaluation
         self.reporter = RunReporter(
@@ -325,23 +335,35 @@ class Trainer:
 
     # -- resume and checkpoints ----------------------------------------------------------------
     def _resume(self) -> bool:
-        """Restore the run from ``trainer.resume`` (``auto``: this run folder's latest checkpoint;
-        what a torchrun restart does by itself); whether a checkpoint was loaded."""
-        resume = self.cfg.trainer.resume
-        if not resume and elastic_restart_count() > 0:
-            log.info("torchrun restarted this run: continuing from its latest checkpoint")
-            resume = "auto"
-        if not resume:
+        """Restore the run from ``trainer.resume`` (``auto``: this run folder's latest checkpoint);
+        whether a checkpoint was loaded. A torchrun restart continues its own run: from the run
+        folder's newest valid checkpoint whatever ``trainer.resume`` says (an explicit path
+        would rewind it to where the first start began), from ``trainer.resume`` only while the
+        folder holds none yet."""
+        resume, restarts = self.cfg.trainer.resume, elastic_restart_count()
+        if not resume and restarts == 0:
             return False
         if self.env.is_main:
             remove_partial_checkpoints(self.run_dir)
-        path, ckpt = (
-            load_latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume), None)
-        )
-        if path is None:
-            log.info(
-                "trainer.resume=auto: no checkpoint in %s yet, starting from scratch", self.run_dir
+        path, ckpt = None, None
+        if restarts > 0:
+            path, ckpt = load_latest_checkpoint(self.run_dir)
+            if path is not None:
+                log.info(
+                    "torchrun restart %d: continuing this run from its newest checkpoint %s",
+                    restarts,
+                    path,
+                )
+        if path is None and resume:
+            path, ckpt = (
+                load_latest_checkpoint(self.run_dir) if resume == "auto" else (Path(resume), None)
             )
+            if path is None:
+                log.info(
+                    "trainer.resume=auto: no checkpoint in %s yet, starting from scratch",
+                    self.run_dir,
+                )
+        if path is None:
             return False
         ckpt = ckpt or load_checkpoint(path)
         check_resume_config(
@@ -642,13 +664,42 @@ def _every(iteration: int, interval: int | None) -> bool:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train the composed config; returns the summary (also written to ``summary.json``).
 
-    The process group is left on every way out, so that a rank stopping with an error does not
-    leave the others waiting in a collective until its timeout.
+    A failure no restart can fix (a :class:`UserError`) is recorded in the run folder, and a
+    restarted worker of the same job stops at once with its line (:mod:`.failures`). A rank
+    that fails tells the others, which leave with its line (:class:`PeerFailureWatch`); the
+    process group is left on every way out.
     """
+    run_dir = Path(cfg.paths.output_dir)
+    repeated = failure_to_repeat(run_dir)
+    if repeated is not None:
+        if os.environ.get("RANK", "0") == "0":  # one line in the shared train.log
+            log.error(
+                "an earlier attempt of this job stopped with a failure a restart cannot fix "
+                "(%s): not training again; fix the cause, then start the run anew "
+                "(trainer.resume=auto hydra.run.dir=%s)",
+                run_dir / FAILURE_FILE,
+                run_dir,
+            )
+        raise UserError(repeated)
     try:
-        return Trainer(cfg).fit()
+        with PeerFailureWatch():
+            return Trainer(cfg).fit()
+    except UserError as e:
+        publish_failure(str(e), final=True)
+        record_failure(run_dir, str(e))
+        raise
+    except Exception as e:
+        peer = peer_failure()
+        if peer is not None:  # released from a collective by a peer's failure: its line
+            raise UserError(peer) from e
+        publish_failure(f"rank {get_rank()} crashed: {type(e).__name__}: {_first_line(e)}")
+        raise
     finally:
         destroy()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 def optimized_metric(summary: dict[str, Any], key: str) -> float | None:
