@@ -26,6 +26,7 @@ import safetensors
 import safetensors.torch
 import timm
 import torch
+from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from semseg.checkpoints.file import torch_load_weights_only
@@ -101,14 +102,19 @@ class PretrainedWeights:
 
 def timm_features_key_map(features: nn.Module, prefix: str = "") -> list[Rule]:
     """timm's classification keys -> its ``features_only`` model's under ``prefix`` (the
-    feature wrapper flattens a Sequential's children: ``stages.0.`` -> ``stages_0.``). Keys of
+    feature wrapper flattens a Sequential's children: ``stages.0.`` -> ``stages_0.``; the getter
+    wrapper keeps the classification model, pruned after the last tap, under ``model.``). Keys of
     the modules the features model leaves out (the classifier, stages after the last tap) are
     dropped, as timm's own ``features_only`` loading drops them."""
+    if isinstance(features, FeatureGetterNet):  # its own keys, the pruned ones dropped
+        own = features.model.state_dict()
+        key_map = [(re.compile(rf"^{re.escape(k)}$"), f"{prefix}model.{k}") for k in own]
+        return [*key_map, (re.compile(""), None)]
     key_map = []
-    for child, _ in features.named_children():
-        flat = re.fullmatch(r"(.+)_(\d+)", child)
-        names = [f"{flat[1]}.{flat[2]}", child] if flat else [child]
-        key_map += [(re.compile(rf"^{re.escape(n)}\."), f"{prefix}{child}.") for n in names]
+    for top in dict.fromkeys(key.split(".")[0] for key in features.state_dict()):
+        flat = re.fullmatch(r"(.+)_(\d+)", top)
+        names = [f"{flat[1]}.{flat[2]}", top] if flat else [top]
+        key_map += [(re.compile(rf"^{re.escape(n)}(?=\.|$)"), prefix + top) for n in names]
     return [*key_map, (re.compile(""), None)]
 
 
