@@ -196,8 +196,8 @@ def test_hub_offline_without_cached_copy_fails_fast(
 
 @pytest.mark.parametrize("path", BACKBONE_CONFIGS, ids=lambda p: p.stem)
 def test_every_backbone_has_imagenet_weights_that_timm_loads(path: Path) -> None:
-    # backbone.pretrained=true hands the hub's classification weights to timm's own loader,
-    # which maps them into the features_only model: every configured backbone must have some.
+    # backbone.pretrained=true reads the classification weights that timm's pretrained_cfg names
+    # (the hub, else a URL) and maps them into the backbone: every configured backbone must have some.
     name = OmegaConf.load(path).name
     cfg = timm.models.get_pretrained_cfg(name)
     assert cfg is not None and (cfg.hf_hub_id or cfg.url or cfg.file), name

@@ -3,19 +3,26 @@
 The taps are chosen from timm's ``feature_info`` by reduction (their indices differ between
 models), or given as feature indices where several taps share a reduction (a dilated ResNet with
 ``output_stride=8`` has three at stride 8); ImageNet weights come from a local file or the hub
-(:mod:`semseg.models.backbone_weights`).
+through the one loader (:mod:`semseg.models.backbone_weights`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
+import timm
+import torch
 from torch import Tensor, nn
 
 from semseg.errors import UserError
-from semseg.models.backbone_weights import build_timm_model, create_features, read_imagenet_weights
+from semseg.models.backbone_weights import (
+    Layout,
+    PretrainedWeights,
+    load_pretrained,
+    timm_features_key_map,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,29 @@ def _check_out_indices(
     return indices
 
 
+def feature_reductions(name: str, **timm_kwargs) -> list[int]:
+    """The reductions of all ``features_only`` taps of timm model ``name``, read from a model
+    built on the meta device (shapes only: no memory, no init, no weights)."""
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
+    except Exception:  # a model whose __init__ needs real tensors
+        probe = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
+    return list(probe.feature_info.reduction())
+
+
+def _features_key_map(backbone: nn.Module) -> list:
+    """timm's classification keys -> the features model's under ``model.``."""
+    return timm_features_key_map(backbone.model, "model.")
+
+
+# A TimmBackbone's weights: timm's classification state dict (timm.create_model(name)).
+TIMM_WEIGHTS = PretrainedWeights(
+    layouts=(Layout("timm's layout", _features_key_map),),
+    hint=". Save the state dict of timm.create_model('{name}') (not features_only) to that file.",
+)
+
+
 def enable_grad_checkpointing(features: nn.Module) -> None:
     """timm's activation checkpointing for a features_only model: per block inside the stages that
     support it (ConvNeXt, Swin, ...), else per top-level module of the wrapper (ResNet's layers)."""
@@ -84,8 +114,6 @@ class TimmBackbone(nn.Module):
             ``out_strides``, unless that is None), for taps that share a stride.
         grad_checkpointing: recompute activations in the backward pass instead of keeping them
             (less memory, about a third more compute): see :func:`enable_grad_checkpointing`.
-        imagenet: ImageNet weights already read, ``(state, label)`` (for subclasses that look at
-            them first; overrides ``pretrained``/``weights``).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate``).
     """
 
@@ -97,15 +125,12 @@ class TimmBackbone(nn.Module):
         out_strides: Sequence[int] | None = (4, 8, 16, 32),
         out_indices: Sequence[int] | None = None,
         grad_checkpointing: bool = False,
-        imagenet: tuple[Mapping[str, Tensor], str] | None = None,
         **timm_kwargs,
     ) -> None:
         super().__init__()
         self.name = name
-        self.timm_kwargs = dict(timm_kwargs)  # what rebuilds the same model (weights loading)
-        # All taps' reductions, read from a model built on the meta device (no memory, no init).
-        probe = build_timm_model(name, meta=True, features_only=True, **timm_kwargs)
-        reductions = probe.feature_info.reduction()
+        self.timm_kwargs = dict(timm_kwargs)  # the timm arguments it is built with
+        reductions = feature_reductions(name, **timm_kwargs)
         if out_indices is not None:
             out_indices = _check_out_indices(name, reductions, out_indices, out_strides)
         elif out_strides is None:
@@ -114,11 +139,10 @@ class TimmBackbone(nn.Module):
             )
         else:
             out_indices = _pick_out_indices(name, reductions, [int(s) for s in out_strides])
-        if imagenet is None and pretrained:
-            imagenet = read_imagenet_weights(name, timm_kwargs, weights)
-        elif imagenet is None and weights is not None:
-            log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
-        self.model = create_features(name, imagenet, out_indices, **timm_kwargs)
+        self.model = timm.create_model(
+            name, pretrained=False, features_only=True, out_indices=out_indices, **timm_kwargs
+        )
+        load_pretrained(self, TIMM_WEIGHTS, name, pretrained, weights)
         if grad_checkpointing:
             enable_grad_checkpointing(self.model)
         self.out_channels: list[int] = list(self.model.feature_info.channels())

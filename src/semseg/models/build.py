@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -76,9 +76,13 @@ def listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): {', '.join(items[:_MAX_LISTED])}{more}"
 
 
-def describe_key_mismatch(mismatched: list[str], missing: list[str], unexpected: list[str]) -> str:
-    """``shape mismatches (n): ...; missing keys (n): ...; unexpected keys (n): ...`` ("" if none)."""
+def describe_key_mismatch(
+    mismatched: list[str], missing: list[str], unexpected: list[str], unmapped: Sequence[str] = ()
+) -> str:
+    """``keys without a mapping (n): ...; shape mismatches (n): ...; missing keys (n): ...;
+    unexpected keys (n): ...`` ("" if none)."""
     parts = (
+        ("keys without a mapping", list(unmapped)),
         ("shape mismatches", mismatched),
         ("missing keys", missing),
         ("unexpected keys", unexpected),
@@ -92,11 +96,13 @@ def load_weights(
     describe: Callable[[str, list[str]], str],
     error: type[UserError] = CheckpointError,
     optional: tuple[str, ...] = (),
+    unmapped: Sequence[str] = (),
 ) -> None:
     """Load ``state_dict`` into ``module`` with ``load_state_dict`` and act on its report: any
-    missing key (except those under the ``optional`` prefixes), unexpected key or shape mismatch
-    raises ``error(describe(problems, mismatched_keys))``, every key listed in one line. The
-    tensors whose shapes fit are loaded before that (the caller stops anyway)."""
+    missing key (except those under the ``optional`` prefixes), unexpected key or shape mismatch,
+    or any key of the source that a key map could not rename (``unmapped``), raises
+    ``error(describe(problems, mismatched_keys))``, every key listed in one line. The tensors
+    whose shapes fit are loaded before that (the caller stops anyway)."""
     own = module.state_dict()
     mismatched = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     fitting = {k: v for k, v in state_dict.items() if k not in mismatched}
@@ -106,7 +112,9 @@ def load_weights(
         f"{k} {tuple(state_dict[k].shape)} in file vs {tuple(own[k].shape)} in model"
         for k in mismatched
     ]
-    if problems := describe_key_mismatch(shapes, missing, list(report.unexpected_keys)):
+    if problems := describe_key_mismatch(
+        shapes, missing, list(report.unexpected_keys), list(unmapped)
+    ):
         raise error(describe(problems, mismatched))
 
 

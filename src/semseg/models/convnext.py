@@ -3,15 +3,14 @@ builds it for segmentation (the BDD100K zoo's UPerNet rows): timm's ConvNeXt sta
 through its own LayerNorm (``norm0``..``norm3``, eps 1e-6), stochastic depth and layer scale as
 the config sets them.
 
-Also here: ImageNet weights in either timm's or mmcls's layout (renamed by the converter's
-mmcls ConvNeXt rules, :func:`semseg.models.mmseg_conversion.mmcls_convnext_rules`), and the layer
-ids of mmseg's ``LearningRateDecayOptimizerConstructor`` (:meth:`layer_id`).
+Also here: the layouts of its ImageNet weights, timm's or mmcls's (renamed by the converter's
+mmcls ConvNeXt rules, :func:`semseg.models.mmseg_conversion.mmcls_convnext_rules`), as data for
+the one loader (:data:`CONVNEXT_WEIGHTS`), and the layer ids of mmseg's
+``LearningRateDecayOptimizerConstructor`` (:meth:`layer_id`).
 """
 
 from __future__ import annotations
 
-import inspect
-import logging
 import os
 import re
 from collections.abc import Mapping
@@ -22,35 +21,52 @@ from torch import Tensor, nn
 
 from semseg.errors import ConfigError
 from semseg.models.backbone import TimmBackbone
-from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
-from semseg.models.build import listing, load_weights
-from semseg.models.mmseg_conversion import mmcls_convnext_rules, rename_keys
+from semseg.models.backbone_weights import (
+    Layout,
+    PretrainedWeights,
+    WeightsError,
+    backbone_part,
+    load_pretrained,
+    rules,
+    timm_features_key_map,
+)
+from semseg.models.build import listing
+from semseg.models.mmseg_conversion import Rule, mmcls_convnext_rules, rename_keys
 
-log = logging.getLogger(__name__)
-
-_MMCLS_KEY = re.compile(r"^(?:backbone\.)?downsample_layers\.")
 # mmseg's LearningRateDecayOptimizerConstructor decay types for ConvNeXt.
 DECAY_TYPES = ("stage_wise", "layer_wise")
 
 
-def is_mmcls_layout(state: Mapping[str, Tensor]) -> bool:
-    """Whether ``state`` holds an mmcls/mmpretrain ConvNeXt (bare or under ``backbone.``)."""
-    return any(_MMCLS_KEY.match(key) for key in state)
+def _timm_key_map(backbone: nn.Module) -> list[Rule]:
+    """timm's classification keys -> the features model's; the classifier's final norm
+    (``head.norm``, which is mmcls's ``norm3``: both normalise the last stage) -> the last
+    output norm, when the last stage is returned."""
+    final = f"norm{len(backbone.model.feature_info.info) - 1}"
+    head_norm = (
+        rules((r"head\.norm\.(weight|bias)", rf"{final}.\1")) if hasattr(backbone, final) else ()
+    )
+    return [*head_norm, *timm_features_key_map(backbone.model, "model.")]
+
+
+MMCLS_CONVNEXT = Layout(
+    "an mmcls/mmpretrain ConvNeXt", mmcls_convnext_rules(), marker=r"downsample_layers\."
+)
+# A ConvNeXtBackbone's weights: mmcls/mmpretrain's layout (a classification checkpoint, or any
+# checkpoint whose backbone.* is one) or timm's; output norms the file lacks start at identity.
+CONVNEXT_WEIGHTS = PretrainedWeights(
+    layouts=(MMCLS_CONVNEXT, Layout("timm's ConvNeXt", _timm_key_map)),
+    optional=("norm",),
+    hint=": is it a ConvNeXt of the same size, in timm's or mmcls's layout?",
+)
 
 
 def convert_mmcls_convnext(state: Mapping[str, Tensor], label: str) -> dict[str, Tensor]:
-    """The ConvNeXt tensors of an mmcls/mmpretrain state dict under this backbone's keys. In a
-    whole model (keys under ``backbone.``) the other parts (classifier, decode heads) are left out;
-    a backbone key without a mapping is a WeightsError."""
-    if any(key.startswith("backbone.") for key in state):
-        state = {
-            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
-        }
-    renamed, unmatched = rename_keys(state, mmcls_convnext_rules())
-    if unmatched:
+    """The ConvNeXt tensors of an mmcls/mmpretrain state dict (bare, or a whole model's
+    ``backbone.*``) under this backbone's keys; a key without a mapping is a WeightsError."""
+    renamed, unmapped = rename_keys(backbone_part(state), MMCLS_CONVNEXT.key_map)
+    if unmapped:
         raise WeightsError(
-            f"{label} is not an mmcls/mmpretrain ConvNeXt: "
-            + listing("backbone keys without a mapping", unmatched)
+            f"{label} is not {MMCLS_CONVNEXT.what}: " + listing("keys without a mapping", unmapped)
         )
     return renamed
 
@@ -60,11 +76,11 @@ class ConvNeXtBackbone(TimmBackbone):
 
     Args:
         name: a timm ConvNeXt, e.g. ``convnext_tiny``, ``convnext_small``, ``convnext_base``.
-        pretrained: load ImageNet weights: from ``weights`` (timm's layout, or mmcls/mmpretrain's:
-            a classification checkpoint, or any checkpoint whose ``backbone.*`` is an mmcls
-            ConvNeXt), else from the hub. The last output norm takes the classifier's final norm
-            (timm ``head.norm``, mmcls ``norm3``), as mmseg loads mmcls weights; the other output
-            norms start at identity unless the file has them.
+        pretrained: load ImageNet weights (:data:`CONVNEXT_WEIGHTS`): from ``weights`` (timm's
+            layout, or mmcls/mmpretrain's: a classification checkpoint, or any checkpoint whose
+            ``backbone.*`` is an mmcls ConvNeXt), else from the hub. The last output norm takes
+            the classifier's final norm (timm ``head.norm``, mmcls ``norm3``), as mmseg loads
+            mmcls weights; the other output norms start at identity unless the file has them.
         weights: local weights file.
         downsample_norm_eps: eps of the LayerNorm before each downsampling conv: 1e-6 in timm
             and mmpretrain 1.x, 1e-5 in mmcls 0.x (which built the zoo's models).
@@ -80,19 +96,8 @@ class ConvNeXtBackbone(TimmBackbone):
         downsample_norm_eps: float = 1e-6,
         **kwargs,
     ) -> None:
-        # timm's layout loads with the stages (timm's loader, in the base class); mmcls's after the
-        # output norms exist, into this whole module.
-        imagenet = (
-            read_imagenet_weights(name, _timm_kwargs(kwargs), weights) if pretrained else None
-        )
-        mmcls = imagenet is not None and is_mmcls_layout(imagenet[0])
-        super().__init__(
-            name,
-            pretrained=False,
-            weights=None if pretrained else weights,  # the base class warns when unused
-            imagenet=None if mmcls else imagenet,
-            **kwargs,
-        )
+        # The weights load once the output norms exist, into this whole module.
+        super().__init__(name, pretrained=False, **kwargs)
         if not any(isinstance(m, ConvNeXtStage) for m in self.model.children()):
             raise ConfigError(
                 f"backbone.name={name} is not a timm ConvNeXt: {type(self).__name__} "
@@ -104,10 +109,7 @@ class ConvNeXtBackbone(TimmBackbone):
         self.stage_indices = list(self.model.feature_info.out_indices)
         for i, channels in zip(self.stage_indices, self.out_channels):
             self.add_module(f"norm{i}", LayerNorm2d(channels, eps=1e-6))
-        if mmcls:
-            self._load_mmcls(name, *imagenet)
-        elif imagenet is not None:
-            self._load_final_norm(imagenet[0])
+        load_pretrained(self, CONVNEXT_WEIGHTS, name, pretrained, weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Normalised feature maps, highest resolution first."""
@@ -133,36 +135,3 @@ class ConvNeXtBackbone(TimmBackbone):
         if block is None:
             return (0, 2, 3, num_layers)[stage]
         return (1, 2, 3 + int(block) // 3, num_layers)[stage]
-
-    # -- ImageNet weights ---------------------------------------------------------------------
-    def _load_mmcls(self, name: str, state: Mapping[str, Tensor], label: str) -> None:
-        """An mmcls/mmpretrain ConvNeXt under this module's keys: every stage tensor must fit;
-        output norms the file lacks keep their identity init."""
-        state = convert_mmcls_convnext(state, label)
-        load_weights(
-            self,
-            state,
-            lambda problems, _: (
-                f"{label} does not fit backbone '{name}' ({problems}): "
-                "is it the same ConvNeXt size?"
-            ),
-            error=WeightsError,
-            optional=("norm",),
-        )
-        norms = sorted({k.split(".")[0] for k in state if k.startswith("norm")})
-        log.info("backbone %s: ImageNet weights from %s (mmcls layout)", name, label)
-        log.info("backbone %s: output norms from the file: %s", name, norms or "none")
-
-    def _load_final_norm(self, state: Mapping[str, Tensor]) -> None:
-        """The last stage's output norm from timm's classifier norm (``head.norm``), which is
-        mmcls's ``norm3``: both normalise the last stage's channels."""
-        final = getattr(self, f"norm{len(self.model.feature_info.info) - 1}", None)
-        if final is not None and "head.norm.weight" in state:
-            final.load_state_dict({"weight": state["head.norm.weight"],
-                                   "bias": state["head.norm.bias"]})  # fmt: skip
-
-
-def _timm_kwargs(kwargs: Mapping) -> dict:
-    """The keyword arguments that :class:`TimmBackbone` passes on to timm."""
-    own = inspect.signature(TimmBackbone).parameters
-    return {k: v for k, v in kwargs.items() if k not in own}

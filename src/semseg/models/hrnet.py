@@ -16,7 +16,6 @@ dropping the ``backbone.`` prefix only.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 
@@ -24,11 +23,23 @@ import torch.nn.functional as F
 from timm.models.resnet import BasicBlock, Bottleneck
 from torch import Tensor, nn
 
-from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
-from semseg.models.build import load_weights
+from semseg.models.backbone_weights import KEEP, Layout, PretrainedWeights, load_pretrained, rules
 
-log = logging.getLogger(__name__)
 NormLayer = type[nn.Module]
+# An HRNet's weights: timm's classification HRNet (or an mmseg checkpoint's ``backbone.*``) under
+# the same names; its classification layers are left out.
+HRNET_WEIGHTS = PretrainedWeights(
+    layouts=(
+        Layout(
+            "timm's HRNet",
+            rules(
+                (r"(?:incre_modules|downsamp_modules|final_layer|classifier)\..*", None),
+                (r".*", KEEP),
+            ),
+        ),
+    ),
+    hint=". Save the state dict of timm.create_model('{name}') to that file.",
+)
 
 
 def _conv_norm(
@@ -123,7 +134,8 @@ class HRNet(nn.Module):
 
     Args:
         width: 18 (``hrnet_w18``) or 48 (``hrnet_w48``, the zoo's), any other for tests.
-        pretrained: load timm's ImageNet weights of ``name`` (hub, or the file ``weights``).
+        pretrained: load timm's ImageNet weights of ``name`` (:data:`HRNET_WEIGHTS`: hub, or
+            the file ``weights``).
         name: the timm model of those weights (``hrnet_w18``, ``hrnet_w48``).
         norm_layer: called with the channel count.
     """
@@ -158,27 +170,7 @@ class HRNet(nn.Module):
         for m in self.modules():  # mmseg's init: Kaiming convs, unit norms
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        if pretrained:
-            self._load_imagenet(name or f"hrnet_w{width}", weights)
-        elif weights is not None:
-            log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
-
-    def _load_imagenet(self, name: str, weights: str | os.PathLike | None) -> None:
-        """timm's ImageNet weights of ``name`` (``weights``: a local file of them, else the hub):
-        this module is the trunk of timm's classification HRNet under the same names, whose
-        classification layers stay out; every tensor of the trunk must be in the file."""
-        state, label = read_imagenet_weights(name, {}, weights)
-        own = self.state_dict()
-        load_weights(
-            self,
-            {k: v for k, v in state.items() if k in own},
-            lambda problems, _: (
-                f"{label} does not fit backbone '{name}' ({problems}). Save the state dict of "
-                f"timm.create_model('{name}') to that file."
-            ),
-            error=WeightsError,
-        )
-        log.info("backbone %s: ImageNet weights from %s", name, label)
+        load_pretrained(self, HRNET_WEIGHTS, name or f"hrnet_w{width}", pretrained, weights)
 
     @staticmethod
     def _transition(

@@ -29,7 +29,6 @@ loads them, the classifier's final ``norm`` is not used: ``norm0``..``norm3`` st
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -42,16 +41,13 @@ from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
 from timm.models.swin_transformer import SwinTransformerBlock, window_partition, window_reverse
 from torch import Tensor, nn
 
-from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
-from semseg.models.build import describe_key_mismatch
-from semseg.models.mmseg_conversion import mmseg_swin_rules, rename_keys
-
-log = logging.getLogger(__name__)
+from semseg.models.backbone_weights import Layout, PretrainedWeights, load_pretrained, rules
+from semseg.models.mmseg_conversion import mmseg_swin_rules
 
 # Keys of an ImageNet Swin file that hold no weights here: the original files' ``attn_mask``
 # buffers (recomputed), and the classifier's final norm and head, which mmseg leaves out when it
 # loads ImageNet weights. (``relative_position_index``: dropped by the key rules.)
-_NOT_LOADED = re.compile(r"attn_mask$|^(?:norm|head)\.")
+_NOT_LOADED = rules((r".*attn_mask", None), (r"(?:norm|head)\..*", None))
 _TIMM_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
 
 
@@ -154,8 +150,8 @@ class SwinBackbone(nn.Module):
         mlp_ratio: MLP width over block width (4).
         patch_size: the patch embedding's kernel and stride (4).
         drop_path_rate: stochastic depth, rising linearly over all blocks from 0 (mmseg's rule).
-        pretrained: load ImageNet weights: from ``weights`` (timm's layout or mmseg's), else
-            timm's from the hub (the file of ``name``).
+        pretrained: load ImageNet weights (:data:`SWIN_WEIGHTS`): from ``weights`` (timm's
+            layout or mmseg's), else timm's from the hub (the file of ``name``).
         weights: local weights file.
         grad_checkpointing: recompute each block in the backward pass (less memory).
     """
@@ -205,10 +201,7 @@ class SwinBackbone(nn.Module):
         self.apply(_init_weights)
         for stage in self.stages:
             stage.grad_checkpointing = grad_checkpointing
-        if pretrained:
-            self._load_imagenet(weights)
-        elif weights is not None:
-            log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
+        load_pretrained(self, SWIN_WEIGHTS, name, pretrained, weights)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Normalised feature maps (``N x C x H x W``), highest resolution first."""
@@ -220,39 +213,6 @@ class SwinBackbone(nn.Module):
             if stage.downsample is not None:
                 x = stage.downsample(x)
         return outs
-
-    # -- ImageNet weights ---------------------------------------------------------------------
-    def _load_imagenet(self, weights: str | os.PathLike | None) -> None:
-        """ImageNet weights from ``backbone.weights`` (timm's or mmseg's layout), else the hub."""
-        state, label = read_imagenet_weights(self.name, {}, weights)
-        self.load_imagenet_state(state, label)
-        log.info("backbone %s: ImageNet weights from %s", self.name, label)
-
-    def load_imagenet_state(self, state: Mapping[str, Tensor], label: str) -> None:
-        """Load a Swin classification state dict in timm's layout or mmseg's (bare or under
-        ``backbone.``); the output norms keep their identity init unless the file has them. A
-        stage tensor that is missing, unexpected or misshapen is a WeightsError."""
-        if any(k.startswith("backbone.") for k in state):
-            state = {k.removeprefix("backbone."): v for k, v in state.items()
-                     if k.startswith("backbone.")}  # fmt: skip
-        state = {k: v for k, v in state.items() if not _NOT_LOADED.search(k)}
-        if any(k.startswith("layers.") for k in state):
-            state = _timm_to_mmseg(state)
-        renamed, unmatched = rename_keys(state, mmseg_swin_rules())
-        own = self.state_dict()
-        missing = [k for k in own if k not in renamed and not re.match(r"norm\d\.", k)]
-        misshapen = [
-            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-            for k, v in renamed.items()
-            if k in own and v.shape != own[k].shape
-        ]
-        unexpected = unmatched + [k for k in renamed if k not in own]
-        if problems := describe_key_mismatch(misshapen, missing, unexpected):
-            raise WeightsError(
-                f"{label} does not fit backbone '{self.name}' ({problems}): is it a Swin of the "
-                "same size, in timm's or mmseg's layout?"
-            )
-        self.load_state_dict(renamed, strict=False)
 
 
 # timm's Swin key -> mmseg's (mmseg's ``swin2mmseg`` renaming), after the downsampling layers
@@ -278,6 +238,18 @@ def _timm_to_mmseg(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             key = re.sub(pattern, replacement, key)
         out[key] = value
     return out
+
+
+# A SwinBackbone's weights: timm's layout (the original files') or mmseg's, bare or under
+# ``backbone.``; the output norms keep their identity init unless the file has them.
+SWIN_WEIGHTS = PretrainedWeights(
+    layouts=(
+        Layout("timm's Swin", [*_NOT_LOADED, *mmseg_swin_rules()], r"layers\.", _timm_to_mmseg),
+        Layout("an mmseg Swin", [*_NOT_LOADED, *mmseg_swin_rules()]),
+    ),
+    optional=("norm",),
+    hint=": is it a Swin of the same size, in timm's or mmseg's layout?",
+)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -24,9 +24,7 @@ pair ``(map, N x C class token)``.
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from collections.abc import Sequence
 
 import torch
@@ -35,21 +33,18 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
-from semseg.models.backbone_weights import WeightsError, read_imagenet_weights
-from semseg.models.build import describe_key_mismatch
-from semseg.models.mmseg_conversion import mmseg_vit_rules, rename_keys
-
-log = logging.getLogger(__name__)
+from semseg.models.backbone_weights import Layout, PretrainedWeights, load_pretrained, rules
+from semseg.models.mmseg_conversion import mmseg_vit_rules
 
 # timm's ViT keys -> this module's (mmseg's layer names on timm's attention and MLP).
-_TIMM_VIT = [(re.compile(p), r) for p, r in (
-    (r"^(cls_token|pos_embed|patch_embed\.proj\.(?:weight|bias))$", r"\1"),
-    (r"^blocks\.(\d+)\.norm([12])\.(weight|bias)$", r"layers.\1.ln\2.\3"),
-    (r"^blocks\.(\d+)\.(attn\.(?:qkv|proj)\.(?:weight|bias))$", r"layers.\1.\2"),
-    (r"^blocks\.(\d+)\.mlp\.(fc[12]\.(?:weight|bias))$", r"layers.\1.ffn.\2"),
-    (r"^norm\.(weight|bias)$", r"ln1.\1"),
-    (r"^(?:head|head_dist|fc_norm)\.", None),  # the classifier
-)]  # fmt: skip
+_TIMM_VIT = rules(
+    (r"(cls_token|pos_embed|patch_embed\.proj\.(?:weight|bias))", r"\1"),
+    (r"blocks\.(\d+)\.norm([12])\.(weight|bias)", r"layers.\1.ln\2.\3"),
+    (r"blocks\.(\d+)\.(attn\.(?:qkv|proj)\.(?:weight|bias))", r"layers.\1.\2"),
+    (r"blocks\.(\d+)\.mlp\.(fc[12]\.(?:weight|bias))", r"layers.\1.ffn.\2"),
+    (r"norm\.(weight|bias)", r"ln1.\1"),
+    (r"(?:head|head_dist|fc_norm)\..*", None),  # the classifier
+)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -100,9 +95,9 @@ class VisionTransformerBackbone(nn.Module):
         final_norm: a LayerNorm (``ln1``) on the last layer's output.
         patch_bias: a bias in the patch embedding's conv (mmseg 0.x, which trained the zoo: yes;
             mmseg 1.x's default: no).
-        pretrained: load ImageNet weights: from ``weights``, else timm's hub weights of ``name``
-            (the local Hub cache when offline); the position embeddings resized to ``img_size``
-            as mmseg does.
+        pretrained: load ImageNet weights (:data:`VIT_WEIGHTS`): from ``weights``, else timm's
+            hub weights of ``name`` (the local Hub cache when offline); the position embeddings
+            resized to ``img_size`` as mmseg does.
         weights: local weights file in timm's layout (the original ViT/DeiT files, timm's
             ``state_dict()``) or mmseg's (what its ``vit2mmseg`` converter writes), bare or under
             ``backbone.``.
@@ -155,35 +150,7 @@ class VisionTransformerBackbone(nn.Module):
         self.out_strides = [patch_size] * len(self.out_indices)
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        if pretrained:
-            self._load_imagenet(weights)
-        elif weights is not None:
-            log.warning("backbone.weights=%s ignored: backbone.pretrained=false", weights)
-
-    def _load_imagenet(self, weights: str | os.PathLike | None) -> None:
-        """ImageNet weights (timm's or mmseg's layout; the file, else the hub), the position
-        embeddings resized from the file's square grid to ``img_size``'s as mmseg does. The
-        classifier and its final norm are left out, as mmseg leaves them (unless ``final_norm``)."""
-        state, label = read_imagenet_weights(self.name, {}, weights)
-        state = {k.removeprefix("backbone."): v for k, v in state.items()}
-        timm_layout = any(k.startswith("blocks.") for k in state)
-        renamed, unmatched = rename_keys(state, _TIMM_VIT if timm_layout else mmseg_vit_rules())
-        if self.ln1 is None:  # the classifier's final norm: not part of this backbone
-            renamed = {k: v for k, v in renamed.items() if not k.startswith("ln1.")}
-        if "pos_embed" in renamed and renamed["pos_embed"].shape != self.pos_embed.shape:
-            side = int((renamed["pos_embed"].shape[1] - 1) ** 0.5)
-            renamed["pos_embed"] = resize_pos_embed(
-                renamed["pos_embed"], self.pos_grid, (side, side)
-            )
-        own = self.state_dict()
-        missing = [k for k in own if k not in renamed]
-        misshapen = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
-                     for k, v in renamed.items() if k in own and v.shape != own[k].shape]  # fmt: skip
-        unexpected = unmatched + [k for k in renamed if k not in own]
-        if problems := describe_key_mismatch(misshapen, missing, unexpected):
-            raise WeightsError(f"{label} does not fit backbone '{self.name}' ({problems})")
-        self.load_state_dict(renamed)
-        log.info("backbone %s: ImageNet weights from %s", self.name, weights)
+        load_pretrained(self, VIT_WEIGHTS, name, pretrained, weights)
 
     def forward(self, x: Tensor) -> list[Tensor] | list[tuple[Tensor, Tensor]]:
         """The ``out_indices`` layers' patch tokens as ``N x C x H/16 x W/16`` maps (with
@@ -206,3 +173,27 @@ class VisionTransformerBackbone(nn.Module):
                 out = out.permute(0, 3, 1, 2).contiguous()
                 outs.append((out, x[:, 0]) if self.output_cls_token else out)
         return outs
+
+
+def _fit_to_backbone(state: dict[str, Tensor], backbone: nn.Module) -> dict[str, Tensor]:
+    """ViT weights made to follow the backbone (its ``filter_fn``): the classifier's final norm
+    (``ln1``) left out unless ``final_norm``, as mmseg leaves it out; the position embeddings
+    resized from the file's square grid to ``img_size``'s as mmseg does."""
+    if backbone.ln1 is None:
+        state = {k: v for k, v in state.items() if not k.startswith("ln1.")}
+    pos_embed = state.get("pos_embed")
+    if pos_embed is not None and pos_embed.shape != backbone.pos_embed.shape:
+        side = int((pos_embed.shape[1] - 1) ** 0.5)
+        state["pos_embed"] = resize_pos_embed(pos_embed, backbone.pos_grid, (side, side))
+    return state
+
+
+# A VisionTransformerBackbone's weights: timm's layout (the original ViT/DeiT files, timm's
+# state_dict()) or mmseg's (what its vit2mmseg converter writes), bare or under ``backbone.``.
+VIT_WEIGHTS = PretrainedWeights(
+    layouts=(
+        Layout("timm's ViT", _TIMM_VIT, r"blocks\."),
+        Layout("an mmseg ViT", mmseg_vit_rules()),
+    ),
+    filter_fn=_fit_to_backbone,
+)
