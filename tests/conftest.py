@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny generated dataset in the BDD100K layout (and its other layouts), a
-trained smoke run, a tiny checkpoint, a sweep, a small tmpfs. Plain helpers are in helpers.py."""
+trained smoke run, a tiny checkpoint, a sweep, a small tmpfs. Plain helpers are in helpers/ (one module per concern)."""
 
 from __future__ import annotations
 
