@@ -98,15 +98,45 @@ def torchrun(
 
 
 def train_on_two_ranks(toy_root: Path, run_dir: Path, *overrides: str) -> dict:
-    """One iteration of the smoke experiment with ``overrides`` on two gloo processes (torchrun);
-    the run's last checkpoint, after checking that it holds both ranks' RNG states."""
+    """Two iterations of the smoke experiment with ``overrides`` on two gloo processes
+    (torchrun: DDP raises at the second iteration on a parameter the first left without a
+    gradient); the run's last checkpoint, after checking that it holds both ranks' RNG states."""
     import json
 
     from semseg.checkpoints.file import load_checkpoint
 
     torchrun("train.py", "experiment=smoke", f"dataset.root={toy_root}", *overrides,
-             "schedule.max_iters=1", "trainer.eval_at_end=false", f"hydra.run.dir={run_dir}")  # fmt: skip
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 1
+             "schedule.max_iters=2", "trainer.eval_at_end=false", f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     checkpoint = load_checkpoint(run_dir / "checkpoints/last.pt")
     assert len(checkpoint["rng_per_rank"]) == 2
     return checkpoint
+
+
+def train_rows_on_two_ranks(
+    toy_root: Path, folder: Path, runs: dict[str, list[str]], timeout: float = 600
+) -> dict[str, str | None]:
+    """Train every smoke config of ``runs`` (run id -> overrides) on two gloo processes, one
+    torchrun start for all of them (:mod:`helpers.ranks_main`), each into ``folder/<run id>``;
+    run id -> None, or the first line of the error either rank stopped with."""
+    import json
+
+    spec = {
+        "toy_root": str(toy_root),
+        "runs": {
+            run_id: {"run_dir": str(folder / run_id), "overrides": overrides}
+            for run_id, overrides in runs.items()
+        },
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.json").write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--module", "helpers.ranks_main", str(folder / "spec.json")]  # fmt: skip
+    proc = run_process_group(
+        cmd, timeout, cwd=REPO, env=child_env(SINGLE_THREAD_ENV, TESTS_ON_PATH)
+    )
+    ranks = [folder / f"rank{r}.json" for r in range(2)]
+    if proc.returncode != 0 or not all(p.exists() for p in ranks):
+        pytest.fail(f"torchrun of {len(runs)} runs exited {proc.returncode}\n{proc.stderr[-5000:]}")
+    errors = [json.loads(p.read_text()) for p in ranks]
+    return {run_id: errors[0][run_id] or errors[1][run_id] for run_id in runs}
