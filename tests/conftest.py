@@ -33,14 +33,21 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
+# Session fixtures that cost a training process: their tests share one worker.
+SHARED_BY_MODULES = ("tiny_sweep",)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``--dist loadgroup`` a module's tests go to one worker, so that its module fixtures
-    (a trained run, say) are built once; a test that names its own ``xdist_group`` (a row of the
-    model contract) goes with that group instead. Before pytest-xdist names the groups."""
+    (a trained run, say) are built once; the tests of a costly session fixture go to one worker
+    too; a test that names its own ``xdist_group`` (a row of the model contract) goes with that
+    group. Before pytest-xdist names the groups."""
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        shared = [name for name in SHARED_BY_MODULES if name in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
 
 
 @pytest.fixture(autouse=True)
