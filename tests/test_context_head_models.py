@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import (
     REPO,
+    build_row,
     free_port,
 )
 
@@ -24,7 +25,6 @@ from semseg.cli import compose_groups
 from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
 from semseg.models import (
-    EncoderDecoder,
     build_model,
     count_parameters,
     mmseg_to_checkpoint,
@@ -43,27 +43,6 @@ ZOO_CASES = {
     "dmnet": ("dmnet", "resnet50c_d8"),
     "apcnet": ("apcnet", "resnet50c_d8"),
 }
-
-
-def small(name: str) -> list[str]:
-    """Overrides for a small model ``name``: dilated ResNet-18, narrow heads."""
-    narrow = ["model.decode_head.ema_channels=16", "model.decode_head.num_bases=8"]
-    return [
-        f"model={name}",
-        "backbone=resnet18_d8",
-        "backbone.pretrained=false",
-        "model.decode_head.channels=16",
-        "model.aux_head.channels=8",
-        *(narrow if name == "emanet" else []),
-    ]
-
-
-def small_model(name: str, *overrides: str) -> EncoderDecoder:
-    groups = dict(o.split("=", 1) for o in small(name)[:2])
-    torch.manual_seed(0)
-    return build_model(
-        compose_groups({**groups, "dataset": "bdd100k"}, [*small(name)[2:], *overrides])
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +74,7 @@ def test_context_blocks_start_as_identity() -> None:
     blocks start as the identity (DNL's too)."""
     x = torch.randn(2, 16, 9, 11)
     for name, attr in (("nonlocal", "nl_block"), ("gcnet", "gc_block"), ("dnlnet", "dnl_block")):
-        block = getattr(small_model(name).decode_head, attr).eval()
+        block = getattr(build_row(name).decode_head, attr).eval()
         with torch.no_grad():
             torch.testing.assert_close(block(x), x)
 
@@ -118,7 +97,7 @@ def test_ema_bases_move_with_momentum_in_training_only() -> None:
     module.train()(feats)
     torch.testing.assert_close(module.bases, 0.9 * start + 0.1 * batch)
 
-    model = small_model("emanet").train()
+    model = build_row("emanet").train()
     head = model.decode_head
     before = head.ema_module.bases.clone()
     model(torch.randint(0, 256, (2, 3, 64, 64)).float())["out"].sum().backward()

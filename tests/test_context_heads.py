@@ -14,11 +14,11 @@ import timm
 import torch
 from helpers import (
     REPO,
+    build_row,
     compose_train,
 )
 from safetensors.torch import save_file
 
-from semseg.cli import compose_groups
 from semseg.errors import CheckpointError
 from semseg.models import build_model, model_from_checkpoint
 from semseg.models.hrnet import HRNet
@@ -35,25 +35,6 @@ ROWS = {
     "fcn_hr48_512x1024_40k_bdd100k": "fcn_hr48",
     "fcn_hr48_512x1024_80k_bdd100k": "fcn_hr48",
 }
-
-
-def small(name: str) -> list[str]:
-    """Overrides for a tiny model ``name``: ResNet-18-D8 and 32-channel heads, or a thin HRNet."""
-    if name == "fcn_hr":
-        return ["model=fcn_hr", "backbone=hrnet_w18", "backbone.pretrained=false",
-                "backbone.width=4", "backbone.modules_per_stage=[1,1,1]",
-                "backbone.blocks_per_branch=1"]  # fmt: skip
-    extra = ["model.decode_head.mask_size=[15,15]"] if name == "psanet" else []
-    return [f"model={name}", "backbone=resnet18_d8", "backbone.pretrained=false",
-            "model.decode_head.channels=32", "model.aux_head.channels=16", *extra]  # fmt: skip
-
-
-def small_model(name: str, *overrides: str) -> torch.nn.Module:
-    groups = dict(o.split("=", 1) for o in small(name)[:2])
-    torch.manual_seed(0)
-    return build_model(
-        compose_groups({**groups, "dataset": "bdd100k"}, [*small(name)[2:], *overrides])
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,7 +70,7 @@ def test_ccnet_attention_trains(trained_row) -> None:
 
 
 def test_psanet_mask_size_and_normalisation_follow_the_config() -> None:
-    head = small_model("psanet", "model.decode_head.normalization_factor=null").decode_head
+    head = build_row("psanet", "model.decode_head.normalization_factor=null").decode_head
     assert head.mask_size == (15, 15) and head.normalization_factor == 225.0
     assert head.attention[1].out_channels == head.attention_p[1].out_channels == 225
     assert head.proj[0].padding == (1, 1)  # mmseg's ConvModule(kernel_size=1, padding=1)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     REPO,
+    build_row,
 )
 
 from semseg.cli import compose_groups
@@ -22,18 +23,6 @@ from semseg.models.mmseg_conversion import recognise_mmseg
 from semseg.models.pointrend import CascadeDecodeHead, PointHead, point_sample, uncertainty
 
 MMSEG = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
-SMALL = [
-    "model=pointrend", "backbone=resnet18", "backbone.pretrained=false",
-    "model.neck.out_channels=32", "model.decode_head.coarse_head.channels=16",
-    "model.decode_head.point_head.channels=16", "model.decode_head.point_head.num_points=96",
-    "model.decode_head.point_head.subdivision_num_points=512",
-]  # fmt: skip
-
-
-def small_model(*overrides: str) -> torch.nn.Module:
-    groups = dict(o.split("=", 1) for o in SMALL[:2])
-    torch.manual_seed(0)
-    return build_model(compose_groups({**groups, "dataset": "bdd100k"}, [*SMALL[2:], *overrides]))
 
 
 def test_zoo_model_has_mmseg_layout() -> None:
@@ -87,7 +76,7 @@ def test_training_points_prefer_uncertain_ones() -> None:
 
 
 def test_loss_adds_the_point_loss_on_labels_sampled_there() -> None:
-    model = small_model().train()
+    model = build_row("pointrend").train()
     images = torch.rand(2, 3, 64, 96) * 255
     target = torch.randint(0, 19, (2, 64, 96))
     target[:, :8] = 255
@@ -110,7 +99,8 @@ def test_loss_adds_the_point_loss_on_labels_sampled_there() -> None:
 def test_subdivision_replaces_the_most_uncertain_pixels() -> None:
     """One step: the coarse logits upsampled 2x, their N most uncertain pixels re-predicted by
     the point head at the pixel centres; the others untouched."""
-    model = small_model(
+    model = build_row(
+        "pointrend",
         "model.decode_head.point_head.subdivision_steps=1",
         "model.decode_head.point_head.subdivision_num_points=20",
     ).eval()
