@@ -2,7 +2,8 @@
 
 - :mod:`helpers.processes`: entry points, scripts and Python code in subprocesses, offline;
 - :mod:`helpers.configs`: the smoke config and any entry point's config, composed here;
-- :mod:`helpers.training`: training in this process, exact resume, the benchmark's step;
+- :mod:`helpers.training`: training in this process, exact resume, the benchmark's step, a
+  one-layer model for the training step;
 - :mod:`helpers.checkpoints`: a tiny checkpoint, ONNX export against PyTorch, the model-zoo row;
 - :mod:`helpers.faults`: real write faults (file-size limit, a full disk);
 - :mod:`helpers.distributed`: several ranks, torchrun, 2-rank trainings
@@ -53,6 +54,7 @@ from .processes import (
 )
 from .sweeps import SWEEP_LRS, smoke_sweep, sweep_args
 from .training import (
+    OneConvModel,
     assert_resume_is_exact,
     benchmark_train_step,
     read_jsonl,
@@ -70,6 +72,7 @@ __all__ = [
     "SWEEP_LRS",
     "TESTS_ON_PATH",
     "ModelRow",
+    "OneConvModel",
     "assert_model_zoo_row",
     "assert_onnx_export_matches",
     "assert_resume_is_exact",

@@ -61,6 +61,7 @@ MODEL_ROWS: dict[str, ModelRow] = {
     "emanet": ModelRow(("model=emanet", *R18_D8, *HEADS_16, "model.decode_head.ema_channels=16", "model.decode_head.num_bases=8"), "ResNet-D8"),
     "dmnet": ModelRow(("model=dmnet", *R18_D8, *HEADS_16), "ResNet-D8"),
     "apcnet": ModelRow(("model=apcnet", *R18_D8, *HEADS_16), "ResNet-D8"),
+    "danet": ModelRow(("model=danet", *R18_D8, *HEADS_16, "model.decode_head.pam_channels=4"), "ResNet-D8"),
     "pointrend": ModelRow(("model=pointrend", *R18, *FPN_32, "model.decode_head.coarse_head.channels=16", "model.decode_head.point_head.channels=16", "model.decode_head.point_head.num_points=96", "model.decode_head.point_head.subdivision_num_points=512"), "ResNet"),
     "upernet_convnext": ModelRow(("model=upernet", *CONVNEXT_ATTO, *HEADS_32, "optimizer=adamw_convnext", *WARMUP), "ConvNeXt", WARMUP_RESUME),
     "upernet_swin": ModelRow(("model=upernet", *SWIN_NARROW, *HEADS_32, "optimizer=adamw_transformer", *WARMUP), "Swin", WARMUP_RESUME, SWIN_ONNX),

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from .configs import compose_smoke
 from .processes import load_script
@@ -116,3 +117,19 @@ def benchmark_train_step(monkeypatch: pytest.MonkeyPatch, out: Path, *overrides:
     assert result["model"]["forward_gflops_per_image"] > 0
     assert np.isfinite(result["train"][0]["final_loss"])
     return result
+
+
+class OneConvModel(torch.nn.Module):
+    """A one-layer model for the training step's tests: ``conv`` on the images (0..255) times
+    ``scale``, with what the training step asks of a model: ``loss(outputs, target, pixel_loss)``
+    (one head: the pixel loss on its logits)."""
+
+    def __init__(self, conv: torch.nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv, self.scale = conv, scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images.float() * self.scale)
+
+    def loss(self, outputs: torch.Tensor, target: torch.Tensor, pixel_loss) -> torch.Tensor:
+        return pixel_loss(outputs, target)
