@@ -1,14 +1,53 @@
 """Shared fixtures: a tiny generated dataset in the BDD100K layout (and its other layouts), a
-trained smoke run, a tiny checkpoint, a sweep, a small tmpfs. Plain helpers are in helpers.py."""
+trained smoke run, the model-contract rows' runs, a tiny checkpoint, a sweep, a small tmpfs. Plain helpers are in helpers/ (one module per concern)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import SMOKE_ITERS, SWEEP_LRS, smoke_sweep, tiny_checkpoint, train_in_process
+from helpers import (
+    ROW_ITERS,
+    SMOKE_ITERS,
+    SWEEP_LRS,
+    row_overrides,
+    smoke_sweep,
+    tiny_checkpoint,
+    train_in_process,
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In a pytest-xdist worker (the README's ``-n 2``): the machine's cores shared between the
+    workers, for torch here and for the processes the tests start (threads that outnumber the
+    cores spin-wait for each other)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
+# Session fixtures that cost a training process: their tests share one worker.
+SHARED_BY_MODULES = ("tiny_sweep",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under ``--dist loadgroup`` a module's tests go to one worker, so that its module fixtures
+    (a trained run, say) are built once; the tests of a costly session fixture go to one worker
+    too; a test that names its own ``xdist_group`` (a row of the model contract) goes with that
+    group. Before pytest-xdist names the groups."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        shared = [name for name in SHARED_BY_MODULES if name in item.fixturenames]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.module.__name__))
 
 
 @pytest.fixture(autouse=True)
@@ -95,6 +134,31 @@ def smoke_run(toy_layout, tmp_path_factory: pytest.TempPathFactory):
             )
             runs[layout] = run_dir
         return runs[layout]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_row(toy_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``trained_row(name)``: the run folder of model-contract row ``name``
+    (tests/helpers/model_rows.py) trained ROW_ITERS iterations on the toy data, logging every
+    iteration, evaluated at the end; trained in this process once per session and shared by the
+    contract test and the family's own tests: change nothing in it."""
+    runs: dict[str, Path] = {}
+
+    def run(name: str) -> Path:
+        if name not in runs:
+            run_dir = tmp_path_factory.mktemp(f"row_{name}")
+            train_in_process(
+                toy_root,
+                run_dir,
+                *row_overrides(name),
+                f"schedule.max_iters={ROW_ITERS}",
+                "trainer.log_interval=1",
+                "trainer.keep_last=0",
+            )
+            runs[name] = run_dir
+        return runs[name]
 
     return run
 

@@ -1,8 +1,8 @@
-"""NLNet, GCNet, DNLNet, EMANet, DMNet and APCNet: mmseg's sizes, the forward contract (eval,
-training with the auxiliary head, channels_last, bf16 autocast), the blocks' own behaviour
-(EMANet's moving bases, one all-reduce under DDP; DMNet's dynamic filters in export form), and
-everything around a model: training, exact resume, DDP, ONNX export, the model-zoo row, the
-benchmark. The logits against mmseg's own models: tests/test_mmseg_exactness.py."""
+"""NLNet, GCNet, DNLNet, EMANet, DMNet and APCNet: mmseg's sizes, the blocks' own behaviour
+(identity at the start; EMANet's moving bases, one all-reduce under DDP; DMNet's dynamic filters
+in export form), head variants the converter refuses. The forward contract, training, resume,
+DDP, ONNX, the model-zoo row and the benchmark: tests/test_model_contract.py; the logits against
+mmseg's own models: tests/test_mmseg_exactness.py."""
 
 from __future__ import annotations
 
@@ -17,30 +17,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import (
     REPO,
-    assert_model_zoo_row,
-    assert_onnx_export_matches,
-    assert_resume_is_exact,
-    benchmark_train_step,
+    build_row,
     free_port,
-    train_in_process,
-    train_on_two_ranks,
 )
 
-from semseg.checkpoints.file import load_checkpoint
 from semseg.cli import compose_groups
 from semseg.data import dataset_meta
 from semseg.errors import CheckpointError
 from semseg.models import (
-    EncoderDecoder,
     build_model,
     count_parameters,
     mmseg_to_checkpoint,
-    model_from_checkpoint,
 )
 from semseg.models.context_heads import DynamicConvModule, EMAModule
 from semseg.models.mmseg_conversion import recognise_mmseg
 
-MODELS = ["nonlocal", "gcnet", "dnlnet", "emanet", "dmnet", "apcnet"]
 MMSEG = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
 # The model each mmseg case holds (mmseg's state dict layout, tests/fixtures/mmseg/cases.json).
 ZOO_CASES = {
@@ -52,27 +43,6 @@ ZOO_CASES = {
     "dmnet": ("dmnet", "resnet50c_d8"),
     "apcnet": ("apcnet", "resnet50c_d8"),
 }
-
-
-def small(name: str) -> list[str]:
-    """Overrides for a small model ``name``: dilated ResNet-18, narrow heads."""
-    narrow = ["model.decode_head.ema_channels=16", "model.decode_head.num_bases=8"]
-    return [
-        f"model={name}",
-        "backbone=resnet18_d8",
-        "backbone.pretrained=false",
-        "model.decode_head.channels=16",
-        "model.aux_head.channels=8",
-        *(narrow if name == "emanet" else []),
-    ]
-
-
-def small_model(name: str, *overrides: str) -> EncoderDecoder:
-    groups = dict(o.split("=", 1) for o in small(name)[:2])
-    torch.manual_seed(0)
-    return build_model(
-        compose_groups({**groups, "dataset": "bdd100k"}, [*small(name)[2:], *overrides])
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,33 +69,12 @@ def test_zoo_models_have_mmseg_sizes(case: str) -> None:
     assert count_parameters(model) == total - aux
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
-def test_forward_contract(name: str) -> None:
-    """Eval: logits at any input size; training: {"out", "aux"}; channels_last gives the same
-    logits; bf16 autocast runs and stays close."""
-    model = small_model(name)
-    images = torch.randint(0, 256, (2, 3, 75, 110), dtype=torch.uint8)
-    with torch.no_grad():
-        logits = model.eval()(images)
-        assert logits.shape == (2, 19, 75, 110) and torch.isfinite(logits).all()
-        last = model.to(memory_format=torch.channels_last)(
-            images.float().contiguous(memory_format=torch.channels_last)
-        )
-        torch.testing.assert_close(last, logits, rtol=1e-4, atol=1e-4)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = model(images)
-        assert torch.isfinite(low).all() and (low.float() - logits).abs().max() < 0.5
-        out = model.train()(images)
-    assert out["out"].shape == out["aux"].shape == (2, 19, 75, 110)
-
-
 def test_context_blocks_start_as_identity() -> None:
     """mmcv's init: NonLocal2d's output norm and ContextBlock's last conv are zero, so the
     blocks start as the identity (DNL's too)."""
     x = torch.randn(2, 16, 9, 11)
     for name, attr in (("nonlocal", "nl_block"), ("gcnet", "gc_block"), ("dnlnet", "dnl_block")):
-        block = getattr(small_model(name).decode_head, attr).eval()
+        block = getattr(build_row(name).decode_head, attr).eval()
         with torch.no_grad():
             torch.testing.assert_close(block(x), x)
 
@@ -148,7 +97,7 @@ def test_ema_bases_move_with_momentum_in_training_only() -> None:
     module.train()(feats)
     torch.testing.assert_close(module.bases, 0.9 * start + 0.1 * batch)
 
-    model = small_model("emanet").train()
+    model = build_row("emanet").train()
     head = model.decode_head
     before = head.ema_module.bases.clone()
     model(torch.randint(0, 256, (2, 3, 64, 64)).float())["out"].sum().backward()
@@ -202,78 +151,7 @@ def test_dynamic_convolution_export_form_equals_grouped_conv(filter_size: int) -
 
 
 # --------------------------------------------------------------------------------------------
-# Training and what uses its checkpoints
-
-
-@pytest.fixture(scope="module")
-def trained(toy_root: Path, module_tmp: Path) -> dict[str, Path]:
-    """One short run per model (2 iterations, evaluated at the end); their run folders."""
-    runs = {}
-    for name in MODELS:
-        run_dir = module_tmp / name
-        train_in_process(toy_root, run_dir, *small(name), "schedule.max_iters=2")
-        runs[name] = run_dir
-    return runs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
-def test_each_model_trains_on_toy_data(name: str, trained: dict[str, Path]) -> None:
-    summary = json.loads((trained[name] / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["loss"])
-    assert 0 <= summary["val/mIoU"] <= 1
-    model, _, _ = model_from_checkpoint(trained[name] / "checkpoints/last.pt")
-    assert model.aux_head is None and summary["params"] == count_parameters(model)
-    with torch.no_grad():
-        assert model(torch.zeros(1, 3, 40, 56)).shape == (1, 19, 40, 56)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
-def test_exact_resume(name: str, toy_root: Path, tmp_path: Path) -> None:
-    """4 iterations straight == 2, stop, resume to 4; for EMANet with its bases buffer (which
-    moved in training)."""
-    a, _ = assert_resume_is_exact(toy_root, tmp_path, *small(name))
-    if name == "emanet":
-        bases = "decode_head.ema_module.bases"
-        assert not torch.equal(a["model"][bases], small_model(name).state_dict()[bases])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
-def test_ddp_two_processes(name: str, toy_root: Path, tmp_path: Path) -> None:
-    """torchrun with two gloo processes: every parameter gets a gradient in each step (DDP fails
-    on one that does not); EMANet's bases all-reduce inside the step."""
-    train_on_two_ranks(toy_root, tmp_path / "ddp", *small(name))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", MODELS)
-def test_onnx_export_is_right_at_every_size(
-    name: str, trained: dict[str, Path], tmp_path: Path
-) -> None:
-    """Exported with dynamic batch and size: APCNet's and DMNet's pooling follow the input size,
-    DMNet's per-image filters the batch."""
-    assert_onnx_export_matches(trained[name] / "checkpoints/last.pt", tmp_path / f"{name}.onnx")
-
-
-@pytest.mark.slow
-def test_model_zoo_row_of_a_context_head(
-    trained: dict[str, Path], toy_root: Path, tmp_path: Path
-) -> None:
-    out = assert_model_zoo_row(trained["emanet"], toy_root, tmp_path / "zoo")
-    weights = load_checkpoint(out / "weights.pt")
-    assert "decode_head.ema_module.bases" in weights["model"]
-    assert not any(k.startswith("aux_head.") for k in weights["model"])
-
-
-@pytest.mark.slow
-def test_benchmark_counts_and_times_a_context_head(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """The benchmark's parameters and FLOPs (attention matmuls counted) and its training step."""
-    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *small("dnlnet"))
-    assert result["model"]["params"] == count_parameters(small_model("dnlnet"))
+# The converter
 
 
 @pytest.mark.slow

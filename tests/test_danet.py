@@ -1,25 +1,24 @@
 """DANet (mmseg's DAHead): mmseg's layout and sizes, its logits with both attention gammas at work,
-its training outputs and mmseg's three decode losses (plus the auxiliary head's), and a few short
-runs with the shared helpers: training, exact resume, two DDP ranks. The logits of every case
-against mmseg: tests/test_mmseg_exactness.py (the ``danet`` fixtures)."""
+its training outputs and mmseg's three decode losses (plus the auxiliary head's), its branch
+classifiers and gammas after training. The narrow model (the model-contract row ``danet``) through
+training, resume, DDP, ONNX, the model-zoo row and the benchmark: tests/test_model_contract.py;
+the logits of every case against mmseg: tests/test_mmseg_exactness.py (the ``danet`` fixtures)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_resume_is_exact, load_script, torchrun, train_in_process
+from helpers import REPO, build_row, load_script
 
 from semseg.checkpoints.file import load_checkpoint
 from semseg.cli import compose_groups
 from semseg.data import dataset_meta
 from semseg.losses import OhemCrossEntropy, SegCrossEntropy
 from semseg.models import (
-    EncoderDecoder,
     build_model,
     count_parameters,
     mmseg_to_checkpoint,
@@ -30,21 +29,6 @@ from semseg.models.mmseg_conversion import recognise_mmseg
 
 FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
 CASE = json.loads((FIXTURES / "cases.json").read_text())["cases"]["danet"]
-# A small DANet: dilated ResNet-18, narrow heads.
-SMALL = [
-    "model=danet",
-    "backbone=resnet18_d8",
-    "backbone.pretrained=false",
-    "model.decode_head.channels=16",
-    "model.decode_head.pam_channels=4",
-    "model.aux_head.channels=8",
-]
-
-
-def small_model() -> EncoderDecoder:
-    torch.manual_seed(0)
-    groups = {"model": "danet", "backbone": "resnet18_d8", "dataset": "bdd100k"}
-    return build_model(compose_groups(groups, SMALL[2:]))
 
 
 def test_danet_has_mmseg_layout_and_sizes() -> None:
@@ -71,7 +55,7 @@ def test_danet_has_mmseg_layout_and_sizes() -> None:
 
 def test_gammas_start_at_zero() -> None:
     """mmcv's Scale(0): a new DANet's attention blocks are the identity."""
-    head = small_model().decode_head
+    head = build_row("danet").decode_head
     assert head.pam.gamma.scale.item() == 0.0 and head.cam.gamma.scale.item() == 0.0
     x = torch.randn(2, 16, 5, 7)
     with torch.no_grad():
@@ -123,7 +107,7 @@ def test_training_outputs_and_mmseg_losses() -> None:
     the loss is mmseg's: the decode loss on each of the three (weight 1; OHEM too) plus 0.4 x the
     auxiliary cross-entropy; one backward reaches every parameter (DDP without
     find_unused_parameters). Eval: the pam+cam logits only, the branch classifiers unused."""
-    model = small_model().train()
+    model = build_row("danet").train()
     images = torch.randint(0, 256, (2, 3, 48, 72)).float()
     target = torch.randint(0, 19, (2, 48, 72))
     target[:, :5] = 255
@@ -164,30 +148,12 @@ def test_training_outputs_and_mmseg_losses() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Short runs (the shared helpers)
+# The contract's run
 
 
 @pytest.mark.slow
-def test_danet_trains_and_keeps_its_branch_classifiers(toy_root: Path, tmp_path: Path) -> None:
-    summary = train_in_process(toy_root, tmp_path / "run", *SMALL, "schedule.max_iters=2")
-    assert summary["steps"] == 2 and np.isfinite(summary["loss"])
-    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+def test_danet_trains_and_keeps_its_branch_classifiers(trained_row) -> None:
+    state = load_checkpoint(trained_row("danet") / "checkpoints/last.pt")["model"]
     assert {"decode_head.pam_conv_seg.weight", "decode_head.cam_conv_seg.weight"} <= set(state)
     # trained: the gammas moved from 0
     assert state["decode_head.pam.gamma.scale"] != 0 and state["decode_head.cam.gamma.scale"] != 0
-
-
-@pytest.mark.slow
-def test_danet_resume_is_exact(toy_root: Path, tmp_path: Path) -> None:
-    assert_resume_is_exact(toy_root, tmp_path, *SMALL)
-
-
-@pytest.mark.slow
-def test_danet_trains_on_two_ddp_ranks(toy_root: Path, tmp_path: Path) -> None:
-    """Two gloo processes for 2 iterations: DDP (no find_unused_parameters) fails on a parameter
-    without a gradient, so every DANet parameter is used in training."""
-    run_dir = tmp_path / "ddp"
-    torchrun("train.py", "experiment=smoke", f"dataset.root={toy_root}", *SMALL,
-             "schedule.max_iters=2", "trainer.eval_at_end=false", f"hydra.run.dir={run_dir}")  # fmt: skip
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
-    assert len(load_checkpoint(run_dir / "checkpoints/last.pt")["rng_per_rank"]) == 2

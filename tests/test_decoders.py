@@ -1,6 +1,6 @@
-"""FCN, PSPNet, DeepLabV3, DeepLabV3+ and UPerNet: mmseg's sizes, the forward contract, the
-auxiliary head (training only), and everything around a model: training, exact resume with EMA,
-DDP, inference modes, ONNX export, the model-zoo writer, the benchmark, fine-tuning weights."""
+"""FCN, PSPNet, DeepLabV3, DeepLabV3+ and UPerNet: mmseg's sizes, other backbones, the auxiliary
+head's loss weight and settings, SyncBatchNorm, inference modes, fine-tuning weights. Training,
+resume, DDP, ONNX, the model-zoo row and the benchmark: tests/test_model_contract.py."""
 
 from __future__ import annotations
 
@@ -13,12 +13,6 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     REPO,
-    assert_model_zoo_row,
-    assert_onnx_export_matches,
-    assert_resume_is_exact,
-    benchmark_train_step,
-    train_in_process,
-    train_on_two_ranks,
 )
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -92,23 +86,6 @@ def test_zoo_models_have_mmseg_sizes(name: str) -> None:
     for h in (model.decode_head, head):
         assert isinstance(h.dropout, torch.nn.Dropout2d) and h.dropout.p == 0.1
     assert model.decode_head.classifier.in_channels == 512 and not model.align_corners
-
-
-@pytest.mark.parametrize("name", DECODERS)
-def test_forward_contract(name: str) -> None:
-    """Eval: logits at the input size (any size, uint8 or float); training: {"out", "aux"} at the
-    input size; without the auxiliary head a tensor in training too."""
-    model = small_model(name)
-    images = torch.randint(0, 256, (2, 3, 75, 110), dtype=torch.uint8)
-    with torch.no_grad():
-        logits = model.eval()(images)
-        assert logits.shape == (2, 19, 75, 110) and torch.isfinite(logits).all()
-        assert torch.allclose(model(images.float()), logits)
-        out = model.train()(images)
-    assert set(out) == {"out", "aux"}
-    assert out["out"].shape == out["aux"].shape == (2, 19, 75, 110)
-    plain = small_model(name, "model.aux_head=null").train()
-    assert plain.aux_head is None and plain(images).shape == (2, 19, 75, 110)
 
 
 @pytest.mark.slow
@@ -189,55 +166,11 @@ def test_out_indices_are_checked() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Training and what uses its checkpoints
+# Inference modes on a trained checkpoint
 
 
-@pytest.fixture(scope="module")
-def trained(toy_root: Path, module_tmp: Path) -> dict[str, Path]:
-    """One short run per decoder (2 iterations, evaluated at the end); their run folders."""
-    runs = {}
-    for name in DECODERS:
-        run_dir = module_tmp / name
-        train_in_process(toy_root, run_dir, *small(name), "schedule.max_iters=2")
-        runs[name] = run_dir
-    return runs
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", DECODERS)
-def test_each_decoder_trains_on_toy_data(name: str, trained: dict[str, Path]) -> None:
-    run_dir = trained[name]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["loss"])
-    assert 0 <= summary["val/mIoU"] <= 1
-    checkpoint = load_checkpoint(run_dir / "checkpoints/last.pt")
-    assert any(k.startswith("aux_head.") for k in checkpoint["model"])  # trained, kept
-    model, _, _ = model_from_checkpoint(checkpoint)  # for inference: without it
-    assert model.aux_head is None and not any(k.startswith("aux_head.") for k in model.state_dict())
-    assert summary["params"] == count_parameters(model) == count_parameters(small_model(name))
-    with torch.no_grad():
-        assert model(torch.zeros(1, 3, 40, 56)).shape == (1, 19, 40, 56)
-
-
-@pytest.mark.slow
-def test_exact_resume_with_aux_head_and_ema(toy_root: Path, tmp_path: Path) -> None:
-    """4 iterations straight == 2, stop, resume to 4: weights (auxiliary head included),
-    momenta and EMA."""
-    a, b = assert_resume_is_exact(toy_root, tmp_path, *small("deeplabv3plus"))
-    assert any(k.startswith("aux_head.") for k in a["model"])
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
-
-
-@pytest.mark.slow
-def test_ddp_two_processes_train_a_decoder_with_aux_head(toy_root: Path, tmp_path: Path) -> None:
-    """Two gloo processes (plain BatchNorm: SyncBN needs CUDA), every parameter used in each
-    step (the auxiliary head's too), one run folder."""
-    train_on_two_ranks(toy_root, tmp_path / "ddp", *small("pspnet"))
-
-
-def test_inference_modes(trained: dict[str, Path]) -> None:
-    model, _, _ = model_from_checkpoint(trained["upernet"] / "checkpoints/last.pt")
+def test_inference_modes(trained_row) -> None:
+    model, _, _ = model_from_checkpoint(trained_row("upernet") / "checkpoints/last.pt")
     images = torch.randint(0, 256, (1, 3, 48, 64), dtype=torch.uint8)
     with torch.no_grad():
         whole = predict_logits(model, images)
@@ -248,31 +181,6 @@ def test_inference_modes(trained: dict[str, Path]) -> None:
         tta = predict_logits(model, images, flip=True, scales=(0.75, 1.0))
     assert slide.shape == tta.shape == (1, 19, 48, 64)
     torch.testing.assert_close(tta.exp().sum(1), torch.ones(1, 48, 64))  # averaged probabilities
-
-
-@pytest.mark.slow
-def test_onnx_export_is_right_at_every_size(trained: dict[str, Path], tmp_path: Path) -> None:
-    """Pyramid pooling (PSPNet, UPerNet) exports with bins that follow the input size
-    (adaptive_avg_pool), not the example's."""
-    assert_onnx_export_matches(trained["pspnet"] / "checkpoints/last.pt", tmp_path / "pspnet.onnx")
-
-
-@pytest.mark.slow
-def test_model_zoo_row_of_a_decoder(trained: dict[str, Path], toy_root: Path, tmp_path) -> None:
-    out = assert_model_zoo_row(trained["deeplabv3plus"], toy_root, tmp_path / "zoo")
-    weights = load_checkpoint(out / "weights.pt")
-    assert not any(k.startswith("aux_head.") for k in weights["model"])  # inference only
-
-
-@pytest.mark.slow
-def test_benchmark_counts_and_times_a_decoder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    """The benchmark's model costs (inference parameters and FLOPs without the auxiliary head;
-    training FLOPs with it, depthwise convolutions' backward counted by their groups) and its
-    training step on {"out", "aux"} outputs."""
-    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *small("deeplabv3plus"))
-    costs = result["model"]
-    assert costs["params"] == count_parameters(small_model("deeplabv3plus"))
-    assert 2 < costs["train_gflops_per_image"] / costs["forward_gflops_per_image"] < 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """DPT on ViT-B, the BDD100K zoo's dpt_vit row: the experiment against the zoo's config and mmseg's
 model, the optimizer's parameter groups against mmengine's own constructor, the converter on a
-DPT file, and a narrow DPT (ViT of width 32 and 4 layers, head of 16 channels) through training,
-exact resume, ONNX export, the model-zoo writer and the benchmark.
+DPT file, and the narrow DPT (ViT of width 32 and 4 layers; the model-contract row ``dpt``):
+its parameter groups after training. Training, resume, DDP, ONNX, the model-zoo row and the
+benchmark: tests/test_model_contract.py.
 
 The full-size DPT runs in tests/test_mmseg_exactness.py (mmseg's logits).
 """
@@ -11,25 +12,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import (
     REPO,
-    assert_model_zoo_row,
-    assert_onnx_export_matches,
-    assert_resume_is_exact,
-    benchmark_train_step,
     load_script,
-    train_in_process,
-    train_on_two_ranks,
+    row_overrides,
 )
 
 from semseg.checkpoints.file import load_checkpoint
 from semseg.cli import compose
 from semseg.engine.optim import build_optimizer
 from semseg.errors import ConfigError
-from semseg.models import build_model, count_parameters, model_from_checkpoint
+from semseg.models import build_model, model_from_checkpoint
 from semseg.models.dpt import DPTHead
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict, recognise_mmseg, rename_keys
 from semseg.models.vit import VisionTransformerBackbone
@@ -38,21 +33,6 @@ FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
 MMSEG = json.loads((FIXTURES / "cases.json").read_text())["cases"]
 PARAM_GROUPS = json.loads((FIXTURES / "param_groups.json").read_text())
 ROW = "dpt_vit-b_512x1024_80k_bdd100k"
-
-
-def narrow(*extra: str) -> list[str]:
-    """A narrow DPT (ViT of width 32, 2 heads, 4 layers, all returned; head of 16 channels
-    on 8-32-channel reassembled maps) with the zoo's optimizer and warm-up schedule, on the smoke
-    config."""
-    return [
-        "model=dpt", "backbone=vit_base", "backbone.embed_dims=32", "backbone.num_heads=2",
-        "backbone.num_layers=4", "backbone.out_indices=[0,1,2,3]", "backbone.img_size=[32,32]",
-        "backbone.pretrained=false", "model.decode_head.channels=16",
-        "model.decode_head.post_process_channels=[8,16,32,32]",
-        "optimizer=adamw_transformer", "schedule=warmup_poly_40k", "schedule.max_iters=2",
-        "schedule.warmup_iters=1", "trainer.eval_interval=null",
-        "trainer.checkpoint_interval=null", "trainer.log_interval=1", *extra,
-    ]  # fmt: skip
 
 
 def layout() -> dict[str, torch.Tensor]:
@@ -145,7 +125,7 @@ def test_dpt_needs_a_vit_without_aux_head() -> None:
         build_model(compose("train", ["model=dpt", "backbone=resnet18",
                                       "backbone.pretrained=false"]))  # fmt: skip
     with pytest.raises(ConfigError, match=r"model.aux_head=null"):
-        build_model(compose("train", narrow("model/aux_head=fcn")))
+        build_model(compose("train", row_overrides("dpt", "model/aux_head=fcn")))
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,58 +161,14 @@ def test_script_converts_a_dpt_file(tmp_path: Path, capsys) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# A narrow model through everything around it
-
-
-@pytest.fixture(scope="module")
-def trained(toy_root: Path, module_tmp: Path) -> Path:
-    """Two iterations of the narrow model, evaluated at the end; its run folder."""
-    run_dir = module_tmp / "dpt"
-    train_in_process(toy_root, run_dir, *narrow())
-    return run_dir
+# The narrow model (the contract's row) with the zoo's recipe
 
 
 @pytest.mark.slow
-def test_narrow_model_trains(trained: Path) -> None:
-    summary = json.loads((trained / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["loss"]) and 0 <= summary["val/mIoU"] <= 1
-    checkpoint = load_checkpoint(trained / "checkpoints/last.pt")
+def test_narrow_model_trains_with_the_zoo_groups(trained_row) -> None:
+    checkpoint = load_checkpoint(trained_row("dpt") / "checkpoints/last.pt")
     model, _, _ = model_from_checkpoint(checkpoint)
     assert isinstance(model.backbone, VisionTransformerBackbone) and model.aux_head is None
-    assert isinstance(model.decode_head, DPTHead) and summary["params"] == count_parameters(model)
+    assert isinstance(model.decode_head, DPTHead)
     groups = checkpoint["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
-
-
-@pytest.mark.slow
-def test_exact_resume(toy_root: Path, tmp_path: Path) -> None:
-    assert_resume_is_exact(toy_root, tmp_path, *narrow("schedule.warmup_iters=3"))
-
-
-@pytest.mark.slow
-def test_onnx_export(trained: Path, tmp_path: Path) -> None:
-    """Exported with dynamic batch and size: the position embeddings' resize and the fusion
-    blocks' skip resize follow the input's size (75x110: patch grid 5x7, fused at 6x8)."""
-    assert_onnx_export_matches(trained / "checkpoints/last.pt", tmp_path / "dpt.onnx")
-
-
-@pytest.mark.slow
-def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
-    out = assert_model_zoo_row(trained, toy_root, tmp_path / "zoo")
-    assert isinstance(model_from_checkpoint(out / "weights.pt")[0].decode_head, DPTHead)
-
-
-@pytest.mark.slow
-def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
-    """Two gloo processes, every parameter used in each step (the class tokens' readout too)."""
-    train_on_two_ranks(toy_root, tmp_path / "ddp", *narrow())
-
-
-@pytest.mark.slow
-def test_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The benchmark's costs and its training step with the zoo's optimizer."""
-    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *narrow())
-    torch.manual_seed(0)
-    assert result["model"]["params"] == count_parameters(build_model(compose("train", narrow())))
-    ratio = result["model"]["train_gflops_per_image"] / result["model"]["forward_gflops_per_image"]
-    assert 2 < ratio < 4

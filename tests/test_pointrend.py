@@ -1,46 +1,28 @@
 """PointRend (mmseg's CascadeEncoderDecoder: FPN neck, FPNHead, PointHead): point sampling as
 mmcv's, training-time point selection and loss, inference-time subdivision, the checkpoint's
-recognition, and training, exact resume, DDP, ONNX export, the model-zoo row, the benchmark.
+recognition. Training, resume, DDP, ONNX, the model-zoo row and the benchmark:
+tests/test_model_contract.py.
 Its logits against mmseg's own model: tests/test_mmseg_exactness.py (case ``pointrend``)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
     REPO,
-    assert_model_zoo_row,
-    assert_onnx_export_matches,
-    assert_resume_is_exact,
-    benchmark_train_step,
-    train_in_process,
-    train_on_two_ranks,
+    build_row,
 )
 
 from semseg.cli import compose_groups
 from semseg.losses import SegCrossEntropy
-from semseg.models import build_model, count_parameters, model_from_checkpoint
+from semseg.models import build_model, model_from_checkpoint
 from semseg.models.mmseg_conversion import recognise_mmseg
 from semseg.models.pointrend import CascadeDecodeHead, PointHead, point_sample, uncertainty
 
 MMSEG = json.loads((REPO / "tests/fixtures/mmseg/cases.json").read_text())["cases"]
-SMALL = [
-    "model=pointrend", "backbone=resnet18", "backbone.pretrained=false",
-    "model.neck.out_channels=32", "model.decode_head.coarse_head.channels=16",
-    "model.decode_head.point_head.channels=16", "model.decode_head.point_head.num_points=96",
-    "model.decode_head.point_head.subdivision_num_points=512",
-]  # fmt: skip
-
-
-def small_model(*overrides: str) -> torch.nn.Module:
-    groups = dict(o.split("=", 1) for o in SMALL[:2])
-    torch.manual_seed(0)
-    return build_model(compose_groups({**groups, "dataset": "bdd100k"}, [*SMALL[2:], *overrides]))
 
 
 def test_zoo_model_has_mmseg_layout() -> None:
@@ -94,7 +76,7 @@ def test_training_points_prefer_uncertain_ones() -> None:
 
 
 def test_loss_adds_the_point_loss_on_labels_sampled_there() -> None:
-    model = small_model().train()
+    model = build_row("pointrend").train()
     images = torch.rand(2, 3, 64, 96) * 255
     target = torch.randint(0, 19, (2, 64, 96))
     target[:, :8] = 255
@@ -117,7 +99,8 @@ def test_loss_adds_the_point_loss_on_labels_sampled_there() -> None:
 def test_subdivision_replaces_the_most_uncertain_pixels() -> None:
     """One step: the coarse logits upsampled 2x, their N most uncertain pixels re-predicted by
     the point head at the pixel centres; the others untouched."""
-    model = small_model(
+    model = build_row(
+        "pointrend",
         "model.decode_head.point_head.subdivision_steps=1",
         "model.decode_head.point_head.subdivision_num_points=20",
     ).eval()
@@ -140,52 +123,11 @@ def test_subdivision_replaces_the_most_uncertain_pixels() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Training and what uses its checkpoints
-
-
-@pytest.fixture(scope="module")
-def trained(toy_root: Path, module_tmp: Path) -> Path:
-    """A short run (2 iterations, evaluated at the end); its run folder."""
-    train_in_process(toy_root, module_tmp / "pointrend", *SMALL, "schedule.max_iters=2")
-    return module_tmp / "pointrend"
+# A trained checkpoint
 
 
 @pytest.mark.slow
-def test_trains_on_toy_data(trained: Path) -> None:
-    summary = json.loads((trained / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["loss"])
-    assert 0 <= summary["val/mIoU"] <= 1
-    model, _, _ = model_from_checkpoint(trained / "checkpoints/last.pt")
+def test_trained_checkpoint_keeps_the_point_head(trained_row) -> None:
+    model, _, _ = model_from_checkpoint(trained_row("pointrend") / "checkpoints/last.pt")
+    assert isinstance(model.decode_head, CascadeDecodeHead)
     assert any(k.startswith("decode_head.1.fcs.") for k in model.state_dict())
-    assert summary["params"] == count_parameters(model) == count_parameters(small_model())
-
-
-@pytest.mark.slow
-def test_exact_resume(toy_root: Path, tmp_path: Path) -> None:
-    """The random training points come from the restored RNG: resumed == straight."""
-    assert_resume_is_exact(toy_root, tmp_path, *SMALL)
-
-
-@pytest.mark.slow
-def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
-    """Two gloo processes: every parameter (the point head's too) gets a gradient each step."""
-    train_on_two_ranks(toy_root, tmp_path / "ddp", *SMALL)
-
-
-@pytest.mark.slow
-def test_onnx_export_is_right_at_every_size(trained: Path, tmp_path: Path) -> None:
-    """The subdivision (top-k of the uncertainty, scatter) exports with sizes that follow the
-    input."""
-    assert_onnx_export_matches(trained / "checkpoints/last.pt", tmp_path / "pointrend.onnx")
-
-
-@pytest.mark.slow
-def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
-    assert_model_zoo_row(trained, toy_root, tmp_path / "zoo")
-
-
-@pytest.mark.slow
-def test_benchmark_counts_and_times(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Parameters and FLOPs counted, a training step on the point outputs."""
-    result = benchmark_train_step(monkeypatch, tmp_path / "bench.json", *SMALL)
-    assert result["model"]["params"] == count_parameters(small_model())

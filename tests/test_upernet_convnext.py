@@ -1,7 +1,8 @@
 """UPerNet on ConvNeXt, the BDD100K zoo's best rows: the four experiments against the zoo's
-configs and mmseg's models, and everything around a model on a narrow UPerNet + ConvNeXt
-(convnext_atto, narrow heads) with the zoo's optimizer and schedule: training, exact resume with
-EMA, DDP, inference, ONNX export, the model-zoo writer and the benchmark.
+configs and mmseg's models, the zoo's layer-decay parameter groups, and the narrow UPerNet +
+ConvNeXt (convnext_atto; the model-contract row ``upernet_convnext``) with the zoo's optimizer and
+schedule: its lr per iteration and groups, activation checkpointing in the benchmark. Training,
+resume, DDP, ONNX, the model-zoo row: tests/test_model_contract.py.
 
 The full-size ConvNeXt-T UPerNet runs in tests/test_mmseg_exactness.py (mmseg's logits); the
 full-size S and B models are built here on the meta device.
@@ -12,23 +13,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from helpers import (
     REPO,
-    assert_model_zoo_row,
-    assert_onnx_export_matches,
-    assert_resume_is_exact,
     benchmark_train_step,
-    train_in_process,
-    train_on_two_ranks,
+    read_jsonl,
+    row_overrides,
 )
 
 from semseg.checkpoints.file import load_checkpoint
 from semseg.cli import compose
 from semseg.engine.optim import LayerDecay
-from semseg.models import build_model, count_parameters, model_from_checkpoint
+from semseg.models import build_model, model_from_checkpoint
 from semseg.models.convnext import ConvNeXtBackbone
 from semseg.models.decoders import FCNHead, UPerHead
 from semseg.models.mmseg_conversion import convert_mmseg_state_dict
@@ -47,18 +44,6 @@ ROWS = {
     "upernet_convnext-b_fp16_512x1024_80k_bdd100k":
         ("convnext_base", "convnext_base.fb_in22k_ft_in1k", 0.4, 80000, "upernet_convnext_base"),
 }  # fmt: skip
-
-
-def narrow(*extra: str) -> list[str]:
-    """A narrow UPerNet + ConvNeXt (convnext_atto: 40-320 channels, 2/2/6/2 blocks; heads of
-    32 and 16 channels) with the zoo's optimizer and warm-up schedule, on the smoke config."""
-    return [
-        "model=upernet", "backbone=convnext_tiny", "backbone.name=convnext_atto",
-        "backbone.pretrained=false", "model.decode_head.channels=32",
-        "model.aux_head.channels=16", "optimizer=adamw_convnext", "schedule=warmup_poly_40k",
-        "schedule.max_iters=2", "schedule.warmup_iters=1", "trainer.eval_interval=null",
-        "trainer.checkpoint_interval=null", "trainer.log_interval=1", *extra,
-    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,79 +121,32 @@ def test_zoo_optimizer_groups_on_upernet() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# A narrow model through everything around it
-
-
-@pytest.fixture(scope="module")
-def trained(toy_root: Path, module_tmp: Path) -> Path:
-    """Two iterations of the narrow model, evaluated at the end; its run folder."""
-    run_dir = module_tmp / "upernet_convnext"
-    train_in_process(toy_root, run_dir, *narrow())
-    return run_dir
+# The narrow model (the contract's row) with the zoo's recipe
 
 
 @pytest.mark.slow
-def test_narrow_model_trains_with_the_zoo_recipe(trained: Path) -> None:
-    summary = json.loads((trained / "summary.json").read_text())
-    assert summary["steps"] == 2 and np.isfinite(summary["loss"]) and 0 <= summary["val/mIoU"] <= 1
-    lines = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+def test_narrow_model_trains_with_the_zoo_recipe(trained_row) -> None:
+    trained = trained_row("upernet_convnext")
+    lines = read_jsonl(trained / "metrics.jsonl")
     # The head group's lr for the next iteration i: 1e-4 * (1 - i/2), warmed up over 1 iteration.
     assert [x["lr"] for x in lines if "loss" in x] == pytest.approx([5e-5, 0.0], abs=1e-12)
     checkpoint = load_checkpoint(trained / "checkpoints/last.pt")
-    assert any(k.startswith("aux_head.") for k in checkpoint["model"])
-    model, _, _ = model_from_checkpoint(checkpoint)
-    assert model.aux_head is None and isinstance(model.backbone, ConvNeXtBackbone)
-    assert summary["params"] == count_parameters(model)
+    assert isinstance(model_from_checkpoint(checkpoint)[0].backbone, ConvNeXtBackbone)
     # Six lr scales (stem/downsampling, 4 stages, output norms + heads) x with/without decay.
     groups = checkpoint["optimizer"]["param_groups"]
     assert len(groups) == 12 and len({g["lr_scale"] for g in groups}) == 6
 
 
 @pytest.mark.slow
-def test_exact_resume_with_ema(toy_root: Path, tmp_path: Path) -> None:
-    """4 iterations straight == 2, stop, resume to 4: weights, AdamW moments per layer-decay
-    group and EMA, through the warm-up."""
-    a, b = assert_resume_is_exact(toy_root, tmp_path, *narrow("schedule.warmup_iters=3"))
-    states = a["optimizer"]["state"]
-    assert states and all({"exp_avg", "exp_avg_sq"} <= set(s) for s in states.values())
-    for key, state in states.items():
-        for name, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][key][name]), (key, name)
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    for key in ("last_epoch", "base_lrs", "_last_lr"):  # not _step_count: calls since creation
-        assert a["scheduler"][key] == b["scheduler"][key], key
-
-
-@pytest.mark.slow
-def test_ddp_two_processes(toy_root: Path, tmp_path: Path) -> None:
-    """Two gloo processes, every parameter used in each step (both heads, every stage)."""
-    train_on_two_ranks(toy_root, tmp_path / "ddp", *narrow())
-
-
-@pytest.mark.slow
-def test_onnx_export_at_two_sizes(trained: Path, tmp_path: Path) -> None:
-    assert_onnx_export_matches(trained / "checkpoints/last.pt", tmp_path / "upernet_convnext.onnx")
-
-
-@pytest.mark.slow
-def test_model_zoo_row(trained: Path, toy_root: Path, tmp_path: Path) -> None:
-    out = assert_model_zoo_row(trained, toy_root, tmp_path / "zoo")
-    assert isinstance(model_from_checkpoint(out / "weights.pt")[0].backbone, ConvNeXtBackbone)
-
-
-@pytest.mark.slow
-def test_benchmark(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The benchmark's costs (inference without the auxiliary head) and its training step with
-    the zoo's optimizer, with and without activation checkpointing (the same FLOPs counted
-    once more for the recomputed backbone)."""
+def test_benchmark_counts_the_recomputed_blocks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With activation checkpointing the same FLOPs are counted once more for the recomputed
+    backbone."""
     plain, recompute = (
         benchmark_train_step(monkeypatch, tmp_path / f"bench_{checkpointing}.json",
-                             *narrow(f"backbone.grad_checkpointing={checkpointing}"))
+                             *row_overrides("upernet_convnext",
+                                            f"backbone.grad_checkpointing={checkpointing}"))
         for checkpointing in ("false", "true")
     )  # fmt: skip
-    cfg = compose("train", narrow())
-    torch.manual_seed(0)
-    assert plain["model"]["params"] == count_parameters(build_model(cfg))
-    ratio = plain["model"]["train_gflops_per_image"] / plain["model"]["forward_gflops_per_image"]
-    assert 2 < ratio < 4
     assert recompute["model"]["train_gflops_per_image"] > plain["model"]["train_gflops_per_image"]

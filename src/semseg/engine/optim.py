@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from semseg.errors import ConfigError
+from semseg.models.backbone import LayerDecayBackbone
 
 
 def _weight_decay_split(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -54,12 +55,12 @@ class LayerDecay:
     def __call__(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Parameter groups with their ``lr``, ``weight_decay`` and ``lr_scale``, largest lr first
         (so the logged ``param_groups[0]`` lr is the schedule's)."""
-        layer_id = getattr(getattr(model, "backbone", None), "layer_id", None)
-        if layer_id is None:
+        backbone = getattr(model, "backbone", None)
+        if not isinstance(backbone, LayerDecayBackbone):
             raise ConfigError(
                 "param_groups=layer_decay (layer-wise lr decay) needs a backbone that numbers its "
                 f"layers, e.g. backbone=convnext_tiny; this model's backbone is "
-                f"{type(getattr(model, 'backbone', None)).__name__}"
+                f"{type(backbone).__name__}"
             )
         top = self.num_layers + 1
         names = {id(p): name for name, p in model.named_parameters()}
@@ -68,7 +69,9 @@ class LayerDecay:
             for p in by_decay["params"]:
                 name = names[id(p)]
                 lid = (
-                    layer_id(name.removeprefix("backbone."), self.num_layers, self.decay_type)
+                    backbone.layer_id(
+                        name.removeprefix("backbone."), self.num_layers, self.decay_type
+                    )
                     if name.startswith("backbone.")
                     else top
                 )

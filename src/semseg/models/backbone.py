@@ -1,4 +1,5 @@
-"""Any timm model that returns multi-scale features, as a backbone with strides 4/8/16/32.
+"""What a backbone gives (:class:`Backbone`), and any timm model that returns multi-scale features
+as one, with strides 4/8/16/32.
 
 The taps are chosen from timm's ``feature_info`` by reduction (their indices differ between
 models), or given as feature indices where several taps share a reduction (a dilated ResNet with
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import timm
 import torch
@@ -25,6 +27,32 @@ from semseg.models.backbone_weights import (
 )
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """What every backbone gives the necks and heads (:class:`TimmBackbone`, and the hand-written
+    ones: ConvNeXt, HRNet, Swin, ViT): called on ``N x 3 x H x W`` images, it returns one feature
+    map per entry of ``out_channels``, highest resolution first, map ``i`` with
+    ``out_channels[i]`` channels at ``ceil(H / out_strides[i]) x ceil(W / out_strides[i])``
+    (a ViT with ``output_cls_token`` returns ``(map, class token)`` pairs). The heads are built
+    from ``out_channels`` alone, before any image is seen."""
+
+    out_channels: list[int]
+    out_strides: list[int]
+
+    def __call__(self, x: Tensor) -> list[Tensor] | list[tuple[Tensor, Tensor]]: ...
+
+
+@runtime_checkable
+class LayerDecayBackbone(Backbone, Protocol):
+    """A backbone that numbers its layers for layer-wise lr decay
+    (:class:`semseg.engine.optim.LayerDecay`, mmseg's ``LearningRateDecayOptimizerConstructor``)."""
+
+    def layer_id(self, name: str, num_layers: int, decay_type: str = "stage_wise") -> int:
+        """The layer id of the backbone parameter ``name`` (a key of the backbone): 0 for the
+        stem up to ``num_layers``; ``num_layers + 1`` for what follows the last layer."""
+        ...
 
 
 class BackboneStrideError(UserError, ValueError):
