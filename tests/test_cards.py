@@ -18,6 +18,7 @@ ZOO_HEADINGS = {
     "FCN", "PSPNet", "Deeplabv3", "Deeplabv3+", "UPerNet", "PSANet", "NLNet", "Semantic FPN",
     "EMANet", "DMNet", "APCNet", "HRNet", "CCNet", "GCNet", "DNLNet", "PointRend",
     "Vision Transformer", "DeiT", "Swin Transformer", "DPT", "ConvNeXt",
+    "DANet",  # drivable/README.md
 }  # fmt: skip
 
 # Every conf/model option with each backbone family the zoo (or the option's comment) pairs it with.
@@ -43,6 +44,7 @@ MODEL_METHODS = [
     ("dmnet", "resnet50c_d8", "DMNet"),
     ("apcnet", "resnet50c_d8", "APCNet"),
     ("ccnet", "resnet50c_d8", "CCNet"),
+    ("danet", "resnet50c_d8", "DANet"),
     ("pointrend", "resnet50c", "PointRend"),
     ("dpt", "vit_base", "DPT"),
 ]

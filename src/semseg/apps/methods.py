@@ -1,6 +1,6 @@
 """Which method a model is, named as the BDD100K model zoo names it: the section heading of its
 row in https://github.com/SysCV/bdd100k-models/blob/main/sem_seg/README.md ("Semantic FPN",
-"Deeplabv3+", "Swin Transformer", ...). Cards, the model-zoo row, Hub tags and the benchmark name
+"Deeplabv3+", "Swin Transformer", ...; DANet from its drivable/README.md). Cards, the model-zoo row, Hub tags and the benchmark name
 models by it.
 
 The zoo files some rows by their backbone (UPerNet on Swin is "Swin Transformer", FCN on HRNet
@@ -33,6 +33,7 @@ ZOO_METHODS: dict[tuple[str, str | None], str] = {
     ("semseg.models.decoders.UPerHead", "deit"): "DeiT",
     ("semseg.models.attention_heads.PSAHead", ANY): "PSANet",
     ("semseg.models.attention_heads.CCHead", ANY): "CCNet",
+    ("semseg.models.attention_heads.DAHead", ANY): "DANet",  # the drivable-area page's heading
     ("semseg.models.context_heads.NLHead", ANY): "NLNet",
     ("semseg.models.context_heads.GCHead", ANY): "GCNet",
     ("semseg.models.context_heads.DNLHead", ANY): "DNLNet",
