@@ -13,13 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, data_overrides, load_script, train_in_process
+import yaml
+from helpers import REPO, assert_model_zoo_row, data_overrides, load_script, train_in_process
 from helpers import entry_config as config
 from PIL import Image
 
 from semseg.apps.evaluate import run_evaluate
+from semseg.apps.hub_folder import write_hub_folder
 from semseg.apps.predict import run_predict
 from semseg.checkpoints.file import load_checkpoint
+from semseg.checkpoints.model_folder import load_model_checkpoint
 from semseg.cli import compose_groups
 from semseg.evaluation.inference import INFERENCE_DEFAULTS, inference_recipe
 from semseg.models import model_from_checkpoint
@@ -47,7 +50,10 @@ def test_given_keys_win_key_by_key_over_the_recorded_ones() -> None:
                         "flip": False, "scales": [1.0]}  # fmt: skip
     assert sources == {"mode": "checkpoint", "crop_size": "checkpoint", "stride": "command line",
                        "flip": "checkpoint", "scales": "default"}  # fmt: skip
-    assert inference_recipe(None, None) == (INFERENCE_DEFAULTS, dict.fromkeys(INFERENCE_DEFAULTS, "default"))
+    assert inference_recipe(None, None) == (
+        INFERENCE_DEFAULTS,
+        dict.fromkeys(INFERENCE_DEFAULTS, "default"),
+    )
 
 
 def test_the_defaults_are_conf_inference_whole() -> None:
@@ -61,10 +67,11 @@ def test_the_defaults_are_conf_inference_whole() -> None:
 def test_evaluate_py_reproduces_a_slide_validated_run(toy_root: Path, tmp_path: Path, caplog):
     """A run validated with sliding windows: evaluate.py with no inference setting gives its val
     mIoU exactly (whole-image inference another); ``inference.stride`` alone keeps the recorded
-    mode and windows."""
+    mode and windows; the model-zoo folder records the run's inference (not model_zoo.yaml's),
+    its scores and the folder evaluated again are the run's number."""
     run = tmp_path / "run"
     summary = train_in_process(
-        toy_root, run, "schedule.max_iters=2", "inference=slide", "inference.crop_size=[32,48]",
+        toy_root, run, "optimizer.lr=0.05", "inference=slide", "inference.crop_size=[32,48]",
         "inference.stride=[16,40]",
     )  # fmt: skip
     common = [f"checkpoint={run / 'checkpoints/last.pt'}", *data_overrides(toy_root)]
@@ -84,6 +91,16 @@ def test_evaluate_py_reproduces_a_slide_validated_run(toy_root: Path, tmp_path: 
         )
     assert strided["inference"] == {**report["inference"], "stride": [32, 32]}
     assert "stride=[32, 32] (command line)" in caplog.text
+    folder = assert_model_zoo_row(run, toy_root, tmp_path / "zoo")
+    recorded = yaml.safe_load((folder / "config.yaml").read_text())["inference"]
+    assert recorded == report["inference"]
+    scores = json.loads((folder / "scores-val.json").read_text())
+    assert scores["metrics"]["mIoU"] == summary["val/mIoU"]
+    again = run_evaluate(
+        config("evaluate", f"checkpoint={folder}", *data_overrides(toy_root),
+               f"output_dir={tmp_path / 'd'}")
+    )  # fmt: skip
+    assert again["metrics"]["mIoU"] == summary["val/mIoU"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +180,11 @@ def test_converter_records_the_config_in_the_file(tmp_path: Path, capsys) -> Non
     assert (inference["mode"], inference["crop_size"], inference["stride"]) == (
         "slide", [769, 769], [400, 400]
     )  # fmt: skip
+    # ... and travels into a Hub folder, which loads back with it.
+    folder = write_hub_folder(str(out), tmp_path / "hub")
+    loaded = load_model_checkpoint(folder)
+    assert loaded["precision"] == "fp32" and loaded["config"]["inference"] == inference
+    assert loaded["config"]["dataset"]["test_pipeline"]["scale"] == [2049, 1025]
     meta["dataset_meta"]["classes"] = ["a"] * 19
     torch.save({"meta": meta, "state_dict": weights}, src)
     with pytest.raises(SystemExit):
@@ -187,7 +209,10 @@ def test_converted_769_row_predicts_like_mmseg_with_no_flags(tmp_path: Path, cap
     cfg = config("predict", f"checkpoint={out}", f"input_dir={images}", f"output_dir={tmp_path}")
     with caplog.at_level(logging.INFO, logger="semseg"):
         masks = run_predict(cfg) / "masks"
-    assert "mode=slide (checkpoint), crop_size=[769, 769] (checkpoint), stride=[513, 513]" in caplog.text
+    assert (
+        "mode=slide (checkpoint), crop_size=[769, 769] (checkpoint), stride=[513, 513]"
+        in caplog.text
+    )
     assert "test scale 1281x721 (checkpoint), model.align_corners=True" in caplog.text
     assert "in fp32" in caplog.text
     mask = np.array(Image.open(masks / "scene.png"))
