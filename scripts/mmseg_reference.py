@@ -40,6 +40,13 @@ whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at
 ``comparison.json`` next to the fixtures (about half an hour on 2 CPU cores; ``--cases`` and
 ``--no-fixtures`` narrow it down; ``--cases`` also limits which fixtures are rewritten).
 
+``--recipe`` writes the fixtures of tests/test_recipe.py instead (``recipe.npz``,
+``recipe_769.png``, ``recipe_mmseg1_cfg.txt``): the zoo's 769x769 GCNet row through mmseg's test
+pipeline at its real recipe (1281x721, 769x769 windows at stride 513, align_corners=True), an
+mmseg 1.x ViT without patch bias, and an mmseg 1.x config text; ``--recipe --compare`` converts a
+file laid out and named like each 769x769 row with no argument beyond IN and OUT and compares
+what src/predict.py computes with mmseg's pipeline (``comparison_recipe.json``).
+
 The zoo's ConvNeXt rows were trained with mmcls 0.x, whose ConvNeXt differs from mmpretrain 1.2's
 in one number: the LayerNorm before each downsampling conv has eps 1e-5 (mmcls 0.25.0,
 ``mmcls/models/backbones/convnext.py``: ``LayerNorm2d(self.channels[i - 1])``, nn.LayerNorm's

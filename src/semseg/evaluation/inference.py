@@ -17,11 +17,11 @@ from semseg.errors import ConfigError
 from semseg.evaluation.metrics import SegmentationMetric, summarize
 from semseg.runtime import autocast, resolve_device
 
-_INFERENCE_KEYS = ("mode", "crop_size", "stride", "flip", "scales")
 # What a checkpoint that records no inference gets: conf/inference/whole.yaml's values.
 INFERENCE_DEFAULTS: dict[str, Any] = {
     "mode": "whole", "crop_size": [512, 1024], "stride": [341, 682], "flip": False, "scales": [1.0],
 }  # fmt: skip
+_INFERENCE_KEYS = tuple(INFERENCE_DEFAULTS)
 
 
 def _whole(model: nn.Module, images: torch.Tensor, **_: Any) -> torch.Tensor:
