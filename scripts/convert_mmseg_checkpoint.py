@@ -12,10 +12,18 @@ refused with one line; nothing is written then.
         checkpoints/pspnet_r50-d8_bdd100k.pt
     python src/evaluate.py checkpoint=checkpoints/pspnet_r50-d8_bdd100k.pt
 
-Config overrides of the converted model follow the paths, e.g. ``model.align_corners=true`` (the
-zoo's 769x769 rows) or ``model.aux_head=null`` (leave the auxiliary head's weights out: inference
-never uses them; kept by default, for fine-tuning). They come after the overrides the file
-implies, which are printed (ConvNeXt from mmcls 0.x, i.e. a file without mmengine's ``meta``:
+The converted checkpoint records the row's test recipe (``model.align_corners``, ``inference.*``
+mode, windows, stride and precision, ``dataset.test_pipeline.scale``), which src/evaluate.py and
+src/predict.py follow by default: read from the config the file carries (mmseg 0.x
+``meta['config']``, 1.x ``meta['cfg']``; as text, never run), else from the zoo's file name
+(``..._769x769_...``: 769x769 windows at stride 513, 1281x721, align_corners; ``..._fp16_...``:
+fp16), else the 512x1024 recipe (whole image at 1280x720, fp32); it is printed
+(semseg.models.mmseg_recipe).
+
+Config overrides of the converted model follow the paths, e.g. ``inference.stride=[384,384]`` or
+``model.aux_head=null`` (leave the auxiliary head's weights out: inference never uses them; kept
+by default, for fine-tuning). They come after the recipe's and the overrides the file implies,
+which are printed (ConvNeXt from mmcls 0.x, i.e. a file without mmengine's ``meta``:
 ``+backbone.downsample_norm_eps=1e-5``, as mmcls 0.x built it). mmcv / mmengine checkpoints may
 hold pickled objects (their ``meta``), which are refused unless ``--trust-pickle`` is given for a
 file from a source you trust.
@@ -35,6 +43,12 @@ from semseg.data import dataset_meta
 from semseg.errors import UserError
 from semseg.models.base import AUX_HEAD
 from semseg.models.mmseg_conversion import mmseg_to_checkpoint, recognise_mmseg
+from semseg.models.mmseg_recipe import (
+    DEFAULT_HINT,
+    DEFAULT_SOURCE,
+    mmseg_recipe,
+    recipe_summary,
+)
 
 
 @report_user_errors
@@ -65,15 +79,26 @@ def main(argv: list[str] | None = None) -> int:
         hint = "if you trust its source, rerun with --trust-pickle"
         state = torch_load_weights_only(args.input, trust_hint=hint)
     arch = recognise_mmseg(state)
-    overrides = [*arch.overrides, *args.overrides]
+    recipe = mmseg_recipe(state, args.input.name)
+    overrides = [*arch.overrides, *recipe.overrides(), *args.overrides]
     groups = arch.config_groups
-    config = compose_groups({**groups, "dataset": args.dataset}, overrides)
+    config = compose_groups({**groups, "dataset": args.dataset, "inference": "whole"}, overrides)
+    meta = dataset_meta(config["dataset"])
+    if recipe.class_names and list(recipe.class_names) != list(meta["class_names"]):
+        raise UserError(
+            f"{args.input} predicts the classes {list(recipe.class_names)}, not those of "
+            f"--dataset {args.dataset}: pick the dataset config it was trained on"
+        )
+    if recipe.palette and len(recipe.palette) == len(meta["class_names"]):
+        meta["palette"] = [list(colour) for colour in recipe.palette]
+    precision = str(config["inference"]["precision"])
     checkpoint = mmseg_to_checkpoint(
         state,
         source=str(args.input),
         config=config,
-        meta=dataset_meta(config["dataset"]),
+        meta=meta,
         num_classes=args.num_classes,
+        precision=None if precision == "auto" else precision,
     )
     save_checkpoint(checkpoint, args.output)
     kept = config["model"].get(AUX_HEAD) is not None
@@ -84,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         f"backbone={groups['backbone']}{aux}; wrote {args.output} "
         f"({len(checkpoint['model'])} tensors){implied}"
     )
+    print(f"test recipe from {recipe.source}: {recipe_summary(config, precision)}")
+    if recipe.source == DEFAULT_SOURCE:
+        print(DEFAULT_HINT)
     return 0
 
 

@@ -40,6 +40,13 @@ whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at
 ``comparison.json`` next to the fixtures (about half an hour on 2 CPU cores; ``--cases`` and
 ``--no-fixtures`` narrow it down; ``--cases`` also limits which fixtures are rewritten).
 
+``--recipe`` writes the fixtures of tests/test_recipe.py instead (``recipe.npz``,
+``recipe_769.png``, ``recipe_mmseg1_cfg.txt``): the zoo's 769x769 GCNet row through mmseg's test
+pipeline at its real recipe (1281x721, 769x769 windows at stride 513, align_corners=True), an
+mmseg 1.x ViT without patch bias, and an mmseg 1.x config text; ``--recipe --compare`` converts a
+file laid out and named like each 769x769 row with no argument beyond IN and OUT and compares
+what src/predict.py computes with mmseg's pipeline (``comparison_recipe.json``).
+
 The zoo's ConvNeXt rows were trained with mmcls 0.x, whose ConvNeXt differs from mmpretrain 1.2's
 in one number: the LayerNorm before each downsampling conv has eps 1e-5 (mmcls 0.25.0,
 ``mmcls/models/backbones/convnext.py``: ``LayerNorm2d(self.channels[i - 1])``, nn.LayerNorm's
@@ -496,8 +503,11 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
     elif "vit" in case:  # sem_seg/configs/sem_seg/upernet_{vit-b,deit-s}_512x1024_80k_*.py
         width, heads, drop_path = VIT[case["vit"]]
         cfg.model.backbone.update(
-            embed_dims=width, num_heads=heads, drop_path_rate=drop_path, patch_bias=True
-        )  # mmseg 0.x's PatchEmbed (the zoo's)
+            embed_dims=width,
+            num_heads=heads,
+            drop_path_rate=drop_path,
+            patch_bias=case.get("patch_bias", True),  # mmseg 0.x's PatchEmbed (the zoo's)
+        )  # mmseg 1.x's default: no bias
         cfg.model.decode_head.in_channels = [width] * 4
         if cfg.model.decode_head.type == "DPTHead":  # sem_seg/configs/_base_/models/dpt_vit.py
             cfg.model.decode_head.num_classes = 19
@@ -764,6 +774,115 @@ def compare(out: Path, cases: Sequence[str]) -> None:
     path.write_text(json.dumps(report, indent=1))
 
 
+# --------------------------------------------------------------------------------------------
+# --recipe: the test recipe travels with the weights (tests/test_mmseg_recipe.py)
+#
+# The zoo's 769x769 rows through mmseg's own BDD100K test pipeline at their real recipe (resize
+# into 1281x721, 769x769 sliding windows at stride 513, align_corners=True), on an image that
+# becomes two overlapping windows; and an mmseg 1.x ViT file (mmseg 1.x's PatchEmbed has no bias).
+
+RECIPE_FIXTURE = "recipe.npz"  # in --out, with RECIPE_IMAGE's PNG and RECIPE_CFG's text
+RECIPE_PNG = "recipe_769.png"
+# (h, w): fitted into (1281, 721) keeping its ratio it becomes 1281x205, which 769x769 windows at
+# stride 513 cover in 2 overlapping rows (the overlap averaged): the slide test at a small cost.
+RECIPE_IMAGE = (100, 16)
+ROW_769_SCALE = (1281, 721)
+ROW_769_TEST_CFG = {"mode": "slide", "crop_size": (769, 769), "stride": (513, 513)}
+# The zoo's 769x769 rows (conf/experiment/*769x769*): file name -> the case of its layout.
+ROWS_769 = {
+    "fcn_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "fcn",
+    "deeplabv3_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "deeplabv3",
+    "deeplabv3plus_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "deeplabv3plus",
+    "upernet_r50_769x769_40k_sem_seg_bdd100k.pth": "upernet_align_corners",
+    "gcnet_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "gcnet",
+    "emanet_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "emanet",
+    "emanet_r50-d8_769x769_80k_sem_seg_bdd100k.pth": "emanet",
+    "dmnet_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "dmnet",
+}
+RECIPE_ROW = "gcnet"  # the row whose pipeline argmax the fixture holds
+# An mmseg 1.x config text as mmengine writes it to meta['cfg'] (the 769x769 GCNet config).
+RECIPE_CFG = "configs/gcnet/gcnet_r50-d8_4xb2-40k_cityscapes-769x769.py"
+# mmseg 1.x's VisionTransformer (patch_bias=False) in the zoo's UPerNet + DeiT-S.
+VIT_NO_BIAS = {**CASES["upernet_deit"], "patch_bias": False, "logits": True}
+
+
+def row_769_logits(name: str, image: Path) -> torch.Tensor:
+    """mmseg's logits of case ``name`` (seeded weights, align_corners=True) through the zoo's
+    769x769 test: the whole test pipeline at 1281x721 with 769x769 windows at stride 513."""
+    from mmengine import ConfigDict
+
+    model, _ = mmseg_model({**CASES[name], "align_corners": True})
+    model.test_cfg = ConfigDict(ROW_769_TEST_CFG)
+    return mmseg_pipeline_logits(model, image, ROW_769_SCALE)
+
+
+def write_recipe_fixtures(out: Path) -> None:
+    """``recipe.npz``: RECIPE_ROW's 769x769 pipeline argmax on ``recipe_769.png``, the no-bias
+    ViT's logits summary on the 64x128 input; ``recipe_mmseg1_cfg.txt``: an mmseg 1.x config text."""
+    from mmengine import Config
+    from PIL import Image
+
+    mmseg = import_mmseg()
+    Image.fromarray(scene(*RECIPE_IMAGE, seed=11)).save(out / RECIPE_PNG)
+    arrays = {
+        "row769_argmax": row_769_logits(RECIPE_ROW, out / RECIPE_PNG).argmax(0).byte().numpy()
+    }
+    model, weights = mmseg_model(VIT_NO_BIAS)
+    assert "backbone.patch_embed.projection.bias" not in weights
+    with np.load(out / "inputs.npz") as inputs:
+        logits = mmseg_logits(model, inputs["64x128"])[0]
+    arrays |= {f"vit_no_bias_{k}": v for k, v in summary(logits).items()}
+    np.savez_compressed(out / RECIPE_FIXTURE, **arrays)
+    text = Config.fromfile(str(Path(mmseg.__file__).parent / ".mim" / RECIPE_CFG)).pretty_text
+    (out / "recipe_mmseg1_cfg.txt").write_text(text)
+    print(f"recipe: {RECIPE_ROW} 769 argmax classes {np.unique(arrays['row769_argmax'])}")
+
+
+def compare_recipe(out: Path, sizes: Sequence[tuple[int, int]] = (RECIPE_IMAGE,)) -> None:
+    """Every 769x769 row's file (seeded weights, laid out and named as the zoo's), converted
+    with no argument beyond IN and OUT and predicted as src/predict.py predicts, against mmseg's
+    pipeline at the real recipe: argmax agreement into ``comparison_recipe.json``. ``sizes``:
+    the images' (h, w); any landscape image costs two 721x769 windows per model (about four times
+    the fixture image's two 769x205 ones)."""
+    import importlib.util
+    import tempfile
+
+    from PIL import Image
+
+    from semseg.data import build_eval_transform
+    from semseg.evaluation.inference import predict_logits, resize_logits
+    from semseg.models import model_from_checkpoint
+
+    spec_path = REPO / "scripts" / "convert_mmseg_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_mmseg_checkpoint", spec_path)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    torch.set_grad_enabled(False)
+    report: dict[str, Any] = {"torch": torch.__version__, "rows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = []
+        for i, (h, w) in enumerate(sizes):
+            images.append(Path(tmp) / f"scene_{h}x{w}.png")
+            Image.fromarray(scene(h, w, seed=11 + i)).save(images[-1])
+        for filename, name in ROWS_769.items():
+            _, weights = mmseg_model(CASES[name])
+            torch.save({"state_dict": weights}, Path(tmp) / filename)
+            converter.main([str(Path(tmp) / filename), str(Path(tmp) / "converted.pt")])
+            model, _, config = model_from_checkpoint(Path(tmp) / "converted.pt")
+            kwargs = {k: config["inference"][k] for k in ("mode", "crop_size", "stride")}
+            scale = config["dataset"]["test_pipeline"]["scale"]
+            rows = {}
+            for path in images:
+                image = np.array(Image.open(path).convert("RGB"))
+                resized = build_eval_transform(scale)(image=image)["image"]
+                x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
+                ours = resize_logits(model, predict_logits(model, x, **kwargs), image.shape[:2])[0]
+                rows[path.stem] = differences(ours, row_769_logits(name, path))
+            report["rows"][filename] = rows
+            print(filename, json.dumps(rows))
+    (out / "comparison_recipe.json").write_text(json.dumps(report, indent=1))
+
+
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -781,8 +900,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-fixtures", action="store_true", help="only compare (the fixtures exist)"
     )
+    parser.add_argument(
+        "--recipe",
+        action="store_true",
+        help="only the recipe fixtures (with --compare: every 769x769 row, converted with no "
+        "argument, against mmseg's test pipeline at the real recipe)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
+    if args.recipe:
+        if not args.no_fixtures:
+            write_recipe_fixtures(args.out)
+        if args.compare:
+            compare_recipe(args.out)
+        return 0
     if not args.no_fixtures:
         write_fixtures(args.out, args.cases)
     if args.compare:

@@ -25,6 +25,8 @@ from semseg.models import (
 from semseg.models.mmseg_conversion import MMSEG_CONFIG_GROUPS, recognise_mmseg
 
 REPO = Path(__file__).resolve().parents[1]
+# What mmseg's BDD100K files name in their meta (the converter checks them against --dataset).
+BDD100K_CLASSES = compose_groups({"dataset": "bdd100k"})["dataset"]["class_names"]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_script_end_to_end(mmseg_sd: dict[str, torch.Tensor], tmp_path: Path) ->
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     src, out = tmp_path / "fpn_r50.pth", tmp_path / "converted.pt"
-    torch.save({"meta": {"CLASSES": ["road"] * 19}, "state_dict": mmseg_sd}, src)
+    torch.save({"meta": {"CLASSES": BDD100K_CLASSES}, "state_dict": mmseg_sd}, src)
     assert script.main([str(src), str(out), "--num-classes", "19"]) == 0
     state = load_checkpoint(out)
     assert (
@@ -270,7 +272,7 @@ def deeplabv3plus_file(module_tmp: Path) -> Path:
     torch.save(
         {
             "meta": {"mmengine_version": "0.10.7", "epoch": 0, "iter": 80000,
-                     "dataset_meta": {"classes": ["road"] * 19}},
+                     "dataset_meta": {"classes": BDD100K_CLASSES}},
             "state_dict": weights,
             "message_hub": {"log_scalars": {}, "runtime_info": {"iter": 80000}},
             "optimizer": {"state": {}, "param_groups": []},
@@ -327,7 +329,7 @@ def test_script_without_aux_weights_configures_no_aux_head(tmp_path: Path, capsy
 # ConvNeXt: mmcls 0.x (the zoo's) and mmpretrain 1.x files share their keys; mmcls 0.x built the
 # LayerNorm before each downsampling conv with eps 1e-5 (mmpretrain and timm: 1e-6).
 
-MMENGINE_META = {"mmengine_version": "0.10.7", "dataset_meta": {"classes": ["road"] * 19}}
+MMENGINE_META = {"mmengine_version": "0.10.7", "dataset_meta": {"classes": BDD100K_CLASSES}}
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from semseg.checkpoints.model_folder import load_model_checkpoint
 from semseg.data import build_dataset, build_eval_loader, check_dataset_config, eval_scale
 from semseg.distributed import DistEnv, destroy, get_rank, init_distributed
 from semseg.errors import ConfigError
+from semseg.evaluation.inference import inference_recipe
 from semseg.models import model_from_checkpoint
 from semseg.runtime import (
     CUDA_ONLY_PRECISIONS,
@@ -124,6 +125,7 @@ class InferenceModel:
     dataset_cfg: DictConfig  # what to read with: cfg.dataset, at the run's evaluation scale
     device: torch.device
     precision: str
+    inference: dict[str, Any]  # mode, crop_size, stride, flip, scales: the recipe's, key by key
 
     @property
     def config(self) -> dict[str, Any]:
@@ -142,9 +144,12 @@ def load_inference_model(
     cfg: DictConfig, device: torch.device, state: Mapping[str, Any] | None = None
 ) -> InferenceModel:
     """The checkpoint ``cfg.checkpoint`` (a file, model folder or hf://; ``state`` if already
-    loaded) ready to predict ``cfg.dataset`` as its training run validated: the run's
-    evaluation scale (an explicit ``dataset.test_pipeline.scale`` wins), precision and memory
-    layout (explicit ``inference.precision`` / ``inference.channels_last`` win)."""
+    loaded) ready to predict ``cfg.dataset`` by the recipe it records (its training run's
+    validation, or the zoo row's test): its evaluation scale (an explicit
+    ``dataset.test_pipeline.scale`` wins), inference mode, windows, stride and TTA (each
+    ``inference.*`` key given wins: :func:`~semseg.evaluation.inference.inference_recipe`),
+    precision and memory layout (explicit ``inference.precision`` / ``inference.channels_last``
+    win). The log says which recipe is used and where each part came from."""
     check_dataset_config(cfg.dataset)
     source = str(cfg.checkpoint)
     state = dict(state) if state is not None else load_model_checkpoint(source)
@@ -157,8 +162,14 @@ def load_inference_model(
         )
     dataset_cfg = OmegaConf.create(OmegaConf.to_container(cfg.dataset, resolve=True))
     run_scale = eval_scale(config["dataset"]) if config.get("dataset") else None
-    if OmegaConf.select(dataset_cfg, "test_pipeline.scale") is None and run_scale is not None:
-        dataset_cfg.test_pipeline = {"scale": run_scale}
+    scale_source = "dataset.test_pipeline.scale"
+    if OmegaConf.select(dataset_cfg, "test_pipeline.scale") is None:
+        scale_source = "the dataset config's training scale"
+        if run_scale is not None:
+            dataset_cfg.test_pipeline = {"scale": run_scale}
+            scale_source = "checkpoint"
+    given = OmegaConf.to_container(cfg.inference, resolve=True)
+    inference, sources = inference_recipe(given, config.get("inference"))
     precision, why = inference_precision(
         cfg.inference.get("precision", "auto"), state.get("precision"), device
     )
@@ -166,6 +177,15 @@ def load_inference_model(
         cfg.inference.get("channels_last", "auto"), config, device, precision
     )
     if get_rank() == 0:
+        parts = [f"{k}={v} ({sources[k]})" for k, v in inference.items()]
+        scale = eval_scale(dataset_cfg)
+        parts.append(
+            f"test scale {'x'.join(map(str, scale)) if scale else 'native'} ({scale_source})"
+        )
+        align = (config.get("model") or {}).get("align_corners")
+        if align is not None:
+            parts.append(f"model.align_corners={align} (checkpoint)")
+        log.info("inference recipe of %s: %s", source, ", ".join(parts))
         log.info(
             "inference on %s in %s (%s), %s memory layout (%s)",
             device, precision, why, "channels_last" if channels_last else "NCHW", why_layout,
@@ -173,7 +193,7 @@ def load_inference_model(
     use_fp32_math(device, precision)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=layout).eval()
-    return InferenceModel(model, state, meta, dataset_cfg, device, precision)
+    return InferenceModel(model, state, meta, dataset_cfg, device, precision, inference)
 
 
 def check_classes(cfg: DictConfig, trained: list[str]) -> None:

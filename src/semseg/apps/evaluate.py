@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from semseg.apps.common import (
     batch_size,
@@ -72,7 +72,7 @@ def _evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> tuple[dict | None, l
             ignore_index=int(loaded.meta.get("ignore_index", cfg.dataset.ignore_index)),
             class_names=loaded.class_names,
             device=env.device,
-            inference_cfg=cfg.inference,
+            inference_cfg=loaded.inference,
             precision=loaded.precision,
         )
         if not env.is_main:
@@ -81,7 +81,7 @@ def _evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> tuple[dict | None, l
     report = {
         "checkpoint": str(cfg.checkpoint),
         "dataset_root": str(cfg.dataset.root),
-        "inference": OmegaConf.to_container(cfg.inference, resolve=True),
+        "inference": loaded.inference,  # the recipe used (the checkpoint's, key by key)
         "precision": loaded.precision,  # the autocast precision used
         "scale": scale,  # (w, h) the images were fitted into; null: native size
         "split": split,

@@ -50,7 +50,7 @@ def run_predict(cfg: DictConfig) -> Path:
         sources = dict(zip(loader.dataset.names, loader.dataset.image_paths, strict=True))
         count = 0
         predictions = predict_batches(
-            loaded.model, loader, env.device, cfg.inference, loaded.precision, loaded.num_classes
+            loaded.model, loader, env.device, loaded.inference, loaded.precision, loaded.num_classes
         )
         for batch, pred in predictions:
             for name, mask in zip(batch["name"], pred.to(torch.uint8).cpu().numpy(), strict=True):

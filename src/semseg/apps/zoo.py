@@ -219,7 +219,7 @@ class _Row:
             "checkpoint": str(self.source.checkpoint),
             "dataset": loaded.dataset_cfg.get("name"),
             "dataset_root": str(loaded.dataset_cfg.root),
-            "inference": OmegaConf.to_container(cfg.inference, resolve=True),
+            "inference": loaded.inference,  # the recipe used: the run's, key by key
             "precision": loaded.precision,
             "scale": eval_scale(loaded.dataset_cfg),  # (w, h) images were fitted into; null: native
             "split": self.val_split,
@@ -250,7 +250,9 @@ class _Row:
         config = {
             **loaded.config,
             "dataset": OmegaConf.to_container(loaded.dataset_cfg, resolve=True),
-            "inference": OmegaConf.to_container(self.cfg.inference, resolve=True),
+            # The recipe its scores were measured with (the run's validation, key by key):
+            # what evaluate.py and predict.py read back from the folder.
+            "inference": loaded.inference,
         }
         save_model_folder(stripped, config, out)
         pt = save_checkpoint(stripped, out / WEIGHTS_FILE)
@@ -281,7 +283,7 @@ class _Row:
             loaded.model,
             loader,
             loaded.device,
-            self.cfg.inference,
+            loaded.inference,
             loaded.precision,
             loaded.num_classes,
         )

@@ -17,7 +17,11 @@ from semseg.errors import ConfigError
 from semseg.evaluation.metrics import SegmentationMetric, summarize
 from semseg.runtime import autocast, resolve_device
 
-_INFERENCE_KEYS = ("mode", "crop_size", "stride", "flip", "scales")
+# What a checkpoint that records no inference gets: conf/inference/whole.yaml's values.
+INFERENCE_DEFAULTS: dict[str, Any] = {
+    "mode": "whole", "crop_size": [512, 1024], "stride": [341, 682], "flip": False, "scales": [1.0],
+}  # fmt: skip
+_INFERENCE_KEYS = tuple(INFERENCE_DEFAULTS)
 
 
 def _whole(model: nn.Module, images: torch.Tensor, **_: Any) -> torch.Tensor:
@@ -123,6 +127,30 @@ def inference_kwargs(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         if key in out:
             out[key] = tuple(out[key])
     return out
+
+
+def inference_recipe(
+    given: Mapping[str, Any] | None, recorded: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """(inference settings, where each came from): key by key, the ``given`` one (the command
+    line's; null: not given), else the ``recorded`` one (the checkpoint's ``config.inference``:
+    what its run validated with, or the zoo row's test recipe), else :data:`INFERENCE_DEFAULTS`.
+    So ``inference.stride=...`` alone keeps a recorded slide mode and its windows."""
+    given, recorded = given or {}, recorded or {}
+    settings, sources = {}, {}
+    for key, default in INFERENCE_DEFAULTS.items():
+        for source, config in (("command line", given), ("checkpoint", recorded)):
+            if config.get(key) is not None:
+                settings[key], sources[key] = config[key], source
+                break
+        else:
+            settings[key], sources[key] = default, "default"
+    settings["crop_size"], settings["stride"] = (
+        [int(v) for v in settings[k]] for k in ("crop_size", "stride")
+    )
+    settings["scales"] = [float(v) for v in settings["scales"]]
+    settings["flip"] = bool(settings["flip"])
+    return settings, sources
 
 
 def model_memory_format(model: nn.Module) -> torch.memory_format:

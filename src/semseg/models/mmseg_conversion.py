@@ -662,12 +662,14 @@ def mmseg_to_checkpoint(
     config: Mapping[str, Any],
     meta: Mapping[str, Any],
     num_classes: int | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Turn an mmseg state dict (or whole mmcv/mmengine checkpoint) into a checkpoint of this
     project. ``config`` holds the resolved ``model``, ``backbone`` and ``dataset`` groups that
     rebuild the model (those :func:`recognise_mmseg` names); ``meta`` is the dataset's
     (``semseg.data.dataset_meta``). The auxiliary head's weights are kept when ``model.aux_head``
-    is set, dropped when it is null."""
+    is set, dropped when it is null. ``precision``: what the row is tested in (fp16 rows: fp16),
+    recorded as a trained checkpoint records its validation's, for the apps to follow."""
     converted = convert_mmseg_state_dict(state_dict)
     n_file = _num_classes(converted)
     if num_classes is not None and n_file is not None and n_file != num_classes:
@@ -682,4 +684,7 @@ def mmseg_to_checkpoint(
     config["model"]["weights"] = None
     model = build_model(config)
     load_model_weights(model, fit_aux_head(model, converted), source=source)
-    return make_checkpoint(model.state_dict(), config, {**meta, "converted_from": source})
+    recorded = {} if precision is None else {"precision": precision}
+    return make_checkpoint(
+        model.state_dict(), config, {**meta, "converted_from": source}, **recorded
+    )
