@@ -43,6 +43,7 @@ from semseg.apps.card import Score, card_header, describe_model, score_table, sh
 from semseg.apps.common import (
     InferenceModel,
     batch_size,
+    ignored_class,
     load_inference_model,
     process_group,
     split_loader,
@@ -213,7 +214,9 @@ class _Row:
         sample = _sample(names, cfg.visuals.count, cfg.visuals.seed)
         rle_val = out / "preds" / f"sem_seg_{self.val_split}.json"
         confmat = self._run_split(val_loader, self.val_split, out, rle_val, sample)
-        self.metrics = summarize(confmat, loaded.class_names)
+        self.metrics = summarize(
+            confmat, loaded.class_names, ignored_class(loaded.meta, loaded.dataset_cfg)
+        )
         scores = {
             "checkpoint": str(self.source.checkpoint),
             "dataset": loaded.dataset_cfg.get("name"),
