@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import entry_config, run_entry, tiny_checkpoint
+from helpers import entry_config, load_script, run_entry, tiny_checkpoint
 from PIL import Image
 
 from semseg.apps.evaluate import run_evaluate
@@ -107,6 +108,22 @@ def test_drivable_toy_layout_values_and_rles(drivable_toy):
     from_masks = build_dataset(drivable_config(drivable_toy).dataset, "val", train=False)
     for i in range(len(from_masks)):
         assert np.array_equal(from_rles.read_label(i)[0], from_masks.read_label(i)[0])
+
+
+def test_toy_config_generates_into_its_layout_folders(tmp_path, monkeypatch):
+    """dataset=toy_bdd100k_drivable writes itself on first use, into the folders its layout reads
+    (the generator takes them from the layout by interpolation); the script writes the same."""
+    sizes = ["num_train=2", "num_val=1", "num_test=1", "height=32", "width=64"]
+    cfg = compose("train", ["dataset=toy_bdd100k_drivable", f"dataset.root={tmp_path / 'cfg'}",
+                            *(f"dataset.generate.{s}" for s in sizes)])  # fmt: skip
+    assert len(build_dataset(cfg.dataset, "train", train=False)) == 2
+    args = ["--layout", "bdd100k_drivable", "--root", str(tmp_path / "cli"), "--num-train", "2",
+            "--num-val", "1", "--num-test", "1", "--height", "32", "--width", "64"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["make_toy_dataset.py", *args])
+    load_script("make_toy_dataset").main()
+    assert tree_digest(tmp_path / "cli") == tree_digest(tmp_path / "cfg")
+    frames = json.loads((tmp_path / "cli/labels/drivable/rles/drivable_train.json").read_text())
+    assert {c["category"] for f in frames["frames"] for c in f["labels"]} <= set(NAMES)
 
 
 def test_real_layout_is_read_from_configuration(tmp_path):

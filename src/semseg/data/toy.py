@@ -47,6 +47,9 @@ from semseg.data.toy_scene import (
 from semseg.files import reporting_write_errors
 
 SPLITS = ("train", "val", "test")  # test is written without labels
+# BDD100K's drivable-area classes (ids DIRECT, ALTERNATIVE, BACKGROUND of toy_scene) and palette.
+DRIVABLE_CLASSES = ("direct", "alternative", "background")
+DRIVABLE_PALETTE = ((219, 94, 86), (86, 211, 219), (0, 0, 0))
 
 
 def default_classes() -> tuple[list[str], list[list[int]]]:
@@ -250,15 +253,24 @@ def make_toy_bdd100k_drivable(
     image_dir: str = "images/100k",
     mask_dir: str = "labels/drivable/masks",
     rle_file: str = "labels/drivable/rles/drivable_{split}.json",
+    class_names: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
     **kwargs: Any,
 ) -> Path:
     """The toy drivable-area dataset in the BDD100K layout, in the given folders (conf/dataset/
-    toy_bdd100k_drivable.yaml passes its layout's); class names and palette are the drivable
-    ones (given by the dataset config)."""
+    toy_bdd100k_drivable.yaml passes its layout's); class names and palette default to
+    BDD100K's drivable ones."""
     layout = functools.partial(
         DrivableToyLayout, image_dir=image_dir, mask_dir=mask_dir, rle_file=rle_file
     )
-    return make_toy_dataset(root, layout, *args, **kwargs)
+    return make_toy_dataset(
+        root,
+        layout,
+        *args,
+        class_names=class_names or DRIVABLE_CLASSES,
+        palette=palette or DRIVABLE_PALETTE,
+        **kwargs,
+    )
 
 
 def make_toy_cityscapes(root: str | Path, *args: Any, **kwargs: Any) -> Path:
