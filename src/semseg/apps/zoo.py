@@ -362,7 +362,12 @@ class _Row:
             "",
             "| class | IoU-val (%) |",
             "|---|---|",
-            *(f"| {name} | {100 * metrics[f'IoU/{name}']:.2f} |" for name in names),
+            # Drivable area: the toolkit's "ignored" background has no IoU of its own.
+            *(
+                f"| {name} | {100 * metrics[f'IoU/{name}']:.2f} |"
+                for name in names
+                if f"IoU/{name}" in metrics
+            ),
             f"| **mIoU** | **{100 * metrics['mIoU']:.2f}** |",
             f"| pixel accuracy | {100 * metrics['pixel_acc']:.2f} |",
             f"| fIoU | {100 * metrics['fIoU']:.2f} |",
