@@ -101,8 +101,9 @@ def test_drivable_toy_layout_values_and_rles(drivable_toy):
     for mask in (drivable_toy / MASKS).rglob("*.png"):
         counts += np.bincount(np.array(Image.open(mask)).ravel(), minlength=256)
     assert np.flatnonzero(counts).tolist() == [0, 1, 2]  # every class, nothing else
+    # the toolkit's drivable RLE files label direct and alternative only: the rest is background
     frames = json.loads((drivable_toy / "labels/drivable/rles/drivable_val.json").read_text())
-    assert {c["category"] for f in frames["frames"] for c in f["labels"]} == set(NAMES)
+    assert {c["category"] for f in frames["frames"] for c in f["labels"]} == set(NAMES[:2])
     cfg = drivable_config(drivable_toy, "dataset.labels=rles")
     from_rles = build_dataset(cfg.dataset, "val", train=False)
     from_masks = build_dataset(drivable_config(drivable_toy).dataset, "val", train=False)
@@ -209,18 +210,31 @@ def test_metric_equals_the_toolkit_cli_and_mmseg(case):
     assert confmat.shape == (4, 4)
 
 
-def test_rle_predictions_score_as_the_masks(tmp_path):
+def _labels(frames: list[dict]) -> list:
+    """(name, [(id, category, counts, size)]) per frame: the fields the toolkit reads."""
+    return [
+        (f["name"], [(c["id"], c["category"], c["rle"]["counts"], list(c["rle"]["size"]))
+                     for c in f["labels"]])
+        for f in frames
+    ]  # fmt: skip
+
+
+def test_rle_file_is_the_toolkits_and_scores_as_the_masks(tmp_path):
+    """The frames equal the toolkit's `bdd100k.label.to_rle -m drivable` of the same masks
+    (direct and alternative labelled, background not), and score as the masks."""
     spec = _expected()["mixed"]
     pred_dir = CASES / spec["pred"]
     masks = [(f"{p.stem}.jpg", p) for p in sorted(pred_dir.glob("*.png"))]
-    rle = write_rle_file(tmp_path / "drivable.json", masks, NAMES)
+    rle = write_rle_file(tmp_path / "drivable.json", masks, NAMES[:2])
     frames = json.loads(rle.read_text())["frames"]
+    toolkit = json.loads((CASES / "mixed/pred_rle.json").read_text())["frames"]
+    assert _labels(frames) == _labels(sorted(toolkit, key=lambda f: f["name"]))
     assert [f["name"] for f in frames] == ["a.jpg", "b.jpg", "d.jpg"]
-    assert set(frames[0]["labels"][0]) == {"id", "category", "rle"}
     from_rle, _ = evaluate_rle_file(CASES / spec["gt"], rle, 3, NAMES, 255, "background")
     from_masks, _ = evaluate_mask_folders(CASES / spec["gt"], pred_dir, 3, NAMES, 255, "background")
-    # predictions >= 3 are no class: the RLE leaves them uncovered, both count them as background
-    assert from_rle["mIoU"] == pytest.approx(from_masks["mIoU"], abs=1e-12)
+    # the toolkit's figures: uncovered pixels and predictions >= 3 alike are background
+    for key in ("mIoU", "pixel_acc", "fIoU", "IoU/direct", "IoU/alternative"):
+        assert from_rle[key] == pytest.approx(from_masks[key], abs=1e-12), key
 
 
 def test_toolkit_figures_leave_ground_truth_background_out():
@@ -290,13 +304,14 @@ def test_predict_writes_drivable_ids_and_the_test_server_file(
     assert values <= {0, 1, 2}
     frames = json.loads((out / "submission/drivable.json").read_text())["frames"]
     assert [f["name"] for f in frames] == [f"{m.stem}.jpg" for m in masks]
-    assert {c["category"] for f in frames for c in f["labels"]} <= set(NAMES)
+    assert {c["category"] for f in frames for c in f["labels"]} <= set(NAMES[:2])
     # the file scores as the masks (the toolkit's drivable metric, headline)
     gt = drivable_toy / MASKS / "val"
     from_masks, _ = evaluate_mask_folders(gt, out / "masks", 3, NAMES, 255, "background")
     from_rle, _ = evaluate_rle_file(
         gt, out / "submission/drivable.json", 3, NAMES, 255, "background"
     )
+    # predictions are 0/1/2: uncovered pixels decode as background, every figure agrees
     assert from_rle == pytest.approx(from_masks, abs=1e-12)
     # evaluate.py on the checkpoint gives the same numbers
     with caplog.at_level(logging.INFO, logger="semseg"):

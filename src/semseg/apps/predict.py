@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from semseg.apps.common import (
     batch_size,
     eval_loader,
+    ignored_class,
     load_inference_model,
     output_dir,
     process_group,
@@ -71,6 +72,10 @@ def run_predict(cfg: DictConfig) -> Path:
                 (Path(path).name, out_dir / "masks" / f"{name}.png")
                 for name, path in sources.items()
             ]
-            rle = write_rle_file(out_dir / "submission" / f"{task}.json", masks, loaded.class_names)
+            # The toolkit's "ignored" class (drivable background) gets no label, as its to_rle
+            # writes the files.
+            ignored = ignored_class(loaded.meta, loaded.dataset_cfg)
+            labelled = [n for n in loaded.class_names if n != ignored]
+            rle = write_rle_file(out_dir / "submission" / f"{task}.json", masks, labelled)
             log.info("wrote the %s test-server file %s (Scalabel RLE frames)", task, rle)
     return out_dir

@@ -10,7 +10,10 @@ Drivable area (the 100K images) is the same layout with other folders, given as 
 
     <root>/images/100k/<split>/<name>.jpg
     <root>/labels/drivable/masks/<split>/<name>.png       (0 direct, 1 alternative, 2 background)
-    <root>/labels/drivable/rles/drivable_<split>.json
+    <root>/labels/drivable/rles/drivable_<split>.json       (direct / alternative labels only)
+
+The drivable RLE frames label direct and alternative only: the pixels no label covers are
+background (`rle_uncovered: 2`, as the toolkit's to_mask fills them), not ignored.
 
 Pairing happens at construction (a directory listing); every file is checked when it is loaded,
 so a bad file stops training with one message naming it instead of being silently "fixed".
@@ -38,7 +41,8 @@ def decode_scalabel_rle(
 ) -> np.ndarray:
     """Label map of one Scalabel frame: each label's COCO RLE painted with its class id.
 
-    Pixels no label covers stay `ignore_index`, as in the bdd100k toolkit's RLE -> mask.
+    Pixels no label covers stay `ignore_index` (sem_seg, as in the bdd100k toolkit's RLE -> mask;
+    drivable area passes its background id here).
     """
     from pycocotools import mask as mask_utils
 
@@ -106,10 +110,11 @@ class BDD100KDataset(SegmentationDataset):
         image_dir: str = IMAGE_DIR,
         mask_dir: str = MASK_DIR,
         rle_file: str = RLE_FILE,
+        rle_uncovered: int | None = None,
         **kwargs: Any,
     ):
         """`SegmentationDataset`'s arguments plus the label format, (for RLE categories) the class
-        names and the task's folders."""
+        names, the task's folders and the id of the pixels no RLE label covers (None: ignore)."""
         if labels not in LABEL_FORMATS:
             raise DatasetError(f"dataset.labels={labels!r}: use one of {list(LABEL_FORMATS)}")
         if "{split}" not in rle_file:
@@ -118,6 +123,7 @@ class BDD100KDataset(SegmentationDataset):
                 "each split, e.g. labels/sem_seg/rles/sem_seg_{split}.json"
             )
         self.label_format = labels
+        self.rle_uncovered = rle_uncovered
         self.image_dir, self.mask_dir, self.rle_template = image_dir, mask_dir, rle_file
         self.root_hint = (
             f"set dataset.root=/path/to/bdd100k (the folder holding {image_dir} and "
@@ -167,6 +173,5 @@ class BDD100KDataset(SegmentationDataset):
             return super().read_label(index)
         name = self.names[index]
         source = f"{self.rle_file} (frame {name})"
-        return decode_scalabel_rle(
-            self.frames[name], self.class_ids, self.ignore_index, source
-        ), source
+        fill = self.ignore_index if self.rle_uncovered is None else self.rle_uncovered
+        return decode_scalabel_rle(self.frames[name], self.class_ids, fill, source), source

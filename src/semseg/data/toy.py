@@ -107,6 +107,7 @@ class BDD100KToyLayout(ToyLayout):
         super().__init__(*args)
         self.image_dir, self.mask_dir, self.rle_file = image_dir, mask_dir, rle_file
         self.colormap_dir = str(Path(mask_dir).parent / "colormaps")
+        self.rle_class_names = self.class_names  # the classes that get an RLE label
         self.frames: dict[str, list[dict]] = {"train": [], "val": []}
         (self.root / image_dir).mkdir(parents=True, exist_ok=True)
 
@@ -117,7 +118,8 @@ class BDD100KToyLayout(ToyLayout):
         if split in self.frames:
             _imwrite(self.root / self.mask_dir / split / f"{name}.png", label)
             _imwrite(self.root / self.colormap_dir / split / f"{name}.png", self.colours[label])
-            self.frames[split].append(encode_scalabel_frame(f"{name}.jpg", label, self.class_names))
+            frame = encode_scalabel_frame(f"{name}.jpg", label, self.rle_class_names)
+            self.frames[split].append(frame)
 
     def finish(self) -> None:
         for split, frames in self.frames.items():
@@ -129,7 +131,12 @@ class BDD100KToyLayout(ToyLayout):
 
 class DrivableToyLayout(BDD100KToyLayout):
     """BDD100K's drivable-area layout: the street scenes with lanes, labelled with the dataset's
-    three classes (direct, alternative, background); the streets use the 19 street classes."""
+    three classes (direct, alternative, background); the streets use the 19 street classes. As in
+    the toolkit's drivable RLE files, background (the last class) gets no RLE label."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.rle_class_names = self.class_names[:-1]
 
     def render(
         self, key: Sequence[int], height: int, width: int

@@ -326,7 +326,9 @@ def _draw_lanes(
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     t = np.clip((yy - hor) / (h - hor), 0, None)
     lane = sum((xx >= vp + t * (b - vp)).astype(np.uint8) for b in bottoms)
-    ego = sum(int(w / 2 >= b) for b in bottoms)  # the lane under the camera
+    # The ego lane is the one straight ahead: the camera looks along the road, so the lane below
+    # the vanishing point, between a border leaning right (/) and one leaning left (\).
+    ego = sum(int(vp >= b) for b in bottoms)
     road_pixels = sc.label == sc.ids["road"]
     drivable = np.full((h, w), BACKGROUND, np.uint8)
     drivable[road_pixels] = np.where(lane[road_pixels] == ego, DIRECT, ALTERNATIVE)

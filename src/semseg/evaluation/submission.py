@@ -8,7 +8,8 @@
 - A zip of the PNG masks (1-channel uint8 train ids, ``<image name>.png``).
 - The test-server file of ``src/predict.py``, ``<task>.json`` (``sem_seg.json``, ``drivable.json``):
   the same Scalabel RLE frames, from the masks it wrote (the toolkit's ``bdd100k.label.to_rle -m
-  drivable`` gives drivable area the same frames: one label per predicted class, background too).
+  drivable`` gives drivable area the same frames: one label per predicted class, background
+  (the toolkit's "ignored" class) left without one).
 - Scoring an RLE file against ground-truth PNG masks with the official metric
   (``src/evaluate.py gt_dir=... pred_rle=...``).
 """
@@ -94,7 +95,8 @@ def write_rle_file(
     path: str | os.PathLike, masks: Iterable[tuple[str, Path]], class_names: Sequence[str]
 ) -> Path:
     """The Scalabel RLE JSON of written PNG masks, given as (image file name, mask path) pairs:
-    what the BDD100K test server and ``bdd100k.eval.run -r`` read. Returns ``path``."""
+    what the BDD100K test server and ``bdd100k.eval.run -r`` read; ``class_names`` are the classes
+    that get a label (drivable area: direct and alternative). Returns ``path``."""
     with ScalabelWriter(path, class_names) as writer:
         for image_name, mask_path in masks:
             writer.add(image_name, read_mask(Path(mask_path), "prediction mask"))
@@ -136,6 +138,9 @@ def evaluate_rle_file(
         raise EvaluationError(f"no ground-truth .png masks in {gt_dir} (set gt_dir=<folder>)")
     frames = read_scalabel_frames(pred_rle)
     class_ids = {name: i for i, name in enumerate(class_names)}
+    # Drivable area: pixels no label covers are the "ignored" background (the toolkit's files
+    # label direct and alternative only).
+    uncovered = ignore_index if ignored_class is None else class_ids[ignored_class]
     metric = SegmentationMetric(num_classes, ignore_index, sync_on_compute=False)
     for gt_path in gt_files:
         gt = read_mask(gt_path, "ground truth")  # read as evaluate_mask_folders reads it
@@ -144,7 +149,7 @@ def evaluate_rle_file(
             pred = np.full_like(gt, num_classes)  # "ignored" everywhere: every pixel a miss
         else:
             try:
-                pred = decode_scalabel_rle(frame, class_ids, ignore_index, str(pred_rle))
+                pred = decode_scalabel_rle(frame, class_ids, uncovered, str(pred_rle))
             except DatasetError as e:
                 raise EvaluationError(str(e)) from e
             if pred.shape != gt.shape:
