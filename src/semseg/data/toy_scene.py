@@ -333,12 +333,16 @@ def _draw_lanes(
     drivable = np.full((h, w), BACKGROUND, np.uint8)
     drivable[road_pixels] = np.where(lane[road_pixels] == ego, DIRECT, ALTERNATIVE)
     marks = np.zeros((h, w), np.uint8)
-    dash = lane_rng.uniform(0.04, 0.07)
+    dash = lane_rng.uniform(0.06, 0.1)  # dash length, as a fraction of the road's depth
+
+    def edge(b: float, t: float, side: int) -> tuple[float, float]:
+        """A point of a marking's side edge at depth t: the line toward vp, widening with t."""
+        return vp + t * (b - vp) + side * s * (0.8 + 2.5 * t), hor + t * (h - hor)
+
     for b in bottoms:
-        for t0 in np.arange(lane_rng.uniform(0, 0.1), 1.0, 2 * dash):
-            y0, y1 = hor + t0 * (h - hor), hor + (t0 + dash) * (h - hor)
-            xc, half = vp + t0 * (b - vp), s * (1 + 2 * t0)
-            _rect(xc - half, y0, xc + half, y1)(marks)
+        for t0 in np.arange(lane_rng.uniform(0, 0.1), 1.0, 1.6 * dash):
+            t1 = t0 + dash  # each dash follows the border's slant: its lean shows the lane's side
+            _poly([edge(b, t0, -1), edge(b, t0, 1), edge(b, t1, 1), edge(b, t1, -1)])(marks)
     painted = (marks > 0) & road_pixels  # only where the road is seen: objects stay in front
     sc.image[painted] = _MARKING
     return drivable
