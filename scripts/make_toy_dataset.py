@@ -1,6 +1,7 @@
 """Write the synthetic street-scene dataset in a real layout (BDD100K, Cityscapes or plain folders).
 
 python scripts/make_toy_dataset.py --layout bdd100k --root data/toy_bdd100k [--num-train 96 ...]
+python scripts/make_toy_dataset.py --layout bdd100k_drivable --root data/toy_bdd100k_drivable
 python scripts/make_toy_dataset.py --layout cityscapes --root data/toy_cityscapes
 python scripts/make_toy_dataset.py --layout folder --root data/toy_folder
 """
@@ -8,10 +9,16 @@ python scripts/make_toy_dataset.py --layout folder --root data/toy_folder
 import argparse
 
 from semseg.cli import report_user_errors
-from semseg.data.toy import make_toy_bdd100k, make_toy_cityscapes, make_toy_folder
+from semseg.data.toy import (
+    make_toy_bdd100k,
+    make_toy_bdd100k_drivable,
+    make_toy_cityscapes,
+    make_toy_folder,
+)
 
 GENERATORS = {
     "bdd100k": make_toy_bdd100k,
+    "bdd100k_drivable": make_toy_bdd100k_drivable,
     "cityscapes": make_toy_cityscapes,
     "folder": make_toy_folder,
 }

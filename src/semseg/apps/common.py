@@ -196,6 +196,12 @@ def load_inference_model(
     return InferenceModel(model, state, meta, dataset_cfg, device, precision, inference)
 
 
+def ignored_class(meta: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> str | None:
+    """The toolkit's "ignored" class to score with: the checkpoint's, else the dataset's (a
+    converted checkpoint may carry none; the classes were checked to be the dataset's)."""
+    return meta.get("toolkit_ignored_class") or dataset_cfg.get("toolkit_ignored_class")
+
+
 def check_classes(cfg: DictConfig, trained: list[str]) -> None:
     """Stop with one line listing how the checkpoint's classes differ from the dataset's."""
     wanted = list(cfg.dataset.class_names)

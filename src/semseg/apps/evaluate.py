@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from semseg.apps.common import (
     batch_size,
     check_classes,
+    ignored_class,
     is_checkpoint_file,
     load_inference_model,
     output_dir,
@@ -48,6 +49,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
             "%s evaluation\n%s", report["split"], format_table(report["metrics"], report["classes"])
         )
         log.info("mIoU: %.2f", 100 * report["metrics"]["mIoU"])
+        if "mmseg_mIoU" in report["metrics"]:
+            log.info("mmseg_mIoU (every class scored): %.2f", 100 * report["metrics"]["mmseg_mIoU"])
         del report["classes"]
         _write_report(report, paths)
     return report
@@ -74,6 +77,7 @@ def _evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> tuple[dict | None, l
             device=env.device,
             inference_cfg=loaded.inference,
             precision=loaded.precision,
+            ignored_class=ignored_class(loaded.meta, dataset_cfg),
         )
         if not env.is_main:
             return None, []
@@ -107,6 +111,7 @@ def _score_predictions(cfg: DictConfig) -> dict[str, Any]:
         num_classes=int(cfg.dataset.num_classes),
         class_names=class_names,
         ignore_index=int(cfg.dataset.ignore_index),
+        ignored_class=cfg.dataset.get("toolkit_ignored_class"),
     )
     return {
         "gt_dir": str(cfg.gt_dir),

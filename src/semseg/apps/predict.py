@@ -1,5 +1,6 @@
 """What ``src/predict.py`` does: BDD100K-format masks, colour maps (and overlays) of a dataset
-split or of any folder of images, read as the datasets read them."""
+split or of any folder of images, read as the datasets read them, and the test-server file
+(``submission/<dataset.toolkit_task>.json``, Scalabel RLE frames) of the masks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 from semseg.apps.common import (
     batch_size,
     eval_loader,
+    ignored_class,
     load_inference_model,
     output_dir,
     process_group,
@@ -21,6 +23,7 @@ from semseg.data import ImageFolder, build_eval_transform, eval_scale, read_rgb
 from semseg.distributed import all_gather_object
 from semseg.errors import ConfigError
 from semseg.evaluation import predict_batches, save_prediction
+from semseg.evaluation.submission import write_rle_file
 
 log = logging.getLogger(__name__)
 
@@ -62,4 +65,17 @@ def run_predict(cfg: DictConfig) -> Path:
         total = sum(all_gather_object(count))  # each rank predicted its share of the images
     if env.is_main:
         log.info("wrote %d predictions to %s", total, out_dir)
+        task = loaded.dataset_cfg.get("toolkit_task")
+        if cfg.get("submission") and task:
+            # Every rank's masks are written (the gather above waited for them): rank 0 encodes.
+            masks = [
+                (Path(path).name, out_dir / "masks" / f"{name}.png")
+                for name, path in sources.items()
+            ]
+            # The toolkit's "ignored" class (drivable background) gets no label, as its to_rle
+            # writes the files.
+            ignored = ignored_class(loaded.meta, loaded.dataset_cfg)
+            labelled = [n for n in loaded.class_names if n != ignored]
+            rle = write_rle_file(out_dir / "submission" / f"{task}.json", masks, labelled)
+            log.info("wrote the %s test-server file %s (Scalabel RLE frames)", task, rle)
     return out_dir

@@ -43,6 +43,7 @@ from semseg.apps.card import CardText, Score, backbone_name, sha256, write_card
 from semseg.apps.common import (
     InferenceModel,
     batch_size,
+    ignored_class,
     load_inference_model,
     process_group,
     split_loader,
@@ -214,7 +215,9 @@ class _Row:
         sample = _sample(names, cfg.visuals.count, cfg.visuals.seed)
         rle_val = out / "preds" / f"sem_seg_{self.val_split}.json"
         confmat = self._run_split(val_loader, self.val_split, out, rle_val, sample)
-        self.metrics = summarize(confmat, loaded.class_names)
+        self.metrics = summarize(
+            confmat, loaded.class_names, ignored_class(loaded.meta, loaded.dataset_cfg)
+        )
         scores = {
             "checkpoint": str(self.source.checkpoint),
             "dataset": loaded.dataset_cfg.get("name"),
@@ -341,7 +344,12 @@ class _Row:
         per_class = [
             "| class | IoU-val (%) |",
             "|---|---|",
-            *(f"| {name} | {100 * metrics[f'IoU/{name}']:.2f} |" for name in names),
+            # Drivable area: the toolkit's "ignored" background has no IoU of its own.
+            *(
+                f"| {name} | {100 * metrics[f'IoU/{name}']:.2f} |"
+                for name in names
+                if f"IoU/{name}" in metrics
+            ),
             f"| **mIoU** | **{100 * metrics['mIoU']:.2f}** |",
             f"| pixel accuracy | {100 * metrics['pixel_acc']:.2f} |",
             f"| fIoU | {100 * metrics['fIoU']:.2f} |",

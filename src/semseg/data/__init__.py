@@ -10,6 +10,7 @@ from semseg.data.loader import build_eval_loader, build_train_loader
 from semseg.data.toy import (
     ensure_toy_dataset,
     make_toy_bdd100k,
+    make_toy_bdd100k_drivable,
     make_toy_cityscapes,
     make_toy_dataset,
     make_toy_folder,
@@ -34,6 +35,7 @@ __all__ = [
     "ensure_toy_dataset",
     "eval_scale",
     "make_toy_bdd100k",
+    "make_toy_bdd100k_drivable",
     "make_toy_cityscapes",
     "make_toy_dataset",
     "make_toy_folder",

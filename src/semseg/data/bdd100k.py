@@ -1,8 +1,19 @@
-"""BDD100K 10K semantic segmentation, read from the official folder layout.
+"""BDD100K's pixel tasks, read from the official folder layout. Semantic segmentation (the 10K
+images) by default:
 
     <root>/images/10k/<split>/<name>.jpg
     <root>/labels/sem_seg/masks/<split>/<name>.png       (uint8 class ids, 255 = ignore)
     <root>/labels/sem_seg/rles/sem_seg_<split>.json       (Scalabel frames, COCO RLE per class)
+
+Drivable area (the 100K images) is the same layout with other folders, given as configuration
+(`image_dir`, `mask_dir`, `rle_file`; conf/dataset/bdd100k_drivable.yaml):
+
+    <root>/images/100k/<split>/<name>.jpg
+    <root>/labels/drivable/masks/<split>/<name>.png       (0 direct, 1 alternative, 2 background)
+    <root>/labels/drivable/rles/drivable_<split>.json       (direct / alternative labels only)
+
+The drivable RLE frames label direct and alternative only: the pixels no label covers are
+background (`rle_uncovered: 2`, as the toolkit's to_mask fills them), not ignored.
 
 Pairing happens at construction (a directory listing); every file is checked when it is loaded,
 so a bad file stops training with one message naming it instead of being silently "fixed".
@@ -30,7 +41,8 @@ def decode_scalabel_rle(
 ) -> np.ndarray:
     """Label map of one Scalabel frame: each label's COCO RLE painted with its class id.
 
-    Pixels no label covers stay `ignore_index`, as in the bdd100k toolkit's RLE -> mask.
+    Pixels no label covers stay `ignore_index` (sem_seg, as in the bdd100k toolkit's RLE -> mask;
+    drivable area passes its background id here).
     """
     from pycocotools import mask as mask_utils
 
@@ -85,35 +97,48 @@ def encode_scalabel_frame(
 
 
 class BDD100KDataset(SegmentationDataset):
-    """BDD100K's layout; labels from the PNG masks (`labels="masks"`) or the RLE JSON ("rles")."""
+    """BDD100K's layout; labels from the PNG masks (`labels="masks"`) or the RLE JSON ("rles").
 
-    root_hint = (
-        "set dataset.root=/path/to/bdd100k (the folder holding images/10k and labels/sem_seg), "
-        "or try experiment=quickstart for generated data"
-    )
+    `image_dir`, `mask_dir` (folders holding one folder per split) and `rle_file` (with a
+    `{split}` field) are relative to the root: the sem_seg task's by default."""
 
     def __init__(
         self,
         *args: Any,
         labels: str = "masks",
         class_names: Sequence[str] | None = None,
+        image_dir: str = IMAGE_DIR,
+        mask_dir: str = MASK_DIR,
+        rle_file: str = RLE_FILE,
+        rle_uncovered: int | None = None,
         **kwargs: Any,
     ):
-        """`SegmentationDataset`'s arguments plus the label format and (for RLE categories) the
-        class names."""
+        """`SegmentationDataset`'s arguments plus the label format, (for RLE categories) the class
+        names, the task's folders and the id of the pixels no RLE label covers (None: ignore)."""
         if labels not in LABEL_FORMATS:
             raise DatasetError(f"dataset.labels={labels!r}: use one of {list(LABEL_FORMATS)}")
+        if "{split}" not in rle_file:
+            raise DatasetError(
+                f"dataset.layout.rle_file={rle_file!r} has no {{split}} field: name the file of "
+                "each split, e.g. labels/sem_seg/rles/sem_seg_{split}.json"
+            )
         self.label_format = labels
+        self.rle_uncovered = rle_uncovered
+        self.image_dir, self.mask_dir, self.rle_template = image_dir, mask_dir, rle_file
+        self.root_hint = (
+            f"set dataset.root=/path/to/bdd100k (the folder holding {image_dir} and "
+            f"{Path(mask_dir).parent}), or try experiment=quickstart for generated data"
+        )
         self.class_ids = {name: i for i, name in enumerate(class_names or [])}
         self.frames: dict[str, dict[str, Any]] = {}
         super().__init__(*args, **kwargs)
 
     @property
     def rle_file(self) -> Path:
-        return self.root / RLE_FILE.format(split=self.split)
+        return self.root / self.rle_template.format(split=self.split)
 
     def _list_images(self) -> tuple[dict[str, Path], str]:
-        image_dir = self.root / IMAGE_DIR / self.split
+        image_dir = self.root / self.image_dir / self.split
         if not image_dir.is_dir():
             raise DatasetError(f"split folder {image_dir} does not exist: {self.root_hint}")
         return files_by_name(image_dir, (".jpg",)), f"{image_dir} (.jpg)"
@@ -121,7 +146,7 @@ class BDD100KDataset(SegmentationDataset):
     def _list_labels(self) -> tuple[dict[str, Any] | None, str]:
         if self.label_format == "rles":
             return self._load_rles(), str(self.rle_file)
-        mask_dir = self.root / MASK_DIR / self.split
+        mask_dir = self.root / self.mask_dir / self.split
         return (files_by_name(mask_dir, (".png",)) if mask_dir.is_dir() else None), str(mask_dir)
 
     def _load_rles(self) -> dict[str, Any] | None:
@@ -129,8 +154,8 @@ class BDD100KDataset(SegmentationDataset):
             if self.split == "test":
                 return None
             raise DatasetError(
-                f"RLE label file {self.rle_file} does not exist: unpack the BDD100K sem_seg RLE "
-                "labels there, or set dataset.labels=masks"
+                f"RLE label file {self.rle_file} does not exist: unpack the BDD100K RLE labels "
+                "there, or set dataset.labels=masks"
             )
         if not self.class_ids:
             raise DatasetError("dataset.labels=rles needs dataset.class_names to map categories")
@@ -148,6 +173,5 @@ class BDD100KDataset(SegmentationDataset):
             return super().read_label(index)
         name = self.names[index]
         source = f"{self.rle_file} (frame {name})"
-        return decode_scalabel_rle(
-            self.frames[name], self.class_ids, self.ignore_index, source
-        ), source
+        fill = self.ignore_index if self.rle_uncovered is None else self.rle_uncovered
+        return decode_scalabel_rle(self.frames[name], self.class_ids, fill, source), source

@@ -16,6 +16,8 @@ from semseg.data.transforms import build_eval_transform, pad_fill
 
 # What a checkpoint carries about its dataset, so that inference needs nothing else.
 META_KEYS = ("class_names", "palette", "num_classes", "ignore_index", "mean", "std")
+# Carried only when set: the class the BDD100K toolkit's metric treats as "ignored" (drivable area).
+OPTIONAL_META_KEYS = ("toolkit_ignored_class",)
 
 
 def dataset_meta(dataset_cfg: Mapping) -> dict:
@@ -25,7 +27,9 @@ def dataset_meta(dataset_cfg: Mapping) -> dict:
         if isinstance(dataset_cfg, DictConfig)
         else dataset_cfg
     )
-    return {k: cfg[k] for k in META_KEYS if k in cfg}
+    meta = {k: cfg[k] for k in META_KEYS if k in cfg}
+    meta.update({k: cfg[k] for k in OPTIONAL_META_KEYS if cfg.get(k) is not None})
+    return meta
 
 
 def instantiate_layout(dataset_cfg: Mapping[str, Any], **kwargs: Any) -> SegmentationDataset:

@@ -3,28 +3,30 @@
 One scene renderer (`toy_scene`), one writer per layout: BDD100K (JPEG images, PNG masks, colour
 maps, Scalabel RLE JSON), Cityscapes (PNG images, raw `labelIds` including the ids that map to 255:
 ego vehicle, rectification border, out of roi and other untrained classes) and the plain
-image/mask folders of `dataset=folder`. Output is a pure function of the arguments (same bytes on
-every run). Class names and palette are passed in; they default to the 19 Cityscapes train classes
-that BDD100K uses too.
+image/mask folders of `dataset=folder`, plus BDD100K's drivable area (the same streets with lanes,
+labelled direct / alternative / background). Output is a pure function of the arguments (same
+bytes on every run). Class names and palette are passed in; they default to the 19 Cityscapes train
+classes that BDD100K uses too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
 import socket
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from semseg.data.bdd100k import IMAGE_DIR, MASK_DIR, RLE_FILE, encode_scalabel_frame
@@ -35,11 +37,19 @@ from semseg.data.cityscapes import (
     TRAIN_CLASS_NAMES,
     TRAIN_PALETTE,
 )
-from semseg.data.toy_scene import IGNORE, VOID_CLUTTER, VOID_EGO, render_scene_regions
+from semseg.data.toy_scene import (
+    IGNORE,
+    VOID_CLUTTER,
+    VOID_EGO,
+    render_drivable_scene,
+    render_scene_regions,
+)
 from semseg.files import reporting_write_errors
 
-COLORMAP_DIR = "labels/sem_seg/colormaps"
 SPLITS = ("train", "val", "test")  # test is written without labels
+# BDD100K's drivable-area classes (ids DIRECT, ALTERNATIVE, BACKGROUND of toy_scene) and palette.
+DRIVABLE_CLASSES = ("direct", "alternative", "background")
+DRIVABLE_PALETTE = ((219, 94, 86), (86, 211, 219), (0, 0, 0))
 
 
 def default_classes() -> tuple[list[str], list[list[int]]]:
@@ -64,8 +74,16 @@ class ToyLayout(ABC):
         self, root: Path, class_names: Sequence[str], palette: Sequence[Sequence[int]], seed: int
     ):
         self.root, self.class_names, self.seed = root, list(class_names), seed
+        self.palette = [list(c) for c in palette]
         self.colours = np.zeros((256, 3), np.uint8)  # colour maps: palette colours, ignore black
         self.colours[: len(palette)] = np.array(palette, np.uint8)
+
+    def render(
+        self, key: Sequence[int], height: int, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(RGB image, label map, void map) of the sample whose random draws `key` seeds."""
+        rng = np.random.default_rng(list(key))
+        return render_scene_regions(rng, height, width, self.class_names, self.palette)
 
     @abstractmethod
     def write(self, split: str, i: int, image: np.ndarray, label: np.ndarray, void: np.ndarray):
@@ -76,27 +94,63 @@ class ToyLayout(ABC):
 
 
 class BDD100KToyLayout(ToyLayout):
-    """JPEG images, PNG masks, colour maps and the Scalabel RLE JSON of each labelled split."""
+    """JPEG images, PNG masks, colour maps (next to the masks) and the Scalabel RLE JSON of each
+    labelled split, in the task's folders (the sem_seg task's by default)."""
 
-    def __init__(self, *args: Any):
+    def __init__(
+        self,
+        *args: Any,
+        image_dir: str = IMAGE_DIR,
+        mask_dir: str = MASK_DIR,
+        rle_file: str = RLE_FILE,
+    ):
         super().__init__(*args)
+        self.image_dir, self.mask_dir, self.rle_file = image_dir, mask_dir, rle_file
+        self.colormap_dir = str(Path(mask_dir).parent / "colormaps")
+        self.rle_class_names = self.class_names  # the classes that get an RLE label
         self.frames: dict[str, list[dict]] = {"train": [], "val": []}
-        (self.root / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+        (self.root / image_dir).mkdir(parents=True, exist_ok=True)
 
     def write(self, split: str, i: int, image: np.ndarray, label: np.ndarray, void: np.ndarray):
         name = f"toy{SPLITS.index(split)}{i:04d}-{self.seed:04d}"
-        _imwrite(self.root / IMAGE_DIR / split / f"{name}.jpg", image, cv2.IMWRITE_JPEG_QUALITY, 92)
+        image_path = self.root / self.image_dir / split / f"{name}.jpg"
+        _imwrite(image_path, image, cv2.IMWRITE_JPEG_QUALITY, 92)
         if split in self.frames:
-            _imwrite(self.root / MASK_DIR / split / f"{name}.png", label)
-            _imwrite(self.root / COLORMAP_DIR / split / f"{name}.png", self.colours[label])
-            self.frames[split].append(encode_scalabel_frame(f"{name}.jpg", label, self.class_names))
+            _imwrite(self.root / self.mask_dir / split / f"{name}.png", label)
+            _imwrite(self.root / self.colormap_dir / split / f"{name}.png", self.colours[label])
+            frame = encode_scalabel_frame(f"{name}.jpg", label, self.rle_class_names)
+            self.frames[split].append(frame)
 
     def finish(self) -> None:
         for split, frames in self.frames.items():
             if frames:
-                rle_file = self.root / RLE_FILE.format(split=split)
+                rle_file = self.root / self.rle_file.format(split=split)
                 rle_file.parent.mkdir(parents=True, exist_ok=True)
                 rle_file.write_text(json.dumps({"frames": frames}))
+
+
+class DrivableToyLayout(BDD100KToyLayout):
+    """BDD100K's drivable-area layout: the street scenes with lanes, labelled with the dataset's
+    three classes (direct, alternative, background); the streets use the 19 street classes. As in
+    the toolkit's drivable RLE files, background (the last class) gets no RLE label."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.rle_class_names = self.class_names[:-1]
+
+    def render(
+        self, key: Sequence[int], height: int, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        street_names, street_palette = default_classes()
+        image, drivable = render_drivable_scene(
+            np.random.default_rng(list(key)),  # the street: the same draws as the sem_seg set
+            np.random.default_rng([*key, 1]),  # the lanes: a generator of their own
+            height,
+            width,
+            street_names,
+            street_palette,
+        )
+        return image, drivable, np.zeros_like(drivable)
 
 
 class CityscapesToyLayout(ToyLayout):
@@ -166,7 +220,7 @@ def cityscapes_label_ids(
 
 def make_toy_dataset(
     root: str | Path,
-    layout: type[ToyLayout],
+    layout: Callable[..., ToyLayout],
     num_train: int = 96,
     num_val: int = 24,
     num_test: int = 8,
@@ -177,8 +231,9 @@ def make_toy_dataset(
     class_names: Sequence[str] | None = None,
     palette: Sequence[Sequence[int]] | None = None,
 ) -> Path:
-    """Write the toy dataset under `root` in `layout`; returns `root`. Class names and palette
-    default to the 19 Cityscapes / BDD100K train classes."""
+    """Write the toy dataset under `root` in `layout` (a ToyLayout class, or a callable taking
+    its arguments); returns `root`. Class names and palette default to the 19 Cityscapes /
+    BDD100K train classes."""
     default_names, default_palette = default_classes()
     class_names, palette = class_names or default_names, palette or default_palette
     root = Path(root)
@@ -187,8 +242,7 @@ def make_toy_dataset(
     bar = tqdm(total=sum(counts.values()), desc=f"toy dataset -> {root}", disable=not progress)
     for split_id, split in enumerate(SPLITS):
         for i in range(counts[split]):
-            rng = np.random.default_rng([seed, split_id, i])
-            writer.write(split, i, *render_scene_regions(rng, height, width, class_names, palette))
+            writer.write(split, i, *writer.render([seed, split_id, i], height, width))
             bar.update(1)
     bar.close()
     writer.finish()
@@ -198,6 +252,32 @@ def make_toy_dataset(
 def make_toy_bdd100k(root: str | Path, *args: Any, **kwargs: Any) -> Path:
     """The toy dataset in the BDD100K layout (arguments after `layout` of make_toy_dataset)."""
     return make_toy_dataset(root, BDD100KToyLayout, *args, **kwargs)
+
+
+def make_toy_bdd100k_drivable(
+    root: str | Path,
+    *args: Any,
+    image_dir: str = "images/100k",
+    mask_dir: str = "labels/drivable/masks",
+    rle_file: str = "labels/drivable/rles/drivable_{split}.json",
+    class_names: Sequence[str] | None = None,
+    palette: Sequence[Sequence[int]] | None = None,
+    **kwargs: Any,
+) -> Path:
+    """The toy drivable-area dataset in the BDD100K layout, in the given folders (conf/dataset/
+    toy_bdd100k_drivable.yaml passes its layout's); class names and palette default to
+    BDD100K's drivable ones."""
+    layout = functools.partial(
+        DrivableToyLayout, image_dir=image_dir, mask_dir=mask_dir, rle_file=rle_file
+    )
+    return make_toy_dataset(
+        root,
+        layout,
+        *args,
+        class_names=class_names or DRIVABLE_CLASSES,
+        palette=palette or DRIVABLE_PALETTE,
+        **kwargs,
+    )
 
 
 def make_toy_cityscapes(root: str | Path, *args: Any, **kwargs: Any) -> Path:
@@ -230,6 +310,8 @@ def ensure_toy_dataset(dataset_cfg: Mapping[str, Any]) -> Path:
     # A progress bar for a person at a terminal only: not in logs, and not before the one line of
     # an error that follows on stderr.
     defaults = {"_target_": f"{__name__}.make_toy_bdd100k", "progress": sys.stderr.isatty()}
+    if isinstance(gen, DictConfig):  # interpolations (e.g. of the layout's folders) resolved here
+        gen = OmegaConf.to_container(gen, resolve=True)
     gen = OmegaConf.merge(defaults, gen)
     names, palette = dataset_cfg.get("class_names"), dataset_cfg.get("palette")
     tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")

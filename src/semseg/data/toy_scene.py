@@ -8,6 +8,12 @@ per-image jitter, pixel noise and JPEG compression), so a network has to learn c
 and context, yet a small one reaches a useful mIoU in minutes. Some pixels are 255: an ego-vehicle
 hood and unlabelled blobs, which `render_scene_regions` also reports apart (VOID_EGO, VOID_CLUTTER)
 so that a layout with raw label ids can give them their own ids.
+
+`render_drivable_scene` renders the same scene (the same random draws, so the same street) with
+lanes: the road is cut into 2 or 4 lanes, drawn with dashed markings, and labelled as BDD100K's
+drivable area (the ego lane's road direct, the other lanes' road alternative, the rest background).
+The lanes come from a second generator and are drawn after the street, so the street scenes of the
+other toy sets stay byte for byte what they were.
 """
 
 from __future__ import annotations
@@ -254,7 +260,8 @@ def _object(sc: _Scene, kind: str, x: float, y: float, k: float) -> None:
             sc.paint("rider", _ellipse(x, y - vh * 0.6 - rh * 0.9, rw * 0.4, rh * 0.14))
 
 
-def _draw_scene(sc: _Scene) -> None:
+def _draw_scene(sc: _Scene) -> tuple[int, float, float, float]:
+    """The whole street; returns the road's geometry (horizon row, vp, left, right)."""
     h, w = sc.h, sc.w
     hor, vp, left, right = _draw_background(sc)
     things: list[tuple[float, str, float]] = []  # (ground row, kind, x)
@@ -299,6 +306,65 @@ def _draw_scene(sc: _Scene) -> None:
             colour=np.array([30, 30, 35], np.float32),
             void=VOID_EGO,
         )
+    return hor, vp, left, right
+
+
+# Drivable-area ids (BDD100K's): the ego lane, the other lanes, everything else.
+DIRECT, ALTERNATIVE, BACKGROUND = 0, 1, 2
+_MARKING = np.array([225, 225, 215], np.float32)  # the colour of the centre line's dashes
+
+
+def _draw_lanes(
+    sc: _Scene, road: tuple[int, float, float, float], lane_rng: np.random.Generator
+) -> np.ndarray:
+    """Cut the road into 2 or 4 lanes (the centre line is always a lane border), draw dashed
+    markings on the visible road and return the drivable-area map. Uses only `lane_rng`."""
+    hor, vp, left, right = road
+    h, w, s = sc.h, sc.w, sc.s
+    lanes = int(lane_rng.choice([2, 4]))
+    bottoms = [left + k * (right - left) / lanes for k in range(1, lanes)]  # borders at row h
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    t = np.clip((yy - hor) / (h - hor), 0, None)
+    lane = sum((xx >= vp + t * (b - vp)).astype(np.uint8) for b in bottoms)
+    # The ego lane is the one straight ahead: the camera looks along the road, so the lane below
+    # the vanishing point, between a border leaning right (/) and one leaning left (\).
+    ego = sum(int(vp >= b) for b in bottoms)
+    road_pixels = sc.label == sc.ids["road"]
+    drivable = np.full((h, w), BACKGROUND, np.uint8)
+    drivable[road_pixels] = np.where(lane[road_pixels] == ego, DIRECT, ALTERNATIVE)
+    marks = np.zeros((h, w), np.uint8)
+    dash = lane_rng.uniform(0.06, 0.1)  # dash length, as a fraction of the road's depth
+
+    def edge(b: float, t: float, side: int) -> tuple[float, float]:
+        """A point of a marking's side edge at depth t: the line toward vp, widening with t."""
+        return vp + t * (b - vp) + side * s * (0.8 + 2.5 * t), hor + t * (h - hor)
+
+    for b in bottoms:
+        for t0 in np.arange(lane_rng.uniform(0, 0.1), 1.0, 1.6 * dash):
+            t1 = t0 + dash  # each dash follows the border's slant: its lean shows the lane's side
+            _poly([edge(b, t0, -1), edge(b, t0, 1), edge(b, t1, 1), edge(b, t1, -1)])(marks)
+    painted = (marks > 0) & road_pixels  # only where the road is seen: objects stay in front
+    sc.image[painted] = _MARKING
+    return drivable
+
+
+def _render(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+    lane_rng: np.random.Generator | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(image, label map, void map, drivable map or None without `lane_rng`)."""
+    sc = _Scene(rng, height, width, class_names, palette)
+    road = _draw_scene(sc)
+    drivable = _draw_lanes(sc, road, lane_rng) if lane_rng is not None else None
+    img = sc.image * sc.rng.uniform(0.85, 1.15) + sc.rng.uniform(-20, 20)  # per-image jitter
+    img += sc.rng.uniform(-10, 10, 3)  # colour cast
+    img += sc.rng.normal(0, 5, img.shape)
+    img = cv2.GaussianBlur(img.clip(0, 255), (3, 3), 0.5)
+    return img.round().astype(np.uint8), sc.label, sc.void, drivable
 
 
 def render_scene_regions(
@@ -310,13 +376,23 @@ def render_scene_regions(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One synthetic (RGB uint8 image, uint8 label map, uint8 void map) triple; the void map codes
     the 255 pixels' regions (VOID_EGO, VOID_CLUTTER + k, 0 elsewhere)."""
-    sc = _Scene(rng, height, width, class_names, palette)
-    _draw_scene(sc)
-    img = sc.image * sc.rng.uniform(0.85, 1.15) + sc.rng.uniform(-20, 20)  # per-image jitter
-    img += sc.rng.uniform(-10, 10, 3)  # colour cast
-    img += sc.rng.normal(0, 5, img.shape)
-    img = cv2.GaussianBlur(img.clip(0, 255), (3, 3), 0.5)
-    return img.round().astype(np.uint8), sc.label, sc.void
+    return _render(rng, height, width, class_names, palette)[:3]
+
+
+def render_drivable_scene(
+    rng: np.random.Generator,
+    lane_rng: np.random.Generator,
+    height: int,
+    width: int,
+    class_names: Sequence[str],
+    palette: Sequence[Sequence[int]],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The scene `rng` draws (street classes `class_names`, which must include "road") with lanes
+    from `lane_rng`: (RGB uint8 image, uint8 drivable map of DIRECT / ALTERNATIVE / BACKGROUND)."""
+    if "road" not in class_names:
+        raise ValueError("a drivable scene needs a 'road' class among the street classes")
+    image, _, _, drivable = _render(rng, height, width, class_names, palette, lane_rng)
+    return image, drivable
 
 
 def render_scene(

@@ -459,6 +459,7 @@ class Trainer:
                 self.cfg.inference,
                 precision=self.precision,
                 num_examples=num_examples,
+                ignored_class=self.meta.get("toolkit_ignored_class"),
             )
 
     def evaluate(self, final: bool = False) -> dict[str, float]:

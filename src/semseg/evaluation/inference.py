@@ -182,8 +182,10 @@ def evaluate_model(
     inference_cfg: Mapping[str, Any] | None = None,
     precision: str = "fp32",
     num_examples: int = 0,
+    ignored_class: str | None = None,
 ) -> EvalResult:
-    """Run inference over ``loader`` and compute the official metric, reduced across DDP ranks.
+    """Run inference over ``loader`` and compute the official metric, reduced across DDP ranks
+    (``ignored_class``: the toolkit's "ignored" class of the dataset, see :func:`summarize`).
 
     Every rank gets the full result (each must call this). ``examples`` holds up to
     ``num_examples`` of this rank's predictions as numpy arrays: {name, image HxWx3, pred HxW, gt HxW}.
@@ -216,7 +218,7 @@ def evaluate_model(
     finally:
         predictions.close()
         net.train(was_training)
-    return EvalResult(summarize(confmat, class_names), confmat, examples)
+    return EvalResult(summarize(confmat, class_names, ignored_class), confmat, examples)
 
 
 def _labelled(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -9,6 +9,15 @@ reduces the matrix as follows (values here are fractions; the toolkit prints 100
 - mIoU = mean IoU over the classes that occur in the ground truth (absent classes left out);
 - pixel accuracy = trace / number of counted ground-truth pixels;
 - fIoU = sum_c IoU_c * (ground-truth pixels of c / all counted pixels).
+
+Drivable area (``bdd100k.eval.run -t drivable``) has no extra index: its last class (background) is
+the toolkit's "ignored" one. Ground-truth background (and 255) is left out of the histogram,
+predictions of background (or any value >= 2) land in its column, and IoU, mIoU, pixel accuracy and
+fIoU are those of direct and alternative. A dataset names that class (``toolkit_ignored_class``);
+the same (K+1)x(K+1) matrix over all K classes then gives the toolkit's figures (folded as the
+toolkit's histogram) and mmseg's K-class mIoU, which scores background too (``mmseg_mIoU``,
+``mmseg_IoU/<class>``; mmseg's ``IoUMetric``: classes that occur in neither ground truth nor
+prediction are left out of the mean).
 """
 
 from __future__ import annotations
@@ -103,17 +112,9 @@ def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return out
 
 
-def summarize(
-    confmat: torch.Tensor | np.ndarray, class_names: Sequence[str] | None = None
-) -> dict[str, float]:
-    """Reduce a (K+1)x(K+1) confusion matrix like the toolkit: ``mIoU``, ``pixel_acc``, ``fIoU``,
-    ``IoU/<class name>``, all fractions. An empty matrix gives zeros (the toolkit would give NaN)."""
-    hist = confmat.detach().cpu().numpy() if isinstance(confmat, torch.Tensor) else confmat
-    hist = np.asarray(hist, dtype=np.float64)
-    if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] < 2:
-        raise ValueError(f"expected a (K+1)x(K+1) confusion matrix, got shape {hist.shape}")
+def _toolkit_scores(hist: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """The toolkit's reduction of its (K+1)x(K+1) histogram, "ignored" last, for classes ``names``."""
     k = hist.shape[0] - 1
-    names = _class_names(k, class_names)
     tp = np.diag(hist)
     # IoU over the full matrix (FP includes predictions on any GT row), then drop "ignored".
     iou = _safe_div(tp, hist.sum(0) + hist.sum(1) - tp)[:k]
@@ -126,6 +127,66 @@ def summarize(
         "fIoU": float((iou * gt_pixels / total).sum()) if total else 0.0,
     }
     metrics.update({f"IoU/{name}": float(v) for name, v in zip(names, iou)})
+    return metrics
+
+
+def ignored_class_index(class_names: Sequence[str], ignored_class: str) -> int:
+    """The index of the toolkit's "ignored" class ``ignored_class``: it must be the last class, as
+    the toolkit's drivable metric has it."""
+    names = list(class_names)
+    if ignored_class not in names or names.index(ignored_class) != len(names) - 1:
+        raise EvaluationError(
+            f"dataset.toolkit_ignored_class={ignored_class!r} must be the last of the dataset's "
+            f"classes {names} (the toolkit treats its last class as ignored), or null"
+        )
+    return len(names) - 1
+
+
+def toolkit_histogram(confmat: np.ndarray) -> np.ndarray:
+    """The toolkit's KxK histogram from a (K+1)x(K+1) matrix whose last class K-1 is "ignored":
+    its ground-truth row left out (``fast_hist`` keeps gt < K-1), predictions of it or beyond
+    (>= K-1) in its column."""
+    k = confmat.shape[0] - 1
+    hist = np.zeros((k, k), dtype=confmat.dtype)
+    hist[: k - 1, : k - 1] = confmat[: k - 1, : k - 1]
+    hist[: k - 1, k - 1] = confmat[: k - 1, k - 1 :].sum(1)
+    return hist
+
+
+def mmseg_scores(confmat: np.ndarray, names: Sequence[str]) -> dict[str, float]:
+    """mmseg's ``IoUMetric`` over all K classes of a (K+1)x(K+1) matrix: IoU = intersection /
+    union per class, mIoU the mean over classes with a non-empty union."""
+    k = confmat.shape[0] - 1
+    intersect = np.diag(confmat)[:k]
+    union = confmat[:k].sum(1) + confmat[:k, :k].sum(0) - intersect
+    iou = _safe_div(intersect, union)
+    seen = union > 0
+    metrics = {"mmseg_mIoU": float(iou[seen].mean()) if seen.any() else 0.0}
+    metrics.update({f"mmseg_IoU/{name}": float(v) for name, v in zip(names, iou)})
+    return metrics
+
+
+def summarize(
+    confmat: torch.Tensor | np.ndarray,
+    class_names: Sequence[str] | None = None,
+    ignored_class: str | None = None,
+) -> dict[str, float]:
+    """Reduce a (K+1)x(K+1) confusion matrix like the toolkit: ``mIoU``, ``pixel_acc``, ``fIoU``,
+    ``IoU/<class name>``, all fractions. An empty matrix gives zeros (the toolkit would give NaN).
+
+    With ``ignored_class`` (a class name: drivable area's background) the toolkit's figures are
+    those of the other classes, and mmseg's ``mmseg_mIoU`` / ``mmseg_IoU/<class>`` of all come
+    beside them."""
+    hist = confmat.detach().cpu().numpy() if isinstance(confmat, torch.Tensor) else confmat
+    hist = np.asarray(hist, dtype=np.float64)
+    if hist.ndim != 2 or hist.shape[0] != hist.shape[1] or hist.shape[0] < 2:
+        raise ValueError(f"expected a (K+1)x(K+1) confusion matrix, got shape {hist.shape}")
+    names = _class_names(hist.shape[0] - 1, class_names)
+    if ignored_class is None:
+        return _toolkit_scores(hist, names)
+    ignored = ignored_class_index(names, ignored_class)
+    metrics = _toolkit_scores(toolkit_histogram(hist), names[:ignored])
+    metrics.update(mmseg_scores(hist, names))
     return metrics
 
 
@@ -160,11 +221,13 @@ def evaluate_mask_folders(
     num_classes: int,
     class_names: Sequence[str] | None = None,
     ignore_index: int = IGNORE_INDEX,
+    ignored_class: str | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Score a folder of predicted PNG masks against a folder of ground-truth PNG masks.
 
     Files are paired by name; a ground truth without a prediction counts as all misses (the
-    toolkit's rule); predictions without a ground truth are ignored. Returns (metrics, confmat).
+    toolkit's rule); predictions without a ground truth are ignored. Returns (metrics, confmat);
+    ``ignored_class`` as in :func:`summarize`.
     """
     gt_files = _png_files(Path(gt_dir), "ground-truth", "gt_dir")
     pred_files = _png_files(Path(pred_dir), "prediction", "pred_dir")
@@ -183,15 +246,27 @@ def evaluate_mask_folders(
             pred = np.full_like(gt, num_classes)  # "ignored" everywhere: every pixel a miss
         metric.update(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
     confmat = metric.compute().numpy()
-    return summarize(confmat, class_names), confmat
+    return summarize(confmat, class_names, ignored_class), confmat
 
 
 def format_table(metrics: dict[str, float], class_names: Sequence[str]) -> str:
-    """Per-class IoU and the summary, in percentages (as the toolkit prints them)."""
+    """Per-class IoU and the summary, in percentages (as the toolkit prints them); with mmseg's
+    figures (drivable area) in a column of their own."""
     width = max([len(n) for n in class_names] + [9])
-    lines = [f"{'class':<{width}}  IoU (%)", "-" * (width + 9)]
-    lines += [f"{name:<{width}}  {100 * metrics[f'IoU/{name}']:7.2f}" for name in class_names]
-    lines.append("-" * (width + 9))
-    for key in ("mIoU", "pixel_acc", "fIoU"):
-        lines.append(f"{key:<{width}}  {100 * metrics[key]:7.2f}")
+    mmseg = "mmseg_mIoU" in metrics
+    header = f"{'class':<{width}}  IoU (%)" + ("  mmseg IoU (%)" if mmseg else "")
+    rule = "-" * len(header)
+
+    def cell(key: str) -> str:
+        return f"{100 * metrics[key]:7.2f}" if key in metrics else f"{'-':>7}"
+
+    def row(name: str, key: str, mmseg_key: str) -> str:
+        return f"{name:<{width}}  {cell(key)}" + (f"  {cell(mmseg_key):>14}" if mmseg else "")
+
+    lines = [header, rule]
+    lines += [row(name, f"IoU/{name}", f"mmseg_IoU/{name}") for name in class_names]
+    lines.append(rule)
+    lines.append(row("mIoU", "mIoU", "mmseg_mIoU"))
+    for key in ("pixel_acc", "fIoU"):
+        lines.append(f"{key:<{width}}  {cell(key)}")
     return "\n".join(lines)

@@ -6,6 +6,10 @@
   and matches the toolkit's ``bdd100k.label.to_rle -m sem_seg``. Frames are written one at a time,
   so a split of any size needs the memory of one mask.
 - A zip of the PNG masks (1-channel uint8 train ids, ``<image name>.png``).
+- The test-server file of ``src/predict.py``, ``<task>.json`` (``sem_seg.json``, ``drivable.json``):
+  the same Scalabel RLE frames, from the masks it wrote (the toolkit's ``bdd100k.label.to_rle -m
+  drivable`` gives drivable area the same frames: one label per predicted class, background
+  (the toolkit's "ignored" class) left without one).
 - Scoring an RLE file against ground-truth PNG masks with the official metric
   (``src/evaluate.py gt_dir=... pred_rle=...``).
 """
@@ -16,7 +20,7 @@ import contextlib
 import json
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -87,6 +91,18 @@ class ScalabelWriter:
                 raise
 
 
+def write_rle_file(
+    path: str | os.PathLike, masks: Iterable[tuple[str, Path]], class_names: Sequence[str]
+) -> Path:
+    """The Scalabel RLE JSON of written PNG masks, given as (image file name, mask path) pairs:
+    what the BDD100K test server and ``bdd100k.eval.run -r`` read; ``class_names`` are the classes
+    that get a label (drivable area: direct and alternative). Returns ``path``."""
+    with ScalabelWriter(path, class_names) as writer:
+        for image_name, mask_path in masks:
+            writer.add(image_name, read_mask(Path(mask_path), "prediction mask"))
+    return Path(path)
+
+
 def read_scalabel_frames(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The frames of a Scalabel JSON (``{"frames": [...]}`` or a bare list) by image stem."""
     path = Path(path)
@@ -108,18 +124,23 @@ def evaluate_rle_file(
     num_classes: int,
     class_names: Sequence[str],
     ignore_index: int,
+    ignored_class: str | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Score a Scalabel RLE prediction file against a folder of ground-truth PNG masks.
 
     The same rules as :func:`semseg.evaluation.metrics.evaluate_mask_folders`: frames pair with
     masks by image stem, a mask without a frame counts as all misses, pixels no label covers are
-    "ignored" (a miss). Returns (metrics, confusion matrix).
+    "ignored" (a miss). Returns (metrics, confusion matrix); ``ignored_class`` as in
+    :func:`semseg.evaluation.metrics.summarize`.
     """
     gt_files = sorted(Path(gt_dir).glob("*.png"))
     if not gt_files:
         raise EvaluationError(f"no ground-truth .png masks in {gt_dir} (set gt_dir=<folder>)")
     frames = read_scalabel_frames(pred_rle)
     class_ids = {name: i for i, name in enumerate(class_names)}
+    # Drivable area: pixels no label covers are the "ignored" background (the toolkit's files
+    # label direct and alternative only).
+    uncovered = ignore_index if ignored_class is None else class_ids[ignored_class]
     metric = SegmentationMetric(num_classes, ignore_index, sync_on_compute=False)
     for gt_path in gt_files:
         gt = read_mask(gt_path, "ground truth")  # read as evaluate_mask_folders reads it
@@ -128,7 +149,7 @@ def evaluate_rle_file(
             pred = np.full_like(gt, num_classes)  # "ignored" everywhere: every pixel a miss
         else:
             try:
-                pred = decode_scalabel_rle(frame, class_ids, ignore_index, str(pred_rle))
+                pred = decode_scalabel_rle(frame, class_ids, uncovered, str(pred_rle))
             except DatasetError as e:
                 raise EvaluationError(str(e)) from e
             if pred.shape != gt.shape:
@@ -138,7 +159,7 @@ def evaluate_rle_file(
                 )
         metric.update(torch.from_numpy(pred)[None], torch.from_numpy(gt)[None])
     confmat = metric.compute().numpy()
-    return summarize(confmat, class_names), confmat
+    return summarize(confmat, class_names, ignored_class), confmat
 
 
 def zip_masks(mask_dir: str | os.PathLike, zip_path: str | os.PathLike) -> Path:

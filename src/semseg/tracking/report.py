@@ -65,9 +65,11 @@ def train_line(iteration: int, max_iters: int, row: Mapping[str, float]) -> str:
 def eval_line(iteration: int, metrics: Mapping[str, float]) -> str:
     ema_miou = metrics.get(f"{EMA_PREFIX}mIoU")
     ema = "" if ema_miou is None else f"  EMA mIoU {100 * ema_miou:.2f}%"
+    mmseg_miou = metrics.get("val/mmseg_mIoU")  # drivable area: mmseg's, background scored too
+    mmseg = "" if mmseg_miou is None else f"  (mmseg mIoU {100 * mmseg_miou:.2f}%)"
     return (
         f"iter {iteration}: val mIoU {100 * metrics['val/mIoU']:.2f}%  "
-        f"pixel acc {100 * metrics['val/pixel_acc']:.2f}%{ema}"
+        f"pixel acc {100 * metrics['val/pixel_acc']:.2f}%{mmseg}{ema}"
     )
 
 
