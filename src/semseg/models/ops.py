@@ -130,7 +130,7 @@ class ModulatedDeformConv2dPack(nn.Module):
     the last third the mask. A sample outside the image is 0, bilinear with zero neighbours at the
     border (mmcv's ``modulated_deformable_im2col``, which :func:`torchvision.ops.deform_conv2d`
     also implements). The signature is :class:`torch.nn.Conv2d`'s (plus ``deform_groups``), so it
-    can be a ``conv_layer`` of :class:`torchvision.ops.Conv2dNormActivation`.
+    can be the ``conv_layer`` of torchvision's ``ConvNormActivation``.
     """
 
     # torchvision's deform_conv2d exports to ONNX's DeformConv, new in opset 19.
