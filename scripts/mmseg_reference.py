@@ -258,6 +258,9 @@ CASES: dict[str, dict[str, Any]] = {
         "custom_keys": "vit",
         "groups": {"model": "dpt", "backbone": "vit_base"},
     },
+    # DANet (the zoo's drivable danet_r50-d8 rows; 19 classes here like the other cases): both
+    # gammas (mmcv Scale(0)) are seeded at random too, so that the attention blocks count.
+    "danet": {"config": "danet_r50-d8", "groups": {"model": "danet", "backbone": "resnet50c_d8"}},
 }
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]

@@ -7,8 +7,8 @@ import signal
 import torch
 
 from semseg.distributed import elastic_restart_count
-from semseg.engine.losses import SegCrossEntropy
 from semseg.errors import UserError
+from semseg.losses import SegCrossEntropy
 
 
 class FaultOnRank(SegCrossEntropy):

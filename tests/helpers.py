@@ -604,3 +604,22 @@ def mmseg_fpn_r50_v1c(num_classes: int = 19) -> dict[str, torch.Tensor]:
         sd, "decode_head.conv_seg", _conv(num_classes, 128, 1) | {"bias": torch.randn(num_classes)}
     )
     return sd
+
+
+# --------------------------------------------------------------------------------------------
+# A one-layer model for the training step's tests
+
+
+class OneConvModel(torch.nn.Module):
+    """``conv`` on the images (0..255) times ``scale``, with what the training step asks of a
+    model: ``loss(outputs, target, pixel_loss)`` (one head: the pixel loss on its logits)."""
+
+    def __init__(self, conv: torch.nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv, self.scale = conv, scale
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.conv(images.float() * self.scale)
+
+    def loss(self, outputs: torch.Tensor, target: torch.Tensor, pixel_loss) -> torch.Tensor:
+        return pixel_loss(outputs, target)

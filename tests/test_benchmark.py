@@ -72,7 +72,8 @@ def test_benchmark_tiny_run_writes_json(
     assert result["command"].startswith("python scripts/benchmark.py")
     assert result["env"]["device"] == "cpu"
     model = result["model"]
-    assert model["backbone"] == "resnet18"
+    assert (model["model"], model["backbone"]) == ("Semantic FPN", "resnet18")  # the zoo's name
+    assert "model: Semantic FPN + resnet18" in printed
     assert "backbone.pretrained=false" in model["overrides"]
     for key in ("params", "forward_gflops_per_image", "infer_gflops_per_image"):
         assert _positive(model[key]), key

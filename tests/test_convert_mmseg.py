@@ -173,11 +173,29 @@ def _renamed(sd: dict, old: str, new: str) -> dict:
     return {k.replace(old, new): v for k, v in sd.items()}
 
 
+def _isanet() -> dict[str, torch.Tensor]:
+    """mmseg's ISANet (``isanet_r50-d8``: ISAHead, interlaced sparse self-attention), which this
+    project does not have: the FCN file's decode head swapped for ISAHead's layers."""
+    isa = [
+        f"decode_head.{name}.{part}.weight"
+        for name in ("in_conv", "out_conv")
+        for part in ("conv", "bn")
+    ]
+    isa += [
+        f"decode_head.{relation}.{project}.0.conv.weight"
+        for relation in ("global_relation", "local_relation")
+        for project in ("key_project", "query_project", "value_project", "output_project")
+    ]
+    fcn_head = ("decode_head.convs.", "decode_head.conv_cat.")
+    fcn = {k: v for k, v in layout("fcn").items() if not k.startswith(fcn_head)}
+    return fcn | {key: torch.empty(0) for key in isa}
+
+
 REFUSED = {
-    # DANet: position attention in the decode head
-    "danet": (
-        lambda: layout("fcn") | {"decode_head.pam.query_project.conv.weight": torch.empty(0)},
-        r"decode_head submodules: conv_cat, conv_seg, convs, pam",
+    # ISANet: a decode head this project does not have
+    "isanet": (
+        _isanet,
+        r"decode_head submodules: conv_seg, global_relation, in_conv, local_relation, out_conv",
     ),
     # A cascade of decode heads without PointRend's point head
     "cascade_without_point_head": (
@@ -233,8 +251,8 @@ def test_unsupported_architectures_are_refused_in_one_line(kind: str) -> None:
 
 def test_refused_file_writes_nothing(tmp_path: Path, capsys) -> None:
     script = load_script("convert_mmseg_checkpoint")
-    src, out = tmp_path / "danet.pth", tmp_path / "danet.pt"
-    torch.save({"state_dict": REFUSED["danet"][0]()}, src)
+    src, out = tmp_path / "isanet.pth", tmp_path / "isanet.pt"
+    torch.save({"state_dict": REFUSED["isanet"][0]()}, src)
     with pytest.raises(SystemExit) as info:
         script.main([str(src), str(out)])
     assert info.value.code == 2

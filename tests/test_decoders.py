@@ -26,10 +26,10 @@ from omegaconf import OmegaConf
 from semseg.checkpoints.file import load_checkpoint, make_checkpoint, save_checkpoint
 from semseg.cli import compose, compose_groups
 from semseg.data import dataset_meta
-from semseg.engine.losses import OhemCrossEntropy, SegCrossEntropy
 from semseg.engine.trainer import sync_batchnorm
 from semseg.errors import CheckpointError, ConfigError
 from semseg.evaluation.inference import predict_logits
+from semseg.losses import OhemCrossEntropy, SegCrossEntropy
 from semseg.models import EncoderDecoder, build_model, count_parameters, model_from_checkpoint
 from semseg.models.backbone import BackboneStrideError, TimmBackbone
 from semseg.models.decoders import adaptive_avg_pool
@@ -130,18 +130,25 @@ def test_decoders_take_other_backbones(name: str, backbone: str) -> None:
 
 
 @pytest.mark.parametrize("loss", ["ce", "ohem"])
-def test_aux_loss_is_weighted_by_loss_aux_weight(loss: str) -> None:
-    extra = ["loss.min_kept=10"] if loss == "ohem" else []
-    cfg = compose("train", [f"loss={loss}", "loss.aux_weight=0.25", *extra])
+def test_aux_loss_is_weighted_by_the_aux_heads_loss_weight(loss: str) -> None:
+    extra = ["loss.min_kept=10", "loss.thresh=0.01"] if loss == "ohem" else []
+    narrow = ["backbone=resnet18", "backbone.pretrained=false", "model.decode_head.channels=8"]
+    cfg = compose("train", [f"loss={loss}", *extra, "model=fcn", *narrow,
+                            "model.aux_head.channels=8", "model.aux_head.loss_weight=0.25"])  # fmt: skip
+    assert cfg.model.aux_head.sample_pixels is False
     loss_fn = instantiate(cfg.loss)
     assert isinstance(loss_fn, SegCrossEntropy)
     assert isinstance(loss_fn, OhemCrossEntropy) == (loss == "ohem")
+    model = build_model(cfg)
     gen = torch.Generator().manual_seed(0)
     out, aux = torch.randn(2, 19, 8, 8, generator=gen), torch.randn(2, 19, 8, 8, generator=gen)
     target = torch.randint(0, 19, (2, 8, 8), generator=gen)
     target[0, 0] = 255
-    expected = loss_fn(out, target) + 0.25 * loss_fn(aux, target)
-    assert loss_fn({"out": out, "aux": aux}, target) == pytest.approx(expected.item(), rel=1e-6)
+    # The decode head with the group's sampler (OHEM), the auxiliary head without.
+    expected = loss_fn(out, target) + 0.25 * loss_fn.cross_entropy(aux, target)
+    assert torch.equal(model.loss({"out": out, "aux": aux}, target, loss_fn), expected)
+    if loss == "ohem":  # OHEM dropped pixels of the decode head's
+        assert loss_fn(out, target) < loss_fn.cross_entropy(out, target)
     if loss == "ce":  # mmseg's normalisation: summed over valid pixels, divided by all
         plain = F.cross_entropy(out, target, ignore_index=255, reduction="sum") / target.numel()
         assert loss_fn(out, target) == pytest.approx(plain.item(), rel=1e-6)

@@ -16,6 +16,7 @@ import torch
 from helpers import (
     REPO,
     SINGLE_THREAD_ENV,
+    OneConvModel,
     child_env,
     compose_train,
     read_jsonl,
@@ -27,10 +28,10 @@ from omegaconf import OmegaConf
 
 from semseg.checkpoints.file import load_checkpoint, save_checkpoint
 from semseg.checkpoints.run_folder import load_latest_checkpoint, prune_checkpoints
-from semseg.engine.losses import SegCrossEntropy
 from semseg.engine.optim import PolyLR, build_optimizer, build_scheduler
 from semseg.engine.trainer import NonFiniteLossError
 from semseg.errors import CheckpointError
+from semseg.losses import SegCrossEntropy
 
 
 def reference_poly(it: int, lr0: float = 0.01, max_iters: int = 40000) -> float:
@@ -279,8 +280,7 @@ def test_gradient_accumulation_matches_the_big_batch():
         torch.manual_seed(1)
         conv = torch.nn.Conv2d(3, 3, 3, padding=1)
 
-        def model(images, conv=conv):  # like the project's models: uint8 0..255 in
-            return conv(images.float())
+        model = OneConvModel(conv)  # like the project's models: uint8 0..255 in
 
         opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, PolyLR(0.1, 10))

@@ -4,8 +4,10 @@ whose cards keep reported and measured scores apart."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import sys
+import threading
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -154,6 +156,70 @@ for ref in ("hf://semseg-test/missing", "hf://semseg-test/tiny@v1"):
 """
 
 
+# What the stub Hub says of a repository or revision it does not have (the Hub's X-Error-Code).
+STUB_HUB_NOT_FOUND = {
+    "/api/models/semseg-test/gone/revision/main": "RepoNotFound",
+    f"/api/models/{REPO_ID}/revision/v9": "RevisionNotFound",
+}
+
+
+class _StubHub(http.server.BaseHTTPRequestHandler):
+    """A Hub on 127.0.0.1 that answers the look-ups of STUB_HUB_NOT_FOUND with 404 as the Hub
+    does, and fails anything else (500)."""
+
+    def do_GET(self) -> None:
+        code = STUB_HUB_NOT_FOUND.get(self.path.split("?")[0])
+        self.send_response(404 if code else 500)
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def stub_hub(hub_cache: Path, monkeypatch) -> str:
+    """:class:`_StubHub` as the Hub, online, with ``hub_cache`` as the cache."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StubHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(
+        huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}"
+    )
+    yield huggingface_hub.constants.ENDPOINT
+    server.shutdown()
+    thread.join()
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("hf://semseg-test/gone", "hf://semseg-test/gone: there is no model repository "
+         "semseg-test/gone on the Hugging Face Hub (or it is private or gated"),
+        (f"hf://{REPO_ID}@v9", f"hf://{REPO_ID}@v9: {REPO_ID} has no revision 'v9' (a branch, tag "
+         "or commit)"),
+        ("hf://semseg-test/other", "hf://semseg-test/other: there is no model repository "
+         "semseg-test/other in the Hugging Face cache"),
+    ],
+)  # fmt: skip
+def test_the_hubs_answers_are_one_line_each(stub_hub: str, reference: str, message: str) -> None:
+    """huggingface_hub's typed errors for what the Hub does not have; a Hub that fails (500) for
+    an uncached repository: the cache miss, with the Hub's failure."""
+    with pytest.raises(CheckpointError) as error:
+        load_model_checkpoint(reference)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    if "other" in reference:
+        assert "and the Hub failed (HfHubHTTPError: Server error '500" in str(error.value)
+
+
+def test_a_failing_hub_serves_the_cached_model(stub_hub: str, folder: Path) -> None:
+    loaded = load_model_checkpoint(f"hf://{REPO_ID}@v1")
+    assert _same_weights(loaded["model"], load_model_checkpoint(folder)["model"])
+
+
 @pytest.mark.slow
 def test_an_unreachable_hub_falls_back_to_the_cache_at_once(folder: Path, tmp_path: Path) -> None:
     """Without HF_HUB_OFFLINE and without a reachable Hub (a closed local port here): one line
@@ -214,6 +280,9 @@ def test_hub_folder_of_a_converted_checkpoint(converted, toy_root, tmp_path, cap
     assert (reported["val"].metric_value, reported["test"].metric_value) == (0.5924, 0.5289)
     assert all(r.source_name.endswith(", not measured here") for r in reported.values())
     assert card.data.license == "apache-2.0" and card.data.library_name == "semseg"
+    assert card.text.startswith("# Semantic FPN, resnet18 on toy_bdd100k\n")
+    assert "semantic-fpn" in card.data.tags
+    assert card.data.model_name == "semantic-fpn-resnet18-toy-bdd100k"
     assert "Weights from `fpn_r50_512x1024_40k_sem_seg_bdd100k.pth`" in card.text
     assert "Not measured here yet" in card.text and "hf://semseg-test/fpn-r50" in card.text
     assert _same_weights(load_model_checkpoint(out)["model"], load_checkpoint(converted)["model"])

@@ -16,13 +16,10 @@ from omegaconf import OmegaConf
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from semseg.data import class_pixel_counts
-from semseg.engine.losses import (
-    OhemCrossEntropy,
-    SegCrossEntropy,
-    build_loss,
-    enet_class_weights,
-)
+from semseg.engine.losses import build_loss, enet_class_weights
 from semseg.errors import ConfigError
+from semseg.losses import OhemCrossEntropy, SegCrossEntropy
+from semseg.models.decoders import EncoderDecoder, FCNHead
 
 # One image, 2 classes, 6 pixels; the true class (0) has these softmax probabilities, one is ignored.
 PROBS = [0.9, 0.6, 0.8, 0.95, 0.3, 0.5]
@@ -121,17 +118,30 @@ def test_ohem_equals_the_previous_threshold_without_a_host_sync(case: str) -> No
     assert torch.equal(value, reference) and torch.equal(logits.grad, expected_grad)
 
 
+def two_head_model(**aux_settings: object) -> EncoderDecoder:
+    """An encoder-decoder with a decode head and an auxiliary head (``aux_settings``) on 5 classes."""
+    heads = [
+        FCNHead([4] * 4, 5, channels=4, num_convs=1, concat_input=False, **settings)
+        for settings in ({}, aux_settings)
+    ]
+    return EncoderDecoder(torch.nn.Identity(), heads[0], heads[1])
+
+
 def test_ohem_samples_the_decode_head_only() -> None:
     # mmseg: each head has its own loss; the zoo's auxiliary head has no pixel sampler.
     torch.manual_seed(0)
     target = torch.randint(0, 5, (2, 16, 24))
     out, aux = torch.randn(2, 2, 5, 16, 24).unbind(0)
-    ohem = OhemCrossEntropy(min_kept=20, aux_weight=0.4)
-    both = ohem({"out": out, "aux": aux}, target)
+    ohem = OhemCrossEntropy(min_kept=20)
+    model = two_head_model(loss_weight=0.4, sample_pixels=False)
+    both = model.loss({"out": out, "aux": aux}, target, ohem)
     assert both == ohem(out, target) + 0.4 * SegCrossEntropy()(aux, target)
     assert ohem(aux, target) < SegCrossEntropy()(aux, target)  # OHEM would drop pixels there
+    sampled = two_head_model(loss_weight=0.4, sample_pixels=True)  # OHEM on both heads
+    assert sampled.loss({"out": out, "aux": aux}, target, ohem) < both
+    assert model.loss(out, target, ohem) == ohem(out, target)  # logits alone: the decode head's
     with HostSyncs() as syncs:
-        ohem({"out": out, "aux": aux}, target)
+        model.loss({"out": out, "aux": aux}, target, ohem)
     assert syncs.count == 0
 
 

@@ -141,7 +141,9 @@ def test_zoo_folder(zoo: Path, run_dir: Path, toy_root: Path, tmp_path: Path) ->
     assert len(stems(zoo / "visuals/colormaps", "*.png")) == 3
     assert stems(zoo / "visuals/overlays", "*.jpg") == stems(zoo / "visuals/colormaps", "*.png")
     readme = (zoo / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| FPNHead"))
+    row = next(
+        line for line in readme.splitlines() if line.startswith("| Semantic FPN | resnet18 |")
+    )
     cells = [c.strip() for c in row.strip("|").split(" | ")]
     assert cells[3] == f"{100 * scores['metrics']['mIoU']:.2f}" and cells[5] == ""
     assert "[scores](scores-val.json)" in row and f"`{sha[:8]}`" in row
@@ -152,6 +154,10 @@ def test_zoo_folder(zoo: Path, run_dir: Path, toy_root: Path, tmp_path: Path) ->
     # holds scores-val.json's mIoU (measured here: no other source named)
     card = ModelCard.load(zoo / "README.md")
     assert (card.data.library_name, card.data.pipeline_tag) == ("semseg", "image-segmentation")
+    # named as the zoo names the method: its section heading, as a slug in the tags and the name
+    assert card.text.startswith("# Semantic FPN, resnet18 on toy_bdd100k\n")
+    assert card.data.tags == ["resnet18", "semantic-fpn", "semantic-segmentation", "toy_bdd100k"]
+    assert card.data.model_name == "semantic-fpn-resnet18-toy-bdd100k"
     assert card.data.license == "mit" and card.data.datasets == ["toy_bdd100k"]
     (result,) = card.data.eval_results
     assert (result.metric_type, result.dataset_split) == ("mean_iou", "val")
@@ -196,7 +202,7 @@ def test_missing_best_checkpoint_and_last(
         0.4321, "the evaluation server", SERVER
     )  # fmt: skip
     row = next(line for line in (out / "README.md").read_text().splitlines()
-               if line.startswith("| FPNHead"))  # fmt: skip
+               if line.startswith("| Semantic FPN | resnet18 |"))  # fmt: skip
     assert row.strip("|").split(" | ")[5].strip() == "43.21"
     assert sorted(p.name for p in only_last.iterdir()) == ["checkpoints", "model_zoo"]
 

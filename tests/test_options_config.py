@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 def test_options_are_off_by_default():
     cfg = compose_train()
-    assert cfg.loss._target_ == "semseg.engine.losses.SegCrossEntropy"
+    assert cfg.loss._target_ == "semseg.losses.SegCrossEntropy"
     assert cfg.loss.normalize == "all" and "class_weight" not in cfg.loss
     assert cfg.trainer.clip_grad_norm is None and cfg.trainer.ema is None
     assert cfg.trainer.best_metric == "val/mIoU"

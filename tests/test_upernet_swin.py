@@ -86,7 +86,7 @@ def test_zoo_row_is_the_zoo_config(row: str) -> None:
     assert head._target_.endswith("UPerHead") and list(head.pool_scales) == [1, 2, 3, 6]
     assert (head.channels, head.dropout, list(head.in_index)) == (512, 0.1, [0, 1, 2, 3])
     assert (aux.in_index, aux.channels, aux.num_convs, aux.concat_input) == (2, 256, 1, False)
-    assert not cfg.model.align_corners and cfg.loss.aux_weight == 0.4
+    assert not cfg.model.align_corners and aux.loss_weight == 0.4 and not aux.sample_pixels
     opt = cfg.optimizer
     assert opt._target_ == "torch.optim.AdamW" and (opt.lr, opt.weight_decay) == (6e-5, 0.01)
     assert list(opt.betas) == [0.9, 0.999]

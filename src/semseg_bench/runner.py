@@ -17,8 +17,9 @@ from typing import Any
 import albumentations as A
 import cv2
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from semseg.apps.methods import method_name
 from semseg.cli import compose
 from semseg.models import build_model, count_parameters, forward_gflops
 from semseg.runtime import (
@@ -191,7 +192,7 @@ def run_benchmark(
         "options": asdict(opts),
         "env": environment(device),
         "model": {
-            "model": OmegaConf.to_container(cfg.model, resolve=True)["_target_"],
+            "model": method_name(cfg),  # as the BDD100K model zoo names it
             "backbone": str(cfg.backbone.name),
             "overrides": [*DEFAULT_OVERRIDES, *opts.overrides],
         },

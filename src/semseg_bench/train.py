@@ -58,7 +58,8 @@ def _conv_backward_flop(
 
 
 def train_flops_per_image(model: nn.Module, height: int, width: int, loss_fn: nn.Module) -> float:
-    """FLOPs of forward + loss + backward for one ``height`` x ``width`` image (train mode).
+    """FLOPs of forward + loss (the heads', ``model.loss``) + backward for one ``height`` x
+    ``width`` image (train mode).
 
     Counted on meta-device copies (shapes only: no compute, no memory), as ``forward_gflops``.
     """
@@ -72,7 +73,7 @@ def train_flops_per_image(model: nn.Module, height: int, width: int, loss_fn: nn
     image = torch.zeros(2, 3, height, width, device="meta")
     target = torch.zeros(2, height, width, dtype=torch.long, device="meta")
     with counter:
-        loss_fn(counted(image), target).backward()
+        counted.loss(counted(image), target, loss_fn).backward()
     return float(counter.get_total_flops()) / 2
 
 

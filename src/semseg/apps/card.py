@@ -1,7 +1,9 @@
-"""Model cards: the ``README.md`` of a model folder. Its YAML front matter, written with
-huggingface_hub's own ``ModelCardData``, is what the Hugging Face Hub shows and indexes: license,
-library, tags, datasets, task and a ``model-index`` with the mIoU of each split (fractions, as
-``scores-val.json`` stores them), each marked with where it comes from."""
+"""Model cards: the ``README.md`` of a model folder, one writer for the model-zoo row
+(:mod:`semseg.apps.zoo`) and the Hub folder (:mod:`semseg.apps.hub_folder`), built as
+huggingface_hub's own ``ModelCard``. Its YAML front matter (``ModelCardData``) is what the Hugging
+Face Hub shows and indexes: license, library, tags, datasets, task and a ``model-index`` with the
+mIoU of each split (fractions, as ``scores-val.json`` stores them), each marked with where it
+comes from. The method is named as the BDD100K model zoo names it (:mod:`semseg.apps.methods`)."""
 
 from __future__ import annotations
 
@@ -9,8 +11,15 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from semseg.apps.methods import method_name, slug
+from semseg.files import write_text
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard, ModelCardData
+
+CARD_FILE = "README.md"
 LIBRARY_NAME = "semseg"
 PIPELINE_TAG = "image-segmentation"
 TASK_NAME = "Semantic Segmentation"
@@ -33,42 +42,45 @@ class Score:
         return self.source_name is None
 
 
-def describe_model(config: Mapping[str, Any]) -> tuple[str, str]:
-    """(method, backbone) of a checkpoint's config, e.g. ``FPNHead``, ``resnet50c``."""
-    model = config.get("model") or {}
-    method = str(model.get("_target_", "model")).rsplit(".", 1)[-1]
-    head = model.get("decode_head") or {}
-    if method == "encoder_decoder" and "_target_" in head:  # named by its decode head
-        method = str(head["_target_"]).rsplit(".", 1)[-1]
-    return method, str((config.get("backbone") or {}).get("name", "?"))
+@dataclass(frozen=True)
+class CardText:
+    """What one model card says. :func:`write_card` lays it out the same way for a model-zoo row
+    and a Hub folder: front matter, the title (the zoo's method heading, backbone and dataset),
+    ``intro``, the scores with ``score_notes``, how to use the model, the files with their
+    SHA-256 and ``file_notes``, then ``sections`` (heading, lines) in their order."""
+
+    config: Mapping[str, Any]  # the model's config (model, backbone, dataset)
+    dataset: str
+    scores: Sequence[Score]  # per split, a measured one before a reported one
+    license: str
+    files: Mapping[str, str]  # file name -> SHA-256
+    repo_id: str | None = None  # <org>/<name> the folder will be uploaded to
+    name: str | None = None  # the model-index name (default: method-backbone-dataset)
+    intro: Sequence[str] = ()
+    score_notes: Sequence[str] = ()
+    file_notes: Sequence[str] = ()
+    sections: Sequence[tuple[str, Sequence[str]]] = ()
 
 
-def card_header(
-    config: Mapping[str, Any],
-    dataset: str,
-    scores: Sequence[Score],
-    license: str,
-    name: str | None = None,
-) -> str:
-    """The card's YAML front matter (between ``---`` lines) for a model of ``config`` on
-    ``dataset`` with ``scores`` (per split, a measured one before a reported one); ``name`` is the
-    model-index name (default method-backbone-dataset)."""
+def card_data(text: CardText) -> ModelCardData:
+    """The card's front matter: license, library, tags (the method's heading as a slug, the
+    backbone, the dataset), task and the model-index with one mIoU per split."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    method, backbone = describe_model(config)
-    name = name or f"{method}-{backbone}-{dataset}".replace("_", "-")
+    method, backbone = method_name(text.config), backbone_name(text.config)
+    name = text.name or f"{slug(method)}-{backbone}-{text.dataset}".replace("_", "-")
     # One model-index entry per split (the Hub merges entries of the same split and keeps one
     # source): a measured score takes the place of a reported one; the body lists both.
     by_split: dict[str, Score] = {}
-    for score in scores:
+    for score in text.scores:
         if score.split not in by_split or (score.measured and not by_split[score.split].measured):
             by_split[score.split] = score
     results = [
         EvalResult(
             task_type=PIPELINE_TAG,
             task_name=TASK_NAME,
-            dataset_type=dataset,
-            dataset_name=dataset,
+            dataset_type=text.dataset,
+            dataset_name=text.dataset,
             dataset_split=score.split,
             metric_type=METRIC_TYPE,
             metric_name=f"mIoU ({score.split})",
@@ -78,19 +90,66 @@ def card_header(
         )
         for score in by_split.values()
     ]
-    data = ModelCardData(
-        license=license,
+    return ModelCardData(
+        license=text.license,
         library_name=LIBRARY_NAME,
-        tags=sorted({"semantic-segmentation", method.replace("_", "-"), backbone, dataset}),
-        datasets=[dataset],
+        tags=sorted({"semantic-segmentation", slug(method), backbone, text.dataset}),
+        datasets=[text.dataset],
         pipeline_tag=PIPELINE_TAG,
         model_name=name if results else None,
         eval_results=results or None,
     )
-    return f"---\n{data.to_yaml()}\n---\n"
 
 
-def score_table(scores: Sequence[Score]) -> list[str]:
+def model_card(text: CardText) -> ModelCard:
+    """The card as huggingface_hub's ``ModelCard``: :func:`card_data` as front matter, then the
+    markdown body."""
+    from huggingface_hub import ModelCard
+
+    method, backbone = method_name(text.config), backbone_name(text.config)
+    lines = [
+        f"# {method}, {backbone} on {text.dataset}",
+        "",
+        *_block(text.intro),
+        "## Scores",
+        "",
+        *_block(_score_table(text.scores) if text.scores else ["No scores yet."]),
+        *_block(text.score_notes),
+        "## Use",
+        "",
+        *_block(_usage_lines(text.repo_id, text.dataset)),
+        "## Files",
+        "",
+        "| file | SHA-256 |",
+        "|---|---|",
+        *(f"| {file} | `{sha}` |" for file, sha in text.files.items()),
+        "",
+        *_block(text.file_notes),
+    ]
+    for heading, body in text.sections:
+        lines += [f"## {heading}", "", *_block(body)]
+    body = "\n".join(lines).rstrip("\n") + "\n"
+    return ModelCard(f"---\n{card_data(text).to_yaml()}\n---\n{body}")
+
+
+def write_card(folder: Path, text: CardText) -> ModelCard:
+    """Write ``folder/README.md``, the model card of ``text``; returns it."""
+    card = model_card(text)
+    write_text(folder / CARD_FILE, str(card), "model card")
+    return card
+
+
+def backbone_name(config: Mapping[str, Any]) -> str:
+    """The backbone's name in ``config`` (``resnet50c``, ``swin_tiny_patch4_window7_224...``)."""
+    return str((config.get("backbone") or {}).get("name", "?"))
+
+
+def _block(lines: Sequence[str]) -> list[str]:
+    """``lines`` followed by a blank line, or nothing when there are none."""
+    return [*lines, ""] if lines else []
+
+
+def _score_table(scores: Sequence[Score]) -> list[str]:
     """Markdown lines: each score in percent, with where it comes from."""
     lines = ["| split | mIoU (%) | source |", "|---|---|---|"]
     for s in scores:
@@ -101,7 +160,7 @@ def score_table(scores: Sequence[Score]) -> list[str]:
     return lines
 
 
-def usage_lines(repo_id: str | None, dataset: str) -> list[str]:
+def _usage_lines(repo_id: str | None, dataset: str) -> list[str]:
     """How to evaluate and predict with the model from the Hub, and how to fetch it."""
     repo = repo_id or REPO_PLACEHOLDER
     return [

@@ -9,9 +9,8 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from semseg.apps.card import Score, card_header, describe_model, score_table, sha256, usage_lines
+from semseg.apps.card import CardText, Score, sha256, write_card
 from semseg.checkpoints.model_folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -19,7 +18,7 @@ from semseg.checkpoints.model_folder import (
     save_model_folder,
 )
 from semseg.errors import ConfigError
-from semseg.files import write_folder_atomically, write_text
+from semseg.files import write_folder_atomically
 from semseg.models import model_from_checkpoint
 
 CONVERTER = "scripts/convert_mmseg_checkpoint.py"
@@ -60,58 +59,34 @@ def write_hub_folder(
     origin = origin or meta.get("converted_from") or checkpoint
     dataset = dataset or str((config.get("dataset") or {}).get("name", "dataset"))
 
+    scores = [*measured, *reported]
+    intro = [
+        f"Weights from `{origin}`, converted into this project's layout with `{CONVERTER}` "
+        "(renamed tensors, no retraining)."
+    ]
+
     def write(tmp: Path) -> None:
         save_model_folder(state, config, tmp)
         shas = {f: sha256(tmp / f) for f in (WEIGHTS_FILE, CONFIG_FILE)}
-        card = _card(config, dataset, [*measured, *reported], origin, license, repo_id, name, shas)
-        write_text(tmp / "README.md", card, "model card")
+        card = CardText(config, dataset, scores, license, shas, repo_id, name, intro=intro,
+                        score_notes=_how_to_measure(dataset, scores))  # fmt: skip
+        write_card(tmp, card)
 
     return write_folder_atomically(out_dir, write, "Hub folder", overwrite=overwrite)
 
 
-def _card(
-    config: dict[str, Any],
-    dataset: str,
-    scores: list[Score],
-    origin: str,
-    license: str,
-    repo_id: str | None,
-    name: str | None,
-    shas: dict[str, str],
-) -> str:
-    method, backbone = describe_model(config)
-    measured = [s for s in scores if s.measured]
-    lines = [
-        card_header(config, dataset, scores, license, name),
-        f"# {method}, {backbone} on {dataset}",
+def _how_to_measure(dataset: str, scores: Sequence[Score]) -> list[str]:
+    """Until a score is measured here: the commands that measure the val score and put it into
+    the card."""
+    if any(score.measured for score in scores):
+        return []
+    return [
+        "Not measured here yet. Measure the val score and put it into this card:",
         "",
-        f"Weights from `{origin}`, converted into this project's layout with `{CONVERTER}` "
-        "(renamed tensors, no retraining).",
-        "",
-        "## Scores",
-        "",
-        *(score_table(scores) if scores else ["No scores yet."]),
-        "",
+        "```bash",
+        f"python src/evaluate.py checkpoint=<this folder> dataset={dataset} "
+        f"dataset.root=/data/{dataset} dataset.split=val hydra.run.dir=outputs/eval/{dataset}",
+        f"python scripts/hub_folder.py <checkpoint> <this folder> --overwrite "
+        f"--scores outputs/eval/{dataset}/eval_val.json [the --reported-* options again]",
+        "```",
     ]
-    if not measured:
-        lines += [
-            "Not measured here yet. Measure the val score and put it into this card:",
-            "",
-            "```bash",
-            f"python src/evaluate.py checkpoint=<this folder> dataset={dataset} "
-            f"dataset.root=/data/{dataset} dataset.split=val hydra.run.dir=outputs/eval/{dataset}",
-            f"python scripts/hub_folder.py <checkpoint> <this folder> --overwrite "
-            f"--scores outputs/eval/{dataset}/eval_val.json [the --reported-* options again]",
-            "```",
-            "",
-        ]
-    lines += [
-        "## Use",
-        "",
-        *usage_lines(repo_id, dataset),
-        "",
-        "| file | SHA-256 |",
-        "|---|---|",
-        *(f"| {file} | `{sha}` |" for file, sha in shas.items()),
-    ]
-    return "\n".join(lines) + "\n"

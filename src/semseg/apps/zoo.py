@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from semseg.apps.card import Score, card_header, describe_model, score_table, sha256, usage_lines
+from semseg.apps.card import CardText, Score, backbone_name, sha256, write_card
 from semseg.apps.common import (
     InferenceModel,
     batch_size,
@@ -47,6 +47,7 @@ from semseg.apps.common import (
     process_group,
     split_loader,
 )
+from semseg.apps.methods import method_name
 from semseg.checkpoints.file import load_checkpoint, save_checkpoint
 from semseg.checkpoints.model_folder import WEIGHTS_FILE as SAFETENSORS_FILE
 from semseg.checkpoints.model_folder import save_model_folder
@@ -238,7 +239,7 @@ class _Row:
                     submission / f"sem_seg_{self.test_split}_masks.zip",
                 )
         visuals = sorted(sample)[:_VISUALS_IN_CARD]
-        write_text(out / "README.md", self._card(scores, shas, visuals), "model card")
+        write_card(out, self._card(scores, shas, visuals))
 
     def _write_weights(self, out: Path) -> dict[str, str]:
         """model.safetensors + config.yaml, weights.pt (clean state-dict keys) and its .sha256."""
@@ -306,12 +307,13 @@ class _Row:
         image = read_rgb(image_path)
         save_image(folder / "overlays" / f"{name}.jpg", overlay(image, mask, palette), "overlay")
 
-    def _card(self, scores: Mapping[str, Any], shas: Mapping[str, str], visuals: list[str]) -> str:
-        """README.md: the card's front matter, the model-zoo table row, the per-class IoU, how to
-        use and reproduce the model, and how to get mIoU-test."""
+    def _card(
+        self, scores: Mapping[str, Any], shas: Mapping[str, str], visuals: list[str]
+    ) -> CardText:
+        """README.md: the model-zoo table row, the scores, per-class IoU, how to reproduce the
+        model and how to get mIoU-test (the card writer adds the front matter, use and files)."""
         cfg, loaded = self.cfg, self.loaded
         metrics, names, dataset = scores["metrics"], scores["class_names"], scores["dataset"]
-        method, backbone = describe_model(loaded.config)
         test_miou = cfg.get("test_miou")
         card_scores = [Score(self.val_split, metrics["mIoU"])]
         if test_miou is not None:
@@ -328,58 +330,53 @@ class _Row:
         )
         # mIoU-test and Scores-test stay empty until the evaluation server answers.
         test_cell = f"{100 * float(test_miou):.2f}" if test_miou is not None else ""
-        row = [method, backbone, str(self.source.state.get("iteration", "?")),
-               f"{100 * metrics['mIoU']:.2f}", link("scores", SCORES_FILE), test_cell, "",
-               link("config", "config.yaml"), weights, link("preds", "preds/"),
-               link("visuals", "visuals/")]  # fmt: skip
+        row = [method_name(loaded.config), backbone_name(loaded.config),
+               str(self.source.state.get("iteration", "?")), f"{100 * metrics['mIoU']:.2f}",
+               link("scores", SCORES_FILE), test_cell, "", link("config", "config.yaml"), weights,
+               link("preds", "preds/"), link("visuals", "visuals/")]  # fmt: skip
         head = ["Method", "Backbone", "Iters", "mIoU-val", "Scores-val", "mIoU-test", "Scores-test",
                 "Config", "Weights", "Preds", "Visuals"]  # fmt: skip
-        lines = [
-            card_header(loaded.config, dataset, card_scores, str(cfg.license), cfg.get("name")),
-            f"# {method}, {backbone} on {dataset}",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|" + "---|" * len(head),
-            "| " + " | ".join(row) + " |",
-            "",
-            *score_table(card_scores),
-            "",
-            f"Checkpoint `{scores['checkpoint']}` (iteration "
-            f"{self.source.state.get('iteration', '?')}), evaluated in {loaded.precision} at scale "
-            f"{scores['scale']}. Inference: "
-            f"`{json.dumps(scores['inference'], separators=(', ', ': '))}`.",
-            "",
-            "| file | SHA-256 |",
-            "|---|---|",
-            *(f"| {name} | `{sha}` |" for name, sha in shas.items()),
-            "",
-            f"`sha256sum -c {WEIGHTS_FILE}.sha256` checks a downloaded {WEIGHTS_FILE}.",
-            "",
-            "## Per-class IoU",
-            "",
+        per_class = [
             "| class | IoU-val (%) |",
             "|---|---|",
             *(f"| {name} | {100 * metrics[f'IoU/{name}']:.2f} |" for name in names),
             f"| **mIoU** | **{100 * metrics['mIoU']:.2f}** |",
             f"| pixel accuracy | {100 * metrics['pixel_acc']:.2f} |",
             f"| fIoU | {100 * metrics['fIoU']:.2f} |",
-            "",
-            "## Use",
-            "",
-            *usage_lines(cfg.get("repo_id"), dataset),
-            "",
-            "## Reproduce",
-            "",
-            *self._reproduce(dataset),
-            "",
-            "## Test set",
-            "",
-            self._test_text(),
+        ]
+        sections = [
+            ("Per-class IoU", per_class),
+            ("Reproduce", self._reproduce(dataset)),
+            ("Test set", [self._test_text()]),
         ]
         if visuals:
-            lines += ["", "## Visuals", ""]
-            lines += [f"![{n}]({base}visuals/overlays/{n}.jpg)" for n in visuals]
-        return "\n".join(lines) + "\n"
+            sections.append(
+                ("Visuals", [f"![{n}]({base}visuals/overlays/{n}.jpg)" for n in visuals])
+            )
+        return CardText(
+            config=loaded.config,
+            dataset=dataset,
+            scores=card_scores,
+            license=str(cfg.license),
+            files=shas,
+            repo_id=cfg.get("repo_id"),
+            name=cfg.get("name"),
+            intro=[
+                "| " + " | ".join(head) + " |",
+                "|" + "---|" * len(head),
+                "| " + " | ".join(row) + " |",
+            ],
+            score_notes=[
+                f"Checkpoint `{scores['checkpoint']}` (iteration "
+                f"{self.source.state.get('iteration', '?')}), evaluated in {loaded.precision} at "
+                f"scale {scores['scale']}. Inference: "
+                f"`{json.dumps(scores['inference'], separators=(', ', ': '))}`."
+            ],
+            file_notes=[
+                f"`sha256sum -c {WEIGHTS_FILE}.sha256` checks a downloaded {WEIGHTS_FILE}."
+            ],
+            sections=sections,
+        )
 
     def _reproduce(self, dataset: str) -> list[str]:
         """The training command (the run's own overrides, when its .hydra/ folder is there) and

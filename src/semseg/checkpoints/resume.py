@@ -52,6 +52,9 @@ SCHEDULE_KEYS = ("schedule.", "optimizer.lr")
 # Changes that make the checkpoint's weights unusable for this run.
 _ARCHITECTURE = ("model.", "backbone.", "dataset.num_classes")
 _NOT_ARCHITECTURE = ("model.weights", "backbone.pretrained", "backbone.weights")
+# A head's loss settings (``semseg.models.decoders.DecodeHead``): the weights serve any of them, and
+# a checkpoint saved before the heads owned their losses has none.
+_HEAD_LOSS_SETTINGS = ("loss_weight", "sample_pixels")
 
 
 class ResumeConfigError(UserError):
@@ -77,6 +80,8 @@ def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
 
 
 def _is_architecture(key: str) -> bool:
+    if key.rsplit(".", 1)[-1] in _HEAD_LOSS_SETTINGS:
+        return False
     return key.startswith(_ARCHITECTURE) and not key.startswith(_NOT_ARCHITECTURE)
 
 

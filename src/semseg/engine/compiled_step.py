@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from semseg.errors import ConfigError
+from semseg.models.base import unwrap_model
 from semseg.runtime import autocast
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,12 @@ def forward_loss(
     device: torch.device,
     precision: str,
 ) -> torch.Tensor:
-    """The loss of ``model`` on one micro-batch under the run's autocast."""
+    """The loss of ``model`` on one micro-batch under the run's autocast: the model's heads apply
+    the loss group's ``loss_fn`` to their outputs (``EncoderDecoder.loss``). ``model`` may be
+    wrapped (DDP): the forward runs through the wrapper, the loss, which uses no parameters, on
+    its outputs."""
     with autocast(device, precision):
-        return loss_fn(model(images), target)
+        return unwrap_model(model).loss(model(images), target, loss_fn)
 
 
 def inductor_cache_dir() -> str:

@@ -1,5 +1,6 @@
 """The BDD100K zoo's attention context heads as mmsegmentation builds them: CCNet's ``CCHead``
-(criss-cross attention) and PSANet's ``PSAHead`` (point-wise spatial attention), on the shared
+(criss-cross attention), PSANet's ``PSAHead`` (point-wise spatial attention) and DANet's ``DAHead``
+(position and channel attention), on the shared
 :class:`~semseg.models.decoders.DecodeHead` (Dropout2d, classifier, init) with mmseg's module
 names, so that their checkpoints convert by renaming (:mod:`semseg.models.mmseg_conversion`).
 Their operators are plain PyTorch (:mod:`semseg.models.ops`): no mmcv needed.
@@ -7,7 +8,7 @@ Their operators are plain PyTorch (:mod:`semseg.models.ops`): no mmcv needed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,8 +16,9 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
 from semseg.errors import ConfigError
+from semseg.losses import SegCrossEntropy
 from semseg.models.decoders import DecodeHead, FCNHead, NormLayer, conv_norm_act, resize
-from semseg.models.ops import CrissCrossAttention, psa_mask
+from semseg.models.ops import CrissCrossAttention, Scale, psa_mask
 
 
 class CCHead(FCNHead):
@@ -138,3 +140,120 @@ class PSAHead(DecodeHead):
         out = self.proj(torch.cat(outs, 1))
         out = resize(out, identity.shape[2:], align_corners)
         return self.bottleneck(torch.cat([identity, out], 1))
+
+
+# --------------------------------------------------------------------------------------------
+# DANet
+
+
+class PositionAttention(nn.Module):
+    """mmseg's ``PAM`` (DANet, Fu et al., CVPR 2019; an mmseg ``SelfAttentionBlock``): 1x1
+    ``query_project`` and ``key_project`` (with bias) to ``channels``, ``value_project`` at the
+    input's width, a softmax over all positions (no scaling), the attended values scaled by
+    ``gamma`` (mmcv ``Scale``, 0 at initialisation) and added to the input."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.key_project = nn.Conv2d(in_channels, channels, 1)
+        self.query_project = nn.Conv2d(in_channels, channels, 1)
+        self.value_project = nn.Conv2d(in_channels, in_channels, 1)
+        self.gamma = Scale(0.0)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init of the projections (mmseg's plain convs), ``gamma`` 0."""
+        for conv in (self.key_project, self.query_project, self.value_project):
+            conv.reset_parameters()
+        nn.init.zeros_(self.gamma.scale)
+
+    def forward(self, x: Tensor) -> Tensor:
+        query = self.query_project(x).flatten(2).transpose(1, 2)  # N x HW x C'
+        key = self.key_project(x).flatten(2)  # N x C' x HW
+        value = self.value_project(x).flatten(2).transpose(1, 2)  # N x HW x C
+        attention = torch.matmul(query, key).softmax(dim=-1)
+        context = torch.matmul(attention, value).transpose(1, 2).reshape(x.shape)
+        return self.gamma(context) + x
+
+
+class ChannelAttention(nn.Module):
+    """mmseg's ``CAM`` (DANet): a C x C affinity of the channels over all positions, turned into
+    ``softmax(max - affinity)`` per row, mixes the channels; scaled by ``gamma`` (mmcv ``Scale``,
+    0 at initialisation) and added to the input. No weights but ``gamma``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gamma = Scale(0.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(2)  # N x C x HW
+        energy = torch.bmm(flat, flat.transpose(1, 2))
+        attention = (energy.amax(dim=-1, keepdim=True) - energy).softmax(dim=-1)
+        return self.gamma(torch.bmm(attention, flat).reshape(x.shape)) + x
+
+
+class DAHead(DecodeHead):
+    """DANet as mmseg's ``DAHead``: on feature map ``in_index`` two branches, each a 3x3
+    ConvModule, an attention module (:class:`PositionAttention` ``pam`` with ``pam_channels``
+    queries and keys; :class:`ChannelAttention` ``cam``) and a 3x3 ConvModule; the classifier reads
+    their sum. In training each branch has its own classifier too (``pam_conv_seg``,
+    ``cam_conv_seg``, kept in the state dict for fine-tuning), and the head returns
+    ``{"out", "pam", "cam"}`` logits: mmseg trains with the decode loss on all three, weight 1
+    each. Inference uses the sum's logits only."""
+
+    def __init__(
+        self,
+        in_channels: Sequence[int],
+        num_classes: int,
+        channels: int = 512,
+        pam_channels: int = 64,
+        in_index: int = 3,
+        dropout: float = 0.1,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        align_corners: bool = False,
+    ) -> None:
+        super().__init__(channels, num_classes, dropout, align_corners)
+        self.in_index = in_index
+        c_in = in_channels[in_index]
+        self.pam_in_conv = conv_norm_act(c_in, channels, 3, norm_layer)
+        self.pam = PositionAttention(channels, int(pam_channels))
+        self.pam_out_conv = conv_norm_act(channels, channels, 3, norm_layer)
+        self.pam_conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.cam_in_conv = conv_norm_act(c_in, channels, 3, norm_layer)
+        self.cam = ChannelAttention()
+        self.cam_out_conv = conv_norm_act(channels, channels, 3, norm_layer)
+        self.cam_conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.init_weights()
+        # mmseg leaves its plain convs at PyTorch's init
+        self.pam.reset_parameters()
+        self.pam_conv_seg.reset_parameters()
+        self.cam_conv_seg.reset_parameters()
+
+    def branches(self, inputs: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """The position- and channel-attention branches' ``channels``-wide maps."""
+        x = inputs[self.in_index]
+        pam = self.pam_out_conv(self.pam(self.pam_in_conv(x)))
+        cam = self.cam_out_conv(self.cam(self.cam_in_conv(x)))
+        return pam, cam
+
+    def features(self, inputs: list[Tensor]) -> Tensor:
+        pam, cam = self.branches(inputs)
+        return pam + cam
+
+    def forward(self, inputs: list[Tensor]) -> Tensor | dict[str, Tensor]:
+        if not self.training:
+            return super().forward(inputs)
+        pam, cam = self.branches(inputs)
+        # mmseg's order: each classifier behind its own dropout draw
+        pam_logits = self.pam_conv_seg(self.dropout(pam))
+        cam_logits = self.cam_conv_seg(self.dropout(cam))
+        return {"out": self.classifier(self.dropout(pam + cam)), "pam": pam_logits,
+                "cam": cam_logits}  # fmt: skip
+
+    def loss_by_feat(
+        self, outputs: Mapping[str, Tensor], target: Tensor, pixel_loss: SegCrossEntropy
+    ) -> Tensor:
+        """mmseg's ``DAHead.loss_by_feat``: the decode loss (its sampler included) on the sum's
+        logits and on each branch's, ``loss_weight`` each (the model resized all three)."""
+        return sum(
+            self.loss_weight * self.loss_of(outputs[key], target, pixel_loss)
+            for key in ("out", "pam", "cam")
+        )

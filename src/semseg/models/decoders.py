@@ -16,7 +16,7 @@ from __future__ import annotations
 import abc
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torchvision.ops.misc import ConvNormActivation
 
 from semseg.errors import ConfigError
+from semseg.losses import SegCrossEntropy
 from semseg.models.base import AUX_HEAD, IMAGENET_MEAN, IMAGENET_STD, SegmentationModel
 from semseg.models.build import load_start_weights
 from semseg.models.ops import ModulatedDeformConv2dPack
@@ -36,6 +37,8 @@ ConvLayer = Callable[..., nn.Module]
 HeadFactory = Callable[..., "DecodeHead"]
 # A neck config (``_partial_: true``) called with the backbone's channels (semseg.models.necks).
 NeckFactory = Callable[[list[int]], nn.Module]
+# The key of the auxiliary head's logits in a training forward's outputs.
+AUX_OUTPUT = "aux"
 
 
 class EncoderDecoder(SegmentationModel):
@@ -44,9 +47,9 @@ class EncoderDecoder(SegmentationModel):
 
     Takes RGB images 0..255 and normalises them inside. In eval mode, or without an auxiliary
     head, returns logits ``N x C x H x W`` at the input size; in training mode with an auxiliary
-    head, ``{"out": logits, "aux": aux_logits}`` (both at the input size), whose loss the
-    ``loss`` config weighs (``loss.aux_weight``); a cascade decode head (PointRend) adds its
-    point predictions in training (``"points"``, ``"point_coords"``).
+    head, ``{"out": logits, "aux": aux_logits}`` (both at the input size); a decode head with
+    more training outputs (PointRend's points) adds them. :meth:`loss` turns these outputs into
+    the training loss, each head its own part.
     """
 
     def __init__(
@@ -73,12 +76,31 @@ class EncoderDecoder(SegmentationModel):
         if self.neck is not None:
             features = self.neck(features)
         head = self.decode_head(features)
-        # A cascade head (PointRend) in training: a dict, its logits "out" and what the loss needs.
+        # A head in training may return a dict: its logits "out" and what its loss needs (PointRend's
+        # points, DANet's branch logits). Its logit maps (N x C x h x w) go to the input size.
         outputs = dict(head) if isinstance(head, dict) else {"out": head}
-        outputs["out"] = self._to_input_size(outputs["out"], images)
+        outputs = {
+            key: self._to_input_size(value, images) if value.dim() == 4 else value
+            for key, value in outputs.items()
+        }
         if self.training and self.aux_head is not None:
-            outputs["aux"] = self._to_input_size(self.aux_head(features), images)
+            outputs[AUX_OUTPUT] = self._to_input_size(self.aux_head(features), images)
         return outputs if len(outputs) > 1 else outputs["out"]
+
+    def loss(
+        self, outputs: Tensor | Mapping[str, Tensor], target: Tensor, pixel_loss: SegCrossEntropy
+    ) -> Tensor:
+        """The training loss of :meth:`forward`'s ``outputs`` on the labels ``target``: the decode
+        head's loss plus the auxiliary head's, each computed by the head from its own outputs
+        (:meth:`DecodeHead.loss_by_feat`) with the loss group's ``pixel_loss``. No parameters
+        are used: called outside ``forward``, on a DDP-wrapped model's outputs, it leaves the
+        gradient synchronisation to the forward."""
+        outputs = dict(outputs) if isinstance(outputs, Mapping) else {"out": outputs}
+        aux = outputs.pop(AUX_OUTPUT, None)
+        loss = self.decode_head.loss_by_feat(outputs, target, pixel_loss)
+        if aux is not None:
+            loss = loss + self.aux_head.loss_by_feat({"out": aux}, target, pixel_loss)
+        return loss
 
     def _to_input_size(self, logits: Tensor, images: Tensor) -> Tensor:
         # NCHW logits: the full-size log_softmax of the loss is ~1.5x faster than on channels_last.
@@ -255,15 +277,26 @@ class DecodeHead(nn.Module, abc.ABC):
     """mmseg's ``BaseDecodeHead``: a head's own layers (:meth:`features`), then Dropout2d and a
     1x1 classifier; returns logits at the resolution of the feature map it reads.
 
-    Initialised as mmseg: Kaiming-normal (fan-out) convs, the classifier N(0, 0.01).
+    Its loss (:meth:`loss_by_feat`) is ``loss_weight`` times the loss group's pixel loss on its
+    logits, with the group's pixel sampler (OHEM) when ``sample_pixels``, as mmseg's
+    ``loss_decode`` and ``sampler``: the decode head 1 with the sampler, the auxiliary head 0.4
+    without (conf/model/aux_head). Initialised as mmseg: Kaiming-normal (fan-out) convs, the
+    classifier N(0, 0.01).
     """
 
     def __init__(
-        self, channels: int, num_classes: int, dropout: float, align_corners: bool
+        self,
+        channels: int,
+        num_classes: int,
+        dropout: float,
+        align_corners: bool,
+        loss_weight: float = 1.0,
+        sample_pixels: bool = True,
     ) -> None:
         super().__init__()
         self.num_classes = int(num_classes)
         self.align_corners = align_corners
+        self.loss_weight, self.sample_pixels = float(loss_weight), bool(sample_pixels)
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, kernel_size=1)
 
@@ -273,6 +306,21 @@ class DecodeHead(nn.Module, abc.ABC):
 
     def forward(self, inputs: list[Tensor]) -> Tensor:
         return self.classifier(self.dropout(self.features(inputs)))
+
+    def loss_by_feat(
+        self, outputs: Mapping[str, Tensor], target: Tensor, pixel_loss: SegCrossEntropy
+    ) -> Tensor:
+        """This head's loss on its training outputs (mmseg's ``loss_by_feat``): ``"out"``, its
+        logits resized to the labels ``target`` by the model. A head with more outputs (a
+        cascade's points, DANet's three predictions) overrides this."""
+        return self.loss_weight * self.loss_of(outputs["out"], target, pixel_loss)
+
+    def loss_of(self, logits: Tensor, target: Tensor, pixel_loss: SegCrossEntropy) -> Tensor:
+        """The loss group's ``pixel_loss`` of ``logits``, with its sampler when this head
+        samples pixels, else its plain cross-entropy (unweighted by ``loss_weight``)."""
+        if self.sample_pixels:
+            return pixel_loss(logits, target)
+        return pixel_loss.cross_entropy(logits, target)
 
     def transform_inputs(self, inputs: list[Tensor], in_index: int | Sequence[int]) -> Tensor:
         """mmseg's ``_transform_inputs``: map ``in_index``, or with several indices
@@ -319,14 +367,18 @@ class FCNHead(DecodeHead):
         dropout: float = 0.1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         align_corners: bool = False,
+        loss_weight: float = 1.0,
+        sample_pixels: bool = True,
     ) -> None:
+        """``loss_weight``, ``sample_pixels``: :class:`DecodeHead`'s (an auxiliary head's: 0.4,
+        false)."""
         if isinstance(in_index, int):
             c_in = in_channels[in_index]
         else:
             in_index = [int(i) for i in in_index]
             c_in = sum(in_channels[i] for i in in_index)
         channels = c_in if channels is None else channels
-        super().__init__(channels, num_classes, dropout, align_corners)
+        super().__init__(channels, num_classes, dropout, align_corners, loss_weight, sample_pixels)
         self.in_index = in_index
         if num_convs == 0 and c_in != channels:
             raise ConfigError(f"an FCNHead with num_convs=0 needs channels={c_in} (its input's)")

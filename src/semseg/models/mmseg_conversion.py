@@ -508,6 +508,20 @@ HEADS: list[MmsegHead] = [
         (r"^decode_head\.attention(?:_p)?\.1\.weight$", _SAME),
         overrides=_psa_mask_size,
     ),
+    # DANet: PAM's plain 1x1 projections, both gammas and the two branch classifiers keep
+    # mmseg's names.
+    _head(
+        "danet",
+        "DAHead",
+        "pam_in_conv pam pam_out_conv pam_conv_seg cam_in_conv cam cam_out_conv cam_conv_seg "
+        "conv_seg",
+        8,
+        (
+            r"^decode_head\.(?:pam\.(?:key|query|value)_project\.(?:weight|bias)|(?:pam|cam)\.gamma"
+            r"\.scale|(?:pam|cam)_conv_seg\.(?:weight|bias))$",
+            _SAME,
+        ),
+    ),
     # HRNet's FCNHead: one 1x1 ConvModule on the resized, concatenated branches.
     _head("fcn_hr", "FCNHead (resize_concat)", "convs conv_seg", 4, aux=False),
     _head("nonlocal", "NLHead", "convs conv_cat nl_block conv_seg", 8),

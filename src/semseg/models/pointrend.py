@@ -4,14 +4,15 @@ Semantic FPN encoder-decoder whose decode head is a cascade (:class:`CascadeDeco
 which re-predicts chosen points from the finest FPN level and the coarse logits there.
 
 Training: the point head predicts ``num_points`` points per image, most of them where the coarse
-prediction is uncertain; the loss samples the labels there (:func:`point_sample`, nearest).
+prediction is uncertain; its loss samples the labels there (:func:`point_sample`, nearest) and
+adds to the coarse head's (:meth:`CascadeDecodeHead.loss_by_feat`).
 Inference: ``subdivision_steps`` times, the logits are upsampled by ``scale_factor`` and the
 ``subdivision_num_points`` most uncertain pixels replaced by the point head's prediction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semseg.errors import ConfigError
+from semseg.losses import SegCrossEntropy
 from semseg.models.decoders import DecodeHead, HeadFactory
 
 
@@ -111,6 +113,16 @@ class PointHead(DecodeHead):
                 x = torch.cat([x, coarse], 1)
         return x
 
+    def loss_by_feat(
+        self, outputs: Mapping[str, Tensor], target: Tensor, pixel_loss: SegCrossEntropy
+    ) -> Tensor:
+        """mmseg's ``PointHead.loss_by_feat``: the loss of the point logits (``"points"``,
+        N x classes x P) on the labels at their coordinates (``"point_coords"``), sampled nearest
+        as mmseg samples them."""
+        points = outputs["point_coords"]
+        labels = point_sample(target[:, None].float(), points, mode="nearest")[:, 0].long()
+        return self.loss_weight * self.loss_of(outputs["points"], labels, pixel_loss)
+
     def point_logits(self, inputs: list[Tensor], coarse: Tensor, points: Tensor) -> Tensor:
         """N x classes x P logits at ``points`` (N x P x 2 in [0, 1])."""
         fine = [point_sample(inputs[i], points, self.align_corners) for i in self.in_index]
@@ -161,7 +173,7 @@ class CascadeDecodeHead(nn.ModuleList):
 
     Returns the refined logits in eval mode; in training the first head's logits as ``"out"``,
     the point head's ``"points"`` (N x classes x P) and their ``"point_coords"`` (N x P x 2 in
-    [0, 1]), on which the loss samples the labels.
+    [0, 1]), on which the point head's loss samples the labels (:meth:`loss_by_feat`).
     """
 
     def __init__(
@@ -185,6 +197,14 @@ class CascadeDecodeHead(nn.ModuleList):
     def init_weights(self) -> None:
         for head in self:
             head.init_weights()
+
+    def loss_by_feat(
+        self, outputs: Mapping[str, Tensor], target: Tensor, pixel_loss: SegCrossEntropy
+    ) -> Tensor:
+        """The coarse head's loss plus the point head's, each head's own (weight 1 in the zoo's
+        configs, as mmseg's)."""
+        coarse = self[0].loss_by_feat(outputs, target, pixel_loss)
+        return coarse + self[1].loss_by_feat(outputs, target, pixel_loss)
 
     def forward(self, inputs: list[Tensor]) -> Tensor | dict[str, Tensor]:
         coarse = self[0](inputs)
