@@ -2,7 +2,7 @@
 ones) into this project's checkpoint format: model + config + class names and palette.
 
 The architecture is recognised from the file's keys and printed: Semantic FPN (model=semantic_fpn,
-semantic_fpn_gn), FCN, PSPNet, DeepLabV3, DeepLabV3+ (model=fcn, pspnet, deeplabv3, deeplabv3plus;
+semantic_fpn_gn, semantic_fpn_gn_dcn), FCN, PSPNet, DeepLabV3, DeepLabV3+ (model=fcn, pspnet, deeplabv3, deeplabv3plus;
 dilated backbone=resnet50c_d8 / resnet101c_d8), UPerNet (model=upernet, backbone=resnet50c) and
 PointRend (model=pointrend, backbone=resnet50c), on ResNetV1c-50/101; UPerNet on ConvNeXt-T/S/B (mmcls 0.x ``mmcls.ConvNeXt`` as in the zoo, or
 mmpretrain 1.x; backbone=convnext_tiny|small|base, told apart by their shapes). Anything else is

@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", type=Path, help="ONNX file to write")
     parser.add_argument("--height", type=int, default=720, help="height of the tracing input")
     parser.add_argument("--width", type=int, default=1280, help="width of the tracing input")
-    parser.add_argument("--opset", type=int, default=18, help="ONNX opset version")
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset version (default: 18, or 19 for a model with deformable convolutions)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
     model, _, _ = model_from_checkpoint(args.checkpoint)

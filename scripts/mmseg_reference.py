@@ -26,7 +26,9 @@ with this project's opencv-python-headless)::
 mmcv-lite has no compiled ops, and mmseg imports ``mmcv.ops`` at module level: this script puts a
 stand-in ``mmcv.ops`` into ``sys.modules`` before importing mmseg (:func:`mmcv_ops`): CCNet's
 criss-cross attention is mmcv 2.x's own plain-PyTorch file, PSANet's PSAMask a transcription of
-mmcv's CPU kernel (:func:`psamask_kernel`); the other models use no mmcv op.
+mmcv's CPU kernel (:func:`psamask_kernel`), and the DCNv2 of Semantic FPN's GN + DCN head mmcv's own
+``ModulatedDeformConv2dPack`` on a transcription of its CPU im2col
+(:func:`modulated_deform_conv_kernel`); the other models use no mmcv op.
 
 Run from the repository root::
 
@@ -111,6 +113,16 @@ CASES: dict[str, dict[str, Any]] = {
     "semantic_fpn": {
         "config": "fpn_r50",
         "groups": {"model": "semantic_fpn", "backbone": "resnet50c"},
+    },
+    # The zoo's fpn_r50_gn_dconv rows: the FPNHead with GroupNorm(32) and mmcv's DCNv2 convs
+    # (decode_head settings of sem_seg/configs/sem_seg/fpn_r50_gn_dconv_512x1024_*_bdd100k.py).
+    "semantic_fpn_gn_dcn": {
+        "config": "fpn_r50",
+        "decode_head": {
+            "norm_cfg": {"type": "GN", "num_groups": 32, "requires_grad": True},
+            "conv_cfg": {"type": "DCNv2"},
+        },
+        "groups": {"model": "semantic_fpn_gn_dcn", "backbone": "resnet50c"},
     },
     # The R-101-D8 rows: the same conversion with 23 blocks in stage 3.
     "deeplabv3plus_r101": {
@@ -405,10 +417,114 @@ def psamask_kernel(mask: torch.Tensor, psa_type: str, mask_size: Sequence[int]) 
     return out.view(n_, hf * wf, hf, wf)
 
 
+def modulated_deform_conv_kernel(
+    x: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    deform_groups: int,
+) -> torch.Tensor:
+    """mmcv's compiled DCNv2 forward (``mmcv/ops/csrc/pytorch/modulated_deform_conv.cpp``,
+    ``modulated_deform_conv_forward``, on ``modulated_deformable_im2col_cpu_kernel`` and
+    ``dmcn_im2col_bilinear_cpu`` of ``cpu/modulated_deform_conv.cpp``): the kernel's loop over
+    the taps; its loops over the batch, channels and output pixels as tensor ops. Each column
+    entry is the input bilinearly sampled at ``(h_in + i * dilation_h + offset_h,
+    w_in + j * dilation_w + offset_w)`` (0 unless inside (-1, H) x (-1, W); a neighbour outside
+    the image counts 0), times the mask; the output is the grouped weight times the columns,
+    plus the bias."""
+    n_, channels, height, width = x.shape
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = stride, padding, dilation
+    height_col = (height + 2 * pad_h - (dil_h * (kernel_h - 1) + 1)) // stride_h + 1
+    width_col = (width + 2 * pad_w - (dil_w * (kernel_w - 1) + 1)) // stride_w + 1
+    taps, pixels = kernel_h * kernel_w, height_col * width_col
+    per_group = channels // deform_groups  # channel_per_deformable_group
+    # data_offset: [b][deform group][2 * tap + (0: h, 1: w)][h_col][w_col]; data_mask: [b][g][tap]
+    offsets = offset.reshape(n_, deform_groups, taps, 2, pixels)
+    masks = mask.reshape(n_, deform_groups, taps, pixels)
+    data_im = x.reshape(n_, deform_groups, per_group, height * width)
+    h_in = (torch.arange(height_col) * stride_h - pad_h).repeat_interleave(width_col).to(x)
+    w_in = (torch.arange(width_col) * stride_w - pad_w).repeat(height_col).to(x)
+    # data_col: row c_im * taps + tap (channel-major), column (h_col, w_col)
+    columns = x.new_zeros(n_, deform_groups, per_group, taps, pixels)
+    for i in range(kernel_h):
+        for j in range(kernel_w):
+            tap = i * kernel_w + j
+            h_im = h_in + i * dil_h + offsets[:, :, tap, 0]  # [b, g, pixel]
+            w_im = w_in + j * dil_w + offsets[:, :, tap, 1]
+            h_low, w_low = torch.floor(h_im), torch.floor(w_im)
+            lh, lw = h_im - h_low, w_im - w_low
+            hh, hw = 1 - lh, 1 - lw
+            val = torch.zeros_like(data_im[:, :, :, :pixels])
+            for dh, dw, corner_weight in ((0, 0, hh * hw), (0, 1, hh * lw), (1, 0, lh * hw),
+                                          (1, 1, lh * lw)):  # fmt: skip  # v1..v4, w1..w4
+                row, col = h_low + dh, w_low + dw
+                inside = (row >= 0) & (row <= height - 1) & (col >= 0) & (col <= width - 1)
+                index = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).long()
+                index = index[:, :, None, :].expand(-1, -1, per_group, -1)
+                v = torch.where(inside[:, :, None], data_im.gather(3, index), 0.0)
+                val = val + corner_weight[:, :, None] * v
+            sampled = (h_im > -1) & (w_im > -1) & (h_im < height) & (w_im < width)
+            val = torch.where(sampled[:, :, None], val, 0.0)
+            columns[:, :, :, tap] = val * masks[:, :, tap, None]
+    columns = columns.reshape(n_, groups, channels // groups * taps, pixels)
+    out = torch.einsum(
+        "gok,ngkp->ngop", weight.reshape(groups, out_channels // groups, -1), columns
+    )
+    out = out.reshape(n_, out_channels, height_col, width_col)
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def mmcv_modulated_deform_conv() -> types.ModuleType:
+    """mmcv-lite's own ``mmcv/ops/modulated_deform_conv.py`` (``ModulatedDeformConv2dPack``,
+    which registers itself as ``DCNv2`` in mmengine's MODELS, where mmcv's ``build_conv_layer``
+    looks it up), its compiled forward replaced by :func:`modulated_deform_conv_kernel`."""
+    import importlib.util
+    from unittest import mock
+
+    import mmcv
+    from mmcv.utils import ext_loader
+
+    def forward(input, weight, bias, ones, offset, mask, output, columns, *, kernel_h, kernel_w,
+                stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+                deformable_group, with_bias):  # fmt: skip
+        assert weight.shape[2:] == (kernel_h, kernel_w)
+        output.copy_(
+            modulated_deform_conv_kernel(
+                input,
+                offset,
+                mask,
+                weight,
+                bias if with_bias else None,
+                (stride_h, stride_w),
+                (pad_h, pad_w),
+                (dilation_h, dilation_w),
+                group,
+                deformable_group,
+            )
+        )
+
+    compiled = types.SimpleNamespace(
+        modulated_deform_conv_forward=forward, modulated_deform_conv_backward=None
+    )
+    path = Path(mmcv.__file__).parent / "ops" / "modulated_deform_conv.py"
+    spec = importlib.util.spec_from_file_location("mmcv.ops.modulated_deform_conv", path)
+    module = importlib.util.module_from_spec(spec)
+    with mock.patch.object(ext_loader, "load_ext", lambda name, funcs: compiled):
+        spec.loader.exec_module(module)
+    return module
+
+
 def mmcv_ops() -> types.ModuleType:
     """A stand-in for ``mmcv.ops`` (mmcv-lite has no compiled ops): mmcv 2.x's own
     ``CrissCrossAttention`` (plain PyTorch, loaded from mmcv's file), ``PSAMask`` on
-    :func:`psamask_kernel`, and empty classes for the other names mmseg imports."""
+    :func:`psamask_kernel`, mmcv's DCNv2 on :func:`modulated_deform_conv_kernel`
+    (:func:`mmcv_modulated_deform_conv`), and empty classes for the other names mmseg imports."""
     import importlib.util
 
     import mmcv
@@ -435,6 +551,10 @@ def mmcv_ops() -> types.ModuleType:
     ops.CrissCrossAttention = cc_attention.CrissCrossAttention
     ops.PSAMask = PSAMask
     ops.point_sample = mmcv_point_sample()  # PointHead's: pure Python (grid_sample)
+    dcn = mmcv_modulated_deform_conv()  # registers DCNv2
+    ops.ModulatedDeformConv2d = dcn.ModulatedDeformConv2d
+    ops.ModulatedDeformConv2dPack = dcn.ModulatedDeformConv2dPack
+    ops.modulated_deform_conv2d = dcn.modulated_deform_conv2d
     return ops
 
 
@@ -522,6 +642,7 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
         if head.get("norm_cfg") is not None:  # PointRend's point head has none
             head.norm_cfg = bn
         head.align_corners = case.get("align_corners", False)
+    cfg.model.decode_head.update(case.get("decode_head", {}))  # the row's own head settings
     cfg.test_pipeline = [
         {"type": "LoadImageFromFile"},
         {"type": "Resize", "scale": PIPELINE_SCALE, "keep_ratio": True},

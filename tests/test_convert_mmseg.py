@@ -139,7 +139,7 @@ def test_architecture_recognised_from_keys(case: str) -> None:
     assert arch.config_groups == MMSEG_CASES[case]["groups"]
     assert arch.has_aux == any(k.startswith("auxiliary_head.") for k in MMSEG_CASES[case]["shapes"])
     assert arch.has_aux == (
-        case not in ("semantic_fpn", "pointrend", "dpt") and not case.startswith("fcn_hr")
+        not case.startswith(("semantic_fpn", "fcn_hr")) and case not in ("pointrend", "dpt")
     )
     renamed = convert_mmseg_state_dict({"state_dict": layout(case)})
     assert len(renamed) == len(MMSEG_CASES[case]["shapes"])  # every key has a rule

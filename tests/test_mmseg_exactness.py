@@ -32,6 +32,7 @@ from semseg.evaluation.inference import predict_logits, resize_logits
 from semseg.models import mmseg_to_checkpoint, model_from_checkpoint
 from semseg.models.backbone import TimmBackbone
 from semseg.models.mmseg_conversion import recognise_mmseg
+from semseg.models.ops import ModulatedDeformConv2dPack
 
 FIXTURES = REPO / "tests" / "fixtures" / "mmseg"
 MANIFEST = json.loads((FIXTURES / "cases.json").read_text())
@@ -169,3 +170,32 @@ def test_sliding_window_logits_equal_mmseg(name: str, inputs: dict[str, torch.Te
     with torch.no_grad():
         logits = predict_logits(model, images, mode="slide", **reference.SLIDE)[0]
     assert_matches(logits, ref, "slide")
+
+
+@pytest.mark.slow
+def test_gn_dcn_case_tests_the_deformation(inputs: dict[str, torch.Tensor]) -> None:
+    """The GN + DCN case checks deformable convs, not plain ones: mmcv starts ``conv_offset`` at
+    zero, the seeded weights draw it (offsets of a pixel or so, a varied mask), and with it zeroed
+    the logits are far from mmseg's."""
+    model, _, _ = model_from_checkpoint(converted("semantic_fpn_gn_dcn"))
+    deformable = [m for m in model.modules() if isinstance(m, ModulatedDeformConv2dPack)]
+    outputs: list[torch.Tensor] = []
+    for m in deformable:
+        m.conv_offset.register_forward_hook(lambda module, args, out: outputs.append(out))
+    images = inputs["64x128"]
+    with torch.no_grad():
+        logits = model(images)[0]
+    assert len(deformable) == len(outputs) == 7
+    for out in outputs:
+        offset, mask = (
+            out[:, : 2 * out.shape[1] // 3],
+            torch.sigmoid(out[:, 2 * out.shape[1] // 3 :]),
+        )
+        assert 0.3 < offset.abs().mean() < 5 and mask.std() > 0.1
+    ref = np.load(FIXTURES / "semantic_fpn_gn_dcn.npz")
+    assert_matches(logits, ref, "64x128")
+    for m in deformable:
+        torch.nn.init.zeros_(m.conv_offset.weight), torch.nn.init.zeros_(m.conv_offset.bias)
+    with torch.no_grad():
+        plain = reference.summary(model(images)[0])
+    assert np.abs(plain["grid"] - ref["64x128_grid"]).max() > 0.5

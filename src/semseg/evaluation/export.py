@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from semseg.errors import UserError
 from semseg.files import write_atomically
+
+DEFAULT_OPSET = 18
 
 
 def _lut(palette: Sequence[Sequence[int]]) -> np.ndarray:
@@ -83,15 +86,38 @@ def save_prediction(
     return {key: save_image(path, array, what) for key, (path, array, what) in images.items()}
 
 
+def onnx_opset(model: nn.Module, opset: int | None = None) -> int:
+    """The opset to export ``model`` with: ``opset``, or by default :data:`DEFAULT_OPSET` or the
+    newer one an operator of the model needs (a module's ``ONNX_OPERATOR``: its ONNX operator and
+    the opset that introduced it, e.g. DCNv2's DeformConv, opset 19). A UserError naming the
+    operator when ``opset`` is older: the exporter would write a model onnxruntime refuses."""
+    needs = [(m.ONNX_OPERATOR[1], m.ONNX_OPERATOR[0], type(m).__name__)
+             for m in model.modules() if hasattr(m, "ONNX_OPERATOR")]  # fmt: skip
+    least, operator, module = max(needs, default=(DEFAULT_OPSET, "", ""))
+    if opset is None:
+        return max(DEFAULT_OPSET, least)
+    if opset < least:
+        raise UserError(
+            f"ONNX opset {opset} has no {operator}, which the model's {module} exports to; "
+            f"export with opset {least} or newer (--opset {least})"
+        )
+    return opset
+
+
 def export_onnx(
-    model: nn.Module, path: str | os.PathLike, height: int = 720, width: int = 1280, opset: int = 18
+    model: nn.Module,
+    path: str | os.PathLike,
+    height: int = 720,
+    width: int = 1280,
+    opset: int | None = None,
 ) -> Path:
     """Export ``model`` (float RGB 0..255 Nx3xHxW -> logits NxCxHxW) to ONNX with dynamic batch,
     height and width; ``height``/``width`` only size the example input used for tracing, which is
-    made on the model's device.
+    made on the model's device. ``opset``: see :func:`onnx_opset`.
 
     The example is a batch of 2: with a batch of 1, torch.export specialises size-1 dimensions
     inside views, and the ViT's token reshape came out with a constant batch of 1."""
+    opset = onnx_opset(model, opset)
     model = model.eval()
     device = next(model.parameters()).device
     example = torch.rand(2, 3, height, width, device=device) * 255

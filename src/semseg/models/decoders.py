@@ -7,8 +7,8 @@ Read top-down: :class:`EncoderDecoder` (the whole model) and its factory :func:`
 (the ``_target_`` of every ``conf/model/*.yaml``), then the heads. Every layer is mmseg's, in
 mmseg's order, under mmseg's module names (``convs``, ``psp_modules``, ``aspp_modules``,
 ``bottleneck``, ...), so that an mmseg checkpoint converts by renaming
-(:mod:`semseg.models.mmseg_conversion`): a ConvModule (conv without bias, norm, ReLU) is a
-torchvision ``Conv2dNormActivation`` (``.0`` conv, ``.1`` norm), ``conv_seg`` is ``classifier``.
+(:mod:`semseg.models.mmseg_conversion`): mmcv's ConvModule (conv without bias, norm, ReLU) is
+:class:`ConvModule` here (``.0`` conv, ``.1`` norm), ``conv_seg`` is ``classifier``.
 """
 
 from __future__ import annotations
@@ -22,14 +22,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import Conv2dNormActivation
+from torchvision.ops.misc import ConvNormActivation
 
 from semseg.errors import ConfigError
 from semseg.losses import SegCrossEntropy
 from semseg.models.base import AUX_HEAD, IMAGENET_MEAN, IMAGENET_STD, SegmentationModel
 from semseg.models.build import load_start_weights
+from semseg.models.ops import ModulatedDeformConv2dPack
 
 NormLayer = Callable[[int], nn.Module]
+# A conv class or partial with nn.Conv2d's signature (mmcv's ``conv_cfg``): nn.Conv2d, or DCNv2.
+ConvLayer = Callable[..., nn.Module]
 # A head config (``_partial_: true``) called with the backbone's channels and the model's settings.
 HeadFactory = Callable[..., "DecodeHead"]
 # A neck config (``_partial_: true``) called with the backbone's channels (semseg.models.necks).
@@ -172,6 +175,12 @@ def resize(x: Tensor, size: Sequence[int], align_corners: bool) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
+class ConvModule(ConvNormActivation):
+    """mmcv's ``ConvModule``: a conv of any class with ``nn.Conv2d``'s signature (mmcv's
+    ``conv_cfg``), then norm and ReLU; torchvision's ``Conv2dNormActivation`` fixes the conv to
+    ``nn.Conv2d``. Same layout (``.0`` conv, ``.1`` norm)."""
+
+
 def conv_norm_act(
     in_channels: int,
     out_channels: int,
@@ -179,9 +188,11 @@ def conv_norm_act(
     norm_layer: NormLayer,
     dilation: int = 1,
     groups: int = 1,
-) -> Conv2dNormActivation:
-    """mmcv's ConvModule: conv (no bias before a norm), norm, ReLU; padding keeps the size."""
-    return Conv2dNormActivation(
+    conv_layer: ConvLayer = nn.Conv2d,
+) -> ConvModule:
+    """mmcv's ConvModule: conv (no bias before a norm), norm, ReLU; padding keeps the size.
+    ``conv_layer``: the conv's class, e.g. DCNv2."""
+    return ConvModule(
         in_channels,
         out_channels,
         kernel_size,
@@ -189,6 +200,7 @@ def conv_norm_act(
         norm_layer=norm_layer,
         activation_layer=nn.ReLU,
         dilation=dilation,
+        conv_layer=conv_layer,
     )
 
 
@@ -321,9 +333,16 @@ class DecodeHead(nn.Module, abc.ABC):
         return torch.cat([maps[0], *(resize(x, size, self.align_corners) for x in maps[1:])], 1)
 
     def init_weights(self) -> None:
+        deformable = []
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and m is not self.classifier:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, ModulatedDeformConv2dPack):
+                # mmcv's ConvModule leaves a conv with its own init_weights to it: DCNv2's
+                # offsets and mask logits start at zero (its conv_offset is reset after the loop).
+                deformable.append(m)
+        for m in deformable:
+            m.reset_parameters()
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
+from torchvision.ops.misc import ConvNormActivation
 
 from semseg.errors import ConfigError
 from semseg.models.decoders import (
@@ -198,7 +199,7 @@ class DPTHead(DecodeHead):
         """mmseg's: the ConvModules' convs Kaiming-normal (fan-out), biases 0; the resize layers
         and readout projections PyTorch's defaults; the classifier N(0, 0.01)."""
         for m in self.modules():
-            if isinstance(m, Conv2dNormActivation):
+            if isinstance(m, ConvNormActivation):  # conv_norm_act's too
                 nn.init.kaiming_normal_(m[0].weight, mode="fan_out", nonlinearity="relu")
                 if m[0].bias is not None:
                     nn.init.zeros_(m[0].bias)

@@ -400,6 +400,18 @@ def _psa_mask_size(state: Mapping[str, Tensor]) -> list[str]:
 # The FPN neck's ConvModules have no norm: ``neck.<name>.conv`` -> ``neck.<name>.0``.
 _FPN_RULES = conv_module_rules("neck", "neck") + conv_module_rules("decode_head", "decode_head")
 _FPN_HEAD = frozenset({"scale_heads", "conv_seg"})
+# The zoo's GN + DCN rows: the FPNHead's 3x3 convs are mmcv's DCNv2 (ModulatedDeformConv2dPack:
+# ``conv.weight`` as a plain conv's, plus ``conv.conv_offset``). Only the head's: deformable convs
+# in a backbone match no rule, so such a file is refused, naming their keys.
+_FPN_DCN_RULES = [
+    *_rules(
+        (
+            r"^decode_head\.(scale_heads\.\d+\.\d+)\.conv\.conv_offset\.(weight|bias)$",
+            r"decode_head.\1.0.conv_offset.\2",
+        )
+    ),
+    *_FPN_RULES,
+]
 # PointRend: a cascade, decode_head.0 the FPNHead, decode_head.1 the PointHead (Conv1d ``fcs``
 # ConvModules without norm, ``fc_seg`` its classifier).
 _POINTREND_RULES = [
@@ -410,6 +422,16 @@ _POINTREND_RULES = [
 ]
 
 HEADS: list[MmsegHead] = [
+    # Before "semantic_fpn_gn", whose keys it has too.
+    MmsegHead(
+        "semantic_fpn_gn_dcn",
+        "FPN + FPNHead (GN, DCNv2)",
+        _FPN_HEAD,
+        32,
+        _FPN_DCN_RULES,
+        False,
+        r"^decode_head\.scale_heads\..*\.conv_offset\.",
+    ),
     MmsegHead("semantic_fpn_gn", "FPN + FPNHead (GN)", _FPN_HEAD, 32, _FPN_RULES, False, r"\.gn\."),
     MmsegHead("semantic_fpn", "FPN + FPNHead", _FPN_HEAD, 32, _FPN_RULES, aux=False),
     MmsegHead(

@@ -1,4 +1,5 @@
-"""mmcv's two context operators in plain PyTorch, for CCNet and PSANet (no compiled extension).
+"""mmcv's operators in plain PyTorch (no compiled extension): CCNet's and PSANet's context
+operators, and the modulated deformable convolution of Semantic FPN's GN + DCN head.
 
 - :class:`CrissCrossAttention`: mmcv 2.x's own implementation (``mmcv/ops/cc_attention.py``, plain
   PyTorch since mmcv 1.3.13), the same einsums, the same ``-inf`` on the diagonal of the vertical
@@ -6,15 +7,20 @@
 - :func:`psa_mask`: mmcv's ``PSAMask`` (``mmcv/ops/csrc/pytorch/cpu/psamask.cpp``, from
   hszhao/semseg), collect and distribute, as one gather: every output value is one input value or
   zero, so autograd's backward of the gather is the kernel's backward. Any device and dtype.
+- :class:`ModulatedDeformConv2dPack`: mmcv's DCNv2 (``mmcv/ops/modulated_deform_conv.py``), its
+  parameters under mmcv's names, the sampling done by :func:`torchvision.ops.deform_conv2d`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+from torchvision.ops import deform_conv2d
 
 PSA_MODES = ("collect", "distribute")
 
@@ -111,3 +117,88 @@ class PSAMask(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return psa_mask(x, self.psa_type, self.mask_size)
+
+
+class ModulatedDeformConv2dPack(nn.Module):
+    """mmcv's ``ModulatedDeformConv2dPack`` (registered there as ``DCNv2``; Zhu et al., CVPR 2019):
+    a convolution whose taps sample the input at learnt fractional offsets, each tap weighted by
+    a learnt mask. Same parameters, layout and initialisation as mmcv's, so its state dicts load
+    as they are: ``weight``, ``bias`` (None with ``bias=False``), and ``conv_offset``, a plain
+    conv of the same geometry giving ``3 * k_h * k_w`` channels per deform group: its output
+    chunked in three along the channels, the first two thirds (concatenated) are the offsets
+    (``[2t]`` = dy, ``[2t + 1]`` = dx of tap ``t = i * k_w + j``, per deform group), the sigmoid of
+    the last third the mask. A sample outside the image is 0, bilinear with zero neighbours at the
+    border (mmcv's ``modulated_deformable_im2col``, which :func:`torchvision.ops.deform_conv2d`
+    also implements). The signature is :class:`torch.nn.Conv2d`'s (plus ``deform_groups``), so it
+    can be the ``conv_layer`` of torchvision's ``ConvNormActivation``.
+    """
+
+    # torchvision's deform_conv2d exports to ONNX's DeformConv, new in opset 19.
+    ONNX_OPERATOR = ("DeformConv", 19)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        deform_groups: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups or in_channels % deform_groups:
+            raise ValueError(
+                f"ModulatedDeformConv2dPack: {in_channels} -> {out_channels} channels do not "
+                f"split into groups={groups} and deform_groups={deform_groups}"
+            )
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.groups, self.deform_groups = groups, deform_groups
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size)
+        )
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.conv_offset = nn.Conv2d(
+            in_channels,
+            deform_groups * 3 * self.kernel_size[0] * self.kernel_size[1],
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mmcv's ``init_weights``: weight U(+-1/sqrt(in_channels * k_h * k_w)), bias 0, and
+        ``conv_offset`` all zero (no offsets, mask 0.5 everywhere at the start)."""
+        bound = 1.0 / math.sqrt(self.in_channels * self.kernel_size[0] * self.kernel_size[1])
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dy_dx_1, dy_dx_2, mask = torch.chunk(self.conv_offset(x), 3, dim=1)
+        return deform_conv2d(
+            x,
+            torch.cat((dy_dx_1, dy_dx_2), dim=1),
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=torch.sigmoid(mask),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, deform_groups={self.deform_groups}, bias={self.bias is not None}"
+        )

@@ -20,7 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from semseg.models.base import IMAGENET_MEAN, IMAGENET_STD
-from semseg.models.decoders import DecodeHead, EncoderDecoder, conv_norm_act, encoder_decoder
+from semseg.models.decoders import (
+    ConvLayer,
+    DecodeHead,
+    EncoderDecoder,
+    conv_norm_act,
+    encoder_decoder,
+)
 from semseg.models.necks import FPN
 
 NormLayer = Callable[[int], nn.Module]
@@ -34,7 +40,8 @@ def group_norm(num_channels: int, num_groups: int = 32) -> nn.GroupNorm:
 class FPNHead(DecodeHead):
     """mmseg's ``FPNHead``: one head per FPN level of ``log2(stride / stride_0)`` (at least 1)
     3x3 ConvModules, each followed by 2x bilinear upsampling except at the finest level; the levels
-    summed at the finest one's size.
+    summed at the finest one's size. ``conv_layer``: the 3x3 convs' class (mmseg's ``conv_cfg``;
+    the zoo's GN + DCN rows: :class:`~semseg.models.ops.ModulatedDeformConv2dPack`).
 
     Not initialised here: :func:`~semseg.models.decoders.encoder_decoder` initialises it after
     the neck (mmseg's order), so call :meth:`init_weights` when building one alone.
@@ -50,6 +57,7 @@ class FPNHead(DecodeHead):
         dropout: float = 0.1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         align_corners: bool = False,
+        conv_layer: ConvLayer = nn.Conv2d,
     ) -> None:
         super().__init__(channels, num_classes, dropout, align_corners)
         self.in_index = [int(i) for i in in_index]
@@ -58,9 +66,8 @@ class FPNHead(DecodeHead):
         for i, stride in zip(self.in_index, strides):
             layers: list[nn.Module] = []
             for k in range(max(1, round(math.log2(stride / strides[0])))):
-                layers.append(
-                    conv_norm_act(in_channels[i] if k == 0 else channels, channels, 3, norm_layer)
-                )
+                in_ch = in_channels[i] if k == 0 else channels
+                layers.append(conv_norm_act(in_ch, channels, 3, norm_layer, conv_layer=conv_layer))
                 if stride != strides[0]:
                     layers.append(
                         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=align_corners)
