@@ -28,6 +28,11 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+def composed_options(group: str) -> list[str]:
+    """The options composed here: the drivable zoo rows compose in test_drivable_zoo.py."""
+    return [o for o in options(group) if not o.endswith("_drivable_bdd100k")]
+
+
 # Options that leave values for the user to fill in (???), with the values conf/ documents for them.
 USER_VALUES = {
     ("dataset", "folder"): [
@@ -38,7 +43,7 @@ USER_VALUES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in composed_options(g)])
 def test_every_group_option_composes(group, option):
     cfg = compose_train(f"{group}={option}", *USER_VALUES.get((group, option), []))
     assert resolved(cfg)
