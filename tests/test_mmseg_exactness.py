@@ -78,7 +78,8 @@ def assert_matches(logits: torch.Tensor, ref: np.lib.npyio.NpzFile, prefix: str)
     agreement = (ours["argmax"] == expected_argmax).mean()
     assert diff < MAX_ABS_DIFF, f"{prefix}: max abs logit difference {diff:.2e}"
     assert agreement >= MIN_ARGMAX_AGREEMENT, f"{prefix}: argmax agreement {agreement:.5f}"
-    np.testing.assert_allclose(ours["mean"], ref[f"{prefix}_mean"], atol=1e-4)
+    # per-class means of logits up to ~100 (DPT): float32 sums differ by thread count
+    np.testing.assert_allclose(ours["mean"], ref[f"{prefix}_mean"], atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.slow

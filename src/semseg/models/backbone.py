@@ -14,7 +14,6 @@ import os
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-import timm
 import torch
 from torch import Tensor, nn
 
@@ -99,6 +98,8 @@ def _check_out_indices(
 def feature_reductions(name: str, **timm_kwargs) -> list[int]:
     """The reductions of all ``features_only`` taps of timm model ``name``, read from a model
     built on the meta device (shapes only: no memory, no init, no weights)."""
+    import timm  # here: importing timm imports wandb when installed (slow start-up)
+
     try:
         with torch.device("meta"):
             probe = timm.create_model(name, pretrained=False, features_only=True, **timm_kwargs)
@@ -167,6 +168,8 @@ class TimmBackbone(nn.Module):
             )
         else:
             out_indices = _pick_out_indices(name, reductions, [int(s) for s in out_strides])
+        import timm
+
         self.model = timm.create_model(
             name, pretrained=False, features_only=True, out_indices=out_indices, **timm_kwargs
         )

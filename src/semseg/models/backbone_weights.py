@@ -24,9 +24,7 @@ import huggingface_hub
 import huggingface_hub.constants
 import safetensors
 import safetensors.torch
-import timm
 import torch
-from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from semseg.checkpoints.file import torch_load_weights_only
@@ -106,6 +104,9 @@ def timm_features_key_map(features: nn.Module, prefix: str = "") -> list[Rule]:
     wrapper keeps the classification model, pruned after the last tap, under ``model.``). Keys of
     the modules the features model leaves out (the classifier, stages after the last tap) are
     dropped, as timm's own ``features_only`` loading drops them."""
+    # timm is imported where it is used: importing it imports wandb when installed (start-up time)
+    from timm.models._features import FeatureGetterNet
+
     if isinstance(features, FeatureGetterNet):  # its own keys, the pruned ones dropped
         own = features.model.state_dict()
         key_map = [(re.compile(rf"^{re.escape(k)}$"), f"{prefix}model.{k}") for k in own]
@@ -163,6 +164,8 @@ def read_hub_weights(name: str) -> tuple[Mapping[str, Tensor], str]:
     else a URL), downloaded or from the cache without building the model, and the label that
     names them. With the hub's offline setting (``HF_HUB_OFFLINE=1``) only a cached copy is used,
     so a machine without network fails at once instead of retrying."""
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise WeightsError(
