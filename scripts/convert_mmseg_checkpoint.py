@@ -20,6 +20,12 @@ src/predict.py follow by default: read from the config the file carries (mmseg 0
 fp16), else the 512x1024 recipe (whole image at 1280x720, fp32); it is printed
 (semseg.models.mmseg_recipe).
 
+The dataset comes from the file as well: the zoo's dataset config (bdd100k, bdd100k_drivable) with
+the class names of its ``meta`` (0.x ``CLASSES``, 1.x ``dataset_meta``; the palette is kept), else
+with its class count (19: bdd100k; 3: bdd100k_drivable, a drivable-area model). The converted file
+records it, so src/evaluate.py and src/predict.py use its classes, metric and submission format
+with no flags; ``--dataset`` names another, ``--num-classes`` checks the count.
+
 Config overrides of the converted model follow the paths, e.g. ``inference.stride=[384,384]`` or
 ``model.aux_head=null`` (leave the auxiliary head's weights out: inference never uses them; kept
 by default, for fine-tuning). They come after the recipe's and the overrides the file implies,
