@@ -20,6 +20,12 @@ src/predict.py follow by default: read from the config the file carries (mmseg 0
 fp16), else the 512x1024 recipe (whole image at 1280x720, fp32); it is printed
 (semseg.models.mmseg_recipe).
 
+The dataset comes from the file as well: the zoo's dataset config (bdd100k, bdd100k_drivable) with
+the class names of its ``meta`` (0.x ``CLASSES``, 1.x ``dataset_meta``; the palette is kept), else
+with its class count (19: bdd100k; 3: bdd100k_drivable, a drivable-area model). The converted file
+records it, so src/evaluate.py and src/predict.py use its classes, metric and submission format
+with no flags; ``--dataset`` names another, ``--num-classes`` checks the count.
+
 Config overrides of the converted model follow the paths, e.g. ``inference.stride=[384,384]`` or
 ``model.aux_head=null`` (leave the auxiliary head's weights out: inference never uses them; kept
 by default, for fine-tuning). They come after the recipe's and the overrides the file implies,
@@ -42,12 +48,18 @@ from semseg.cli import compose_groups, report_user_errors
 from semseg.data import dataset_meta
 from semseg.errors import UserError
 from semseg.models.base import AUX_HEAD
-from semseg.models.mmseg_conversion import mmseg_to_checkpoint, recognise_mmseg
+from semseg.models.mmseg_conversion import (
+    mmseg_num_classes,
+    mmseg_to_checkpoint,
+    recognise_mmseg,
+)
 from semseg.models.mmseg_recipe import (
     DEFAULT_HINT,
     DEFAULT_SOURCE,
+    ZOO_DATASETS,
     mmseg_recipe,
     recipe_summary,
+    zoo_dataset,
 )
 
 
@@ -63,8 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         help="config overrides of the converted model, e.g. model.align_corners=true",
     )
-    parser.add_argument("--num-classes", type=int, default=19, help="expected class count")
-    parser.add_argument("--dataset", default="bdd100k", help="dataset config for names/palette")
+    parser.add_argument(
+        "--num-classes", type=int, default=None, help="expected class count (default: any)"
+    )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset config it was trained on (default: the zoo's with the file's class names, "
+        f"else with its class count: {', '.join(ZOO_DATASETS)})",
+    )
     parser.add_argument(
         "--trust-pickle",
         action="store_true",
@@ -80,14 +99,28 @@ def main(argv: list[str] | None = None) -> int:
         state = torch_load_weights_only(args.input, trust_hint=hint)
     arch = recognise_mmseg(state)
     recipe = mmseg_recipe(state, args.input.name)
+    dataset, dataset_source = args.dataset, "--dataset"
+    if dataset is None:
+        candidates = {
+            name: compose_groups({"dataset": name})["dataset"]["class_names"]
+            for name in ZOO_DATASETS
+        }
+        found = zoo_dataset(recipe, mmseg_num_classes(state), candidates)
+        if found is None:
+            raise UserError(
+                f"{args.input} has {mmseg_num_classes(state)} classes, which no zoo dataset "
+                f"({', '.join(ZOO_DATASETS)}) has: give the one it was trained on, --dataset NAME"
+            )
+        dataset, dataset_source = found
     overrides = [*arch.overrides, *recipe.overrides(), *args.overrides]
     groups = arch.config_groups
-    config = compose_groups({**groups, "dataset": args.dataset, "inference": "whole"}, overrides)
+    config = compose_groups({**groups, "dataset": dataset, "inference": "whole"}, overrides)
     meta = dataset_meta(config["dataset"])
     if recipe.class_names and list(recipe.class_names) != list(meta["class_names"]):
         raise UserError(
             f"{args.input} predicts the classes {list(recipe.class_names)}, not those of "
-            f"--dataset {args.dataset}: pick the dataset config it was trained on"
+            f"dataset {dataset} ({dataset_source}): pick the dataset config it was trained on, "
+            "--dataset NAME"
         )
     if recipe.palette and len(recipe.palette) == len(meta["class_names"]):
         meta["palette"] = [list(colour) for colour in recipe.palette]
@@ -109,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         f"backbone={groups['backbone']}{aux}; wrote {args.output} "
         f"({len(checkpoint['model'])} tensors){implied}"
     )
+    print(f"dataset={dataset} (from {dataset_source}): classes {meta['class_names']}")
     print(f"test recipe from {recipe.source}: {recipe_summary(config, precision)}")
     if recipe.source == DEFAULT_SOURCE:
         print(DEFAULT_HINT)

@@ -48,6 +48,8 @@ pipeline at its real recipe (1281x721, 769x769 windows at stride 513, align_corn
 mmseg 1.x ViT without patch bias, and an mmseg 1.x config text; ``--recipe --compare`` converts a
 file laid out and named like each 769x769 row with no argument beyond IN and OUT and compares
 what src/predict.py computes with mmseg's pipeline (``comparison_recipe.json``).
+``--recipe --drivable`` writes ``recipe_drivable.npz``: a 3-class file laid out like the drivable
+zoo's DANet 769x769 row, through the same pipeline and recipe.
 
 The zoo's ConvNeXt rows were trained with mmcls 0.x, whose ConvNeXt differs from mmpretrain 1.2's
 in one number: the LayerNorm before each downsampling conv has eps 1e-5 (mmcls 0.25.0,
@@ -642,6 +644,7 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
         if head.get("norm_cfg") is not None:  # PointRend's point head has none
             head.norm_cfg = bn
         head.align_corners = case.get("align_corners", False)
+        head.num_classes = case.get("num_classes", head.num_classes)  # drivable: 3
     cfg.model.decode_head.update(case.get("decode_head", {}))  # the row's own head settings
     cfg.test_pipeline = [
         {"type": "LoadImageFromFile"},
@@ -927,12 +930,14 @@ RECIPE_CFG = "configs/gcnet/gcnet_r50-d8_4xb2-40k_cityscapes-769x769.py"
 VIT_NO_BIAS = {**CASES["upernet_deit"], "patch_bias": False, "logits": True}
 
 
-def row_769_logits(name: str, image: Path) -> torch.Tensor:
-    """mmseg's logits of case ``name`` (seeded weights, align_corners=True) through the zoo's
-    769x769 test: the whole test pipeline at 1281x721 with 769x769 windows at stride 513."""
+def row_769_logits(name: str, image: Path, num_classes: int | None = None) -> torch.Tensor:
+    """mmseg's logits of case ``name`` (seeded weights, align_corners=True; ``num_classes`` in
+    every head when given) through the zoo's 769x769 test: the whole test pipeline at 1281x721
+    with 769x769 windows at stride 513."""
     from mmengine import ConfigDict
 
-    model, _ = mmseg_model({**CASES[name], "align_corners": True})
+    classes = {} if num_classes is None else {"num_classes": num_classes}
+    model, _ = mmseg_model({**CASES[name], "align_corners": True, **classes})
     model.test_cfg = ConfigDict(ROW_769_TEST_CFG)
     return mmseg_pipeline_logits(model, image, ROW_769_SCALE)
 
@@ -1004,6 +1009,32 @@ def compare_recipe(out: Path, sizes: Sequence[tuple[int, int]] = (RECIPE_IMAGE,)
     (out / "comparison_recipe.json").write_text(json.dumps(report, indent=1))
 
 
+# --recipe --drivable: a 3-class file laid out and named like the drivable zoo's DANet 769x769
+# row (drivable/configs/drivable/danet_r50-d8_769x769_40k_drivable_bdd100k.py: the sem_seg
+# recipe, num_classes=3 in both heads) through the same test pipeline (tests/test_recipe.py).
+DRIVABLE_FIXTURE = "recipe_drivable.npz"  # in --out; its image is RECIPE_PNG
+DRIVABLE_FILE = "danet_r50-d8_769x769_40k_drivable_bdd100k.pth"
+DRIVABLE_ROW = "danet"
+DRIVABLE_CLASSES = 3  # direct, alternative, background
+
+
+def drivable_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """A 19-class layout's shapes with DRIVABLE_CLASSES in every classifier (``*conv_seg``)."""
+    return {
+        key: [DRIVABLE_CLASSES, *shape[1:]] if ".conv_seg." in key or "_conv_seg." in key
+        else list(shape)
+        for key, shape in shapes.items()
+    }  # fmt: skip
+
+
+def write_drivable_fixture(out: Path) -> None:
+    """``recipe_drivable.npz``: DRIVABLE_ROW's 3-class 769x769 pipeline argmax on RECIPE_PNG."""
+    logits = row_769_logits(DRIVABLE_ROW, out / RECIPE_PNG, DRIVABLE_CLASSES)
+    argmax = logits.argmax(0).byte().numpy()
+    np.savez_compressed(out / DRIVABLE_FIXTURE, argmax=argmax)
+    print(f"drivable: {DRIVABLE_FILE} argmax classes {np.unique(argmax)}")
+
+
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -1027,8 +1058,16 @@ def main(argv: list[str] | None = None) -> int:
         help="only the recipe fixtures (with --compare: every 769x769 row, converted with no "
         "argument, against mmseg's test pipeline at the real recipe)",
     )
+    parser.add_argument(
+        "--drivable",
+        action="store_true",
+        help="with --recipe: only the drivable row's fixture (a 3-class DANet 769x769 file)",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
+    if args.recipe and args.drivable:
+        write_drivable_fixture(args.out)
+        return 0
     if args.recipe:
         if not args.no_fixtures:
             write_recipe_fixtures(args.out)

@@ -13,11 +13,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from helpers import entry_config, load_script, run_entry, tiny_checkpoint
+import yaml
+from helpers import entry_config, load_script, run_entry, tiny_checkpoint, train_in_process
 from PIL import Image
 
 from semseg.apps.evaluate import run_evaluate
 from semseg.apps.predict import run_predict
+from semseg.apps.zoo import build_model_zoo_row
 from semseg.checkpoints.file import save_checkpoint
 from semseg.cli import compose
 from semseg.data import build_dataset, dataset_meta, make_toy_bdd100k, make_toy_bdd100k_drivable
@@ -340,3 +342,45 @@ def test_quickstart_drivable_trains_and_reports_the_drivable_metric(tmp_path):
     metrics = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {"val/mIoU", "val/IoU/direct", "val/IoU/alternative", "val/mmseg_mIoU"} <= set(metrics)
     assert "val/IoU/background" not in metrics and "val/mmseg_IoU/background" in metrics
+
+
+@pytest.mark.slow
+def test_model_zoo_row_of_a_drivable_run(drivable_toy, tmp_path):
+    """A tiny drivable training run published as a model-zoo row: the scores are the toolkit's
+    drivable figures with mmseg's 3-class mIoU beside them, the card names the drivable mIoU
+    and the classes, and the RLE files are named by the toolkit's task (drivable_<split>.json,
+    frames without the ignored background)."""
+    run = tmp_path / "run"
+    summary = train_in_process(drivable_toy, run, "dataset=toy_bdd100k_drivable",
+                               "schedule.max_iters=2", "trainer.eval_at_end=true")  # fmt: skip
+    out = build_model_zoo_row(
+        compose("model_zoo", [f"run_dir={run}", f"dataset.root={drivable_toy}", "device=cpu",
+                              "progress=false", "visuals.count=1", f"output_dir={tmp_path / 'zoo'}",
+                              "checkpoint=last.pt", "dataset.test_server=https://server.example"])
+    )  # fmt: skip
+    scores = json.loads((out / "scores-val.json").read_text())
+    assert scores["dataset"] == "toy_bdd100k_drivable" and scores["class_names"] == NAMES
+    metrics = scores["metrics"]
+    assert {"mIoU", "IoU/direct", "IoU/alternative", "mmseg_mIoU", "mmseg_IoU/background"} <= set(
+        metrics
+    )
+    assert "IoU/background" not in metrics
+    assert metrics["mIoU"] == pytest.approx(summary["val/mIoU"], abs=1e-9)
+    assert metrics["mmseg_mIoU"] == pytest.approx(summary["val/mmseg_mIoU"], abs=1e-9)
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])["model-index"][0]["results"][0]["metrics"]
+    assert front == [{"type": "mean_iou", "value": metrics["mIoU"], "name": "drivable mIoU (val)"}]
+    assert metrics["mmseg_mIoU"] > 0  # background is scored there
+    assert "| split | drivable mIoU (%) | source |" in card
+    assert "Classes (mask ids 0-2): direct, alternative, background." in card
+    assert f"| **drivable mIoU** | **{100 * metrics['mIoU']:.2f}** |" in card
+    assert f"| mmseg mIoU (all 3 classes) | {100 * metrics['mmseg_mIoU']:.2f} |" in card
+    assert "| background |" not in card
+    assert "submission/drivable_test_masks.zip" in card and "sem_seg" not in card
+    assert sorted(p.name for p in (out / "submission").iterdir()) == [
+        "drivable_test.json", "drivable_test_masks.zip"
+    ]  # fmt: skip
+    assert not list(out.glob("preds/sem_seg_*"))
+    frames = json.loads((out / "preds" / "drivable_val.json").read_text())["frames"]
+    assert len(frames) == 3
+    assert {c["category"] for f in frames for c in f["labels"]} <= set(NAMES[:2])

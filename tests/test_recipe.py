@@ -223,6 +223,85 @@ def test_converted_769_row_predicts_like_mmseg_with_no_flags(tmp_path: Path, cap
 
 
 # --------------------------------------------------------------------------------------------
+# Drivable-area files: 3 classes, recognised with no --dataset
+
+DRIVABLE = compose_groups({"dataset": "bdd100k_drivable"})["dataset"]
+
+
+@pytest.mark.parametrize(
+    ("meta", "palette"),
+    [
+        ({}, DRIVABLE["palette"]),  # the zoo's files: no meta, the class count decides
+        ({"CLASSES": DRIVABLE["class_names"], "PALETTE": [[1, 2, 3]] * 3}, [[1, 2, 3]] * 3),
+        ({"mmengine_version": "0.10.7", "dataset_meta": {"classes": DRIVABLE["class_names"],
+          "palette": [[4, 5, 6]] * 3}}, [[4, 5, 6]] * 3),
+    ],
+    ids=["class-count", "mmseg0-meta", "mmseg1-dataset-meta"],
+)  # fmt: skip
+def test_a_3_class_file_converts_as_a_drivable_model(tmp_path: Path, capsys, meta, palette):
+    """A 3-class file is a drivable model with no flag: the drivable dataset (classes, palette,
+    the toolkit's task and "ignored" class) from its meta's class names, else from its class
+    count; a file with a palette of its own keeps it."""
+    weights = reference.seeded_weights(reference.drivable_shapes(CASES["semantic_fpn"]["shapes"]))
+    src, out = tmp_path / "fpn_r50_512x1024_40k_drivable_bdd100k.pth", tmp_path / "fpn.pt"
+    torch.save({"meta": meta, "state_dict": weights}, src)
+    assert load_script("convert_mmseg_checkpoint").main([str(src), str(out)]) == 0
+    why = "class names" if meta else "3 classes"
+    assert f"dataset=bdd100k_drivable (from the file's {why})" in capsys.readouterr().out
+    state = load_checkpoint(out)
+    assert state["meta"]["class_names"] == ["direct", "alternative", "background"]
+    assert state["meta"]["palette"] == palette
+    assert state["meta"]["toolkit_ignored_class"] == "background"
+    dataset = state["config"]["dataset"]
+    assert (dataset["name"], dataset["toolkit_task"], dataset["num_classes"]) == (
+        "bdd100k_drivable", "drivable", 3
+    )  # fmt: skip
+
+
+def test_a_file_of_no_zoo_class_count_asks_for_the_dataset(tmp_path: Path, capsys) -> None:
+    shapes = {k: [7, *v[1:]] if "conv_seg" in k else v
+              for k, v in CASES["semantic_fpn"]["shapes"].items()}  # fmt: skip
+    src = tmp_path / "fpn.pth"
+    torch.save({"state_dict": reference.seeded_weights(shapes)}, src)
+    with pytest.raises(SystemExit):
+        load_script("convert_mmseg_checkpoint").main([str(src), str(tmp_path / "fpn.pt")])
+    err = capsys.readouterr().err
+    assert "has 7 classes, which no zoo dataset" in err and "--dataset NAME" in err
+    assert not (tmp_path / "fpn.pt").exists()
+
+
+def test_converted_drivable_row_predicts_like_mmseg_with_no_flags(tmp_path: Path, capsys):
+    """A file laid out and named like the drivable zoo's DANet 769x769 row (3 classes, no meta),
+    converted with IN and OUT only, then src/predict.py with no flags: mmseg's test pipeline at
+    the row's recipe gives the same mask (scripts/mmseg_reference.py --recipe --drivable), the
+    masks hold drivable ids and the test-server file is the toolkit's drivable.json."""
+    shapes = reference.drivable_shapes(CASES[reference.DRIVABLE_ROW]["shapes"])
+    src, out = tmp_path / reference.DRIVABLE_FILE, tmp_path / "danet.pt"
+    torch.save({"state_dict": reference.seeded_weights(shapes)}, src)
+    assert load_script("convert_mmseg_checkpoint").main([str(src), str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "dataset=bdd100k_drivable (from the file's 3 classes)" in printed
+    assert "a 769x769 row" in printed and "test scale 1281x721" in printed
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "scene.png").write_bytes((FIXTURES / reference.RECIPE_PNG).read_bytes())
+    cfg = config("predict", f"checkpoint={out}", f"input_dir={images}", f"output_dir={tmp_path}")
+    predicted = run_predict(cfg)
+    mask = np.array(Image.open(predicted / "masks" / "scene.png"))
+    expected = np.load(FIXTURES / reference.DRIVABLE_FIXTURE)["argmax"]
+    assert len(np.unique(expected)) >= 2
+    assert mask.shape == expected.shape
+    assert (mask == expected).mean() >= 0.999
+    assert set(np.unique(mask)) <= {0, 1, 2}
+    frames = json.loads((predicted / "submission" / "drivable.json").read_text())["frames"]
+    assert [f["name"] for f in frames] == ["scene.png"]
+    labels = {label["category"] for label in frames[0]["labels"]}
+    assert labels == {("direct", "alternative", "background")[c] for c in np.unique(mask)} - {
+        "background"
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # mmseg 1.x ViT files: no bias in the patch embedding
 
 

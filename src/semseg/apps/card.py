@@ -83,7 +83,7 @@ def card_data(text: CardText) -> ModelCardData:
             dataset_name=text.dataset,
             dataset_split=score.split,
             metric_type=METRIC_TYPE,
-            metric_name=f"mIoU ({score.split})",
+            metric_name=f"{metric_name(text.config)} ({score.split})",
             metric_value=float(score.miou),
             source_name=score.source_name,
             source_url=score.source_url,
@@ -111,9 +111,14 @@ def model_card(text: CardText) -> ModelCard:
         f"# {method}, {backbone} on {text.dataset}",
         "",
         *_block(text.intro),
+        *_block(_classes_lines(text.config)),
         "## Scores",
         "",
-        *_block(_score_table(text.scores) if text.scores else ["No scores yet."]),
+        *_block(
+            _score_table(text.scores, metric_name(text.config))
+            if text.scores
+            else ["No scores yet."]
+        ),
         *_block(text.score_notes),
         "## Use",
         "",
@@ -149,9 +154,36 @@ def _block(lines: Sequence[str]) -> list[str]:
     return [*lines, ""] if lines else []
 
 
-def _score_table(scores: Sequence[Score]) -> list[str]:
+def metric_name(config: Mapping[str, Any]) -> str:
+    """The name of the card's mIoU: ``drivable mIoU`` (the BDD100K toolkit's, of
+    ``toolkit_task``) for a dataset with a toolkit "ignored" class, else ``mIoU``."""
+    dataset = config.get("dataset") or {}
+    if dataset.get("toolkit_ignored_class"):
+        return f"{dataset.get('toolkit_task', 'toolkit')} mIoU"
+    return "mIoU"
+
+
+def _classes_lines(config: Mapping[str, Any]) -> list[str]:
+    """The classes the model predicts, and which of them its mIoU scores."""
+    dataset = config.get("dataset") or {}
+    names = list(dataset.get("class_names") or [])
+    if not names:
+        return []
+    lines = [f"Classes (mask ids 0-{len(names) - 1}): {', '.join(names)}."]
+    ignored = dataset.get("toolkit_ignored_class")
+    if ignored:
+        scored = ", ".join(n for n in names if n != ignored)
+        lines.append(
+            f"{metric_name(config)} is the BDD100K toolkit's (`bdd100k.eval.run -t "
+            f"{dataset.get('toolkit_task')}`): the mean IoU of {scored}; {ignored} pixels of the "
+            "ground truth are not scored. mmseg's mIoU over all the classes is `mmseg_mIoU`."
+        )
+    return lines
+
+
+def _score_table(scores: Sequence[Score], metric: str = "mIoU") -> list[str]:
     """Markdown lines: each score in percent, with where it comes from."""
-    lines = ["| split | mIoU (%) | source |", "|---|---|---|"]
+    lines = [f"| split | {metric} (%) | source |", "|---|---|---|"]
     for s in scores:
         where = "measured with this project" if s.measured else s.source_name
         if s.source_url:

@@ -155,12 +155,12 @@ def load_inference_model(
     state = dict(state) if state is not None else load_model_checkpoint(source)
     model, meta, config = model_from_checkpoint(state, source=source)
     num_classes = int(meta["num_classes"])
-    if "num_classes" in cfg.dataset and int(cfg.dataset.num_classes) != num_classes:
+    dataset_cfg = _dataset_for(cfg.dataset, config, meta, source)
+    if "num_classes" in dataset_cfg and int(dataset_cfg.num_classes) != num_classes:
         raise ConfigError(
             f"checkpoint {source} predicts {num_classes} classes but "
-            f"dataset.num_classes={cfg.dataset.num_classes}: pick the dataset it was trained on"
+            f"dataset.num_classes={dataset_cfg.num_classes}: pick the dataset it was trained on"
         )
-    dataset_cfg = OmegaConf.create(OmegaConf.to_container(cfg.dataset, resolve=True))
     run_scale = eval_scale(config["dataset"]) if config.get("dataset") else None
     scale_source = "dataset.test_pipeline.scale"
     if OmegaConf.select(dataset_cfg, "test_pipeline.scale") is None:
@@ -196,15 +196,46 @@ def load_inference_model(
     return InferenceModel(model, state, meta, dataset_cfg, device, precision, inference)
 
 
+# The keys of the command's dataset config that say where the images are, not what they hold.
+_LOCATION_KEYS = ("root", "split")
+
+
+def _dataset_for(
+    given: DictConfig, config: Mapping[str, Any], meta: Mapping[str, Any], source: str
+) -> DictConfig:
+    """The dataset config to predict and score with: ``given`` (``dataset=...``), unless the
+    checkpoint predicts other classes and records the dataset config of its own classes (a
+    converted drivable zoo file, a drivable run, with the default ``dataset=bdd100k``): then
+    that one (its classes, metric and submission format), with ``given``'s root and split."""
+    resolved = OmegaConf.create(OmegaConf.to_container(given, resolve=True))
+    recorded = config.get("dataset") or {}
+    names = list(meta.get("class_names") or [])
+    if (
+        list(resolved.get("class_names") or []) == names
+        or list(recorded.get("class_names") or []) != names
+    ):
+        return resolved
+    dataset = OmegaConf.create(dict(recorded))
+    for key in _LOCATION_KEYS:
+        if resolved.get(key) is not None:
+            dataset[key] = resolved[key]
+    if get_rank() == 0:
+        log.info(
+            "dataset: %s, the checkpoint's (%s predicts %s, not the classes of dataset=%s)",
+            dataset.get("name"), source, ", ".join(names), resolved.get("name"),
+        )  # fmt: skip
+    return dataset
+
+
 def ignored_class(meta: Mapping[str, Any], dataset_cfg: Mapping[str, Any]) -> str | None:
     """The toolkit's "ignored" class to score with: the checkpoint's, else the dataset's (a
     converted checkpoint may carry none; the classes were checked to be the dataset's)."""
     return meta.get("toolkit_ignored_class") or dataset_cfg.get("toolkit_ignored_class")
 
 
-def check_classes(cfg: DictConfig, trained: list[str]) -> None:
+def check_classes(dataset_cfg: DictConfig, checkpoint: str, trained: list[str]) -> None:
     """Stop with one line listing how the checkpoint's classes differ from the dataset's."""
-    wanted = list(cfg.dataset.class_names)
+    wanted = list(dataset_cfg.class_names)
     if trained == wanted:
         return
     differences = [
@@ -213,8 +244,8 @@ def check_classes(cfg: DictConfig, trained: list[str]) -> None:
         if a != b
     ]
     raise ConfigError(
-        f"checkpoint {cfg.checkpoint} was trained on other classes than "
-        f"dataset={cfg.dataset.get('name')}: class {'; '.join(differences)}. Evaluate on a "
+        f"checkpoint {checkpoint} was trained on other classes than "
+        f"dataset={dataset_cfg.get('name')}: class {'; '.join(differences)}. Evaluate on a "
         "dataset with the checkpoint's classes (same names, same order)"
     )
 

@@ -59,7 +59,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, Any]:
 def _evaluate_checkpoint(cfg: DictConfig, out_dir: Path) -> tuple[dict | None, list[Path]]:
     with process_group(cfg.get("device", "auto")) as env:
         loaded = load_inference_model(cfg, env.device)
-        check_classes(cfg, loaded.class_names)
+        # The dataset evaluated: dataset=..., or the checkpoint's own (load_inference_model).
+        check_classes(loaded.dataset_cfg, str(cfg.checkpoint), loaded.class_names)
         scale = eval_scale(loaded.dataset_cfg)
         if env.is_main:
             log.info(

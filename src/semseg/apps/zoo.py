@@ -9,11 +9,13 @@ Hub model repository (upload it as it is: ``hf upload <org>/<name> <folder>``).
       config.yaml            the resolved config (the run's, with the dataset and inference used)
       weights.pt             the same weights as a checkpoint of this project (for older readers)
       weights.pt.sha256      its SHA-256, checkable with ``sha256sum -c weights.pt.sha256``
-      scores-val.json        mIoU, per-class IoU, pixel accuracy, fIoU, confusion matrix (fractions)
+      scores-val.json        mIoU, per-class IoU, pixel accuracy, fIoU, confusion matrix (fractions;
+                             drivable area: the toolkit's figures, mmseg's mmseg_mIoU beside them)
       preds/<val>/, preds/<test>/   BDD100K-format masks: <image stem>.png, uint8 train ids
-      preds/sem_seg_<val>.json      the val predictions as Scalabel RLE (for the toolkit)
-      submission/            datasets with a test server only: sem_seg_<test>.json (Scalabel RLE)
-                             and sem_seg_<test>_masks.zip (the PNG masks)
+      preds/<task>_<val>.json       the val predictions as Scalabel RLE (for the toolkit; <task>:
+                                    the dataset's toolkit_task, sem_seg or drivable)
+      submission/            datasets with a test server only: <task>_<test>.json (Scalabel RLE)
+                             and <task>_<test>_masks.zip (the PNG masks)
       visuals/               colormaps/ and overlays/ of a fixed, seeded sample of val images
 
 Each split is predicted once, batched, with the library's one prediction loop (so the scores are
@@ -39,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from semseg.apps.card import CardText, Score, backbone_name, sha256, write_card
+from semseg.apps.card import CardText, Score, backbone_name, metric_name, sha256, write_card
 from semseg.apps.common import (
     InferenceModel,
     batch_size,
@@ -207,13 +209,18 @@ class _Row:
         self.cfg, self.source, self.loaded = cfg, source, loaded
         self.val_split, self.test_split, self.server = val_split, test_split, server
         self.metrics: dict[str, float] = {}
+        # The BDD100K toolkit's task names the RLE files (sem_seg_val.json, drivable_val.json).
+        self.task = str(loaded.dataset_cfg.get("toolkit_task") or "sem_seg")
+        # The toolkit's "ignored" class (drivable background) gets no RLE label, as its to_rle.
+        ignored = ignored_class(loaded.meta, loaded.dataset_cfg)
+        self.labelled = [n for n in loaded.class_names if n != ignored]
 
     def write(self, out: Path, val_loader: DataLoader, test_loader: DataLoader | None) -> None:
         cfg, loaded = self.cfg, self.loaded
         shas = self._write_weights(out)
         names = val_loader.dataset.names
         sample = _sample(names, cfg.visuals.count, cfg.visuals.seed)
-        rle_val = out / "preds" / f"sem_seg_{self.val_split}.json"
+        rle_val = out / "preds" / f"{self.task}_{self.val_split}.json"
         confmat = self._run_split(val_loader, self.val_split, out, rle_val, sample)
         self.metrics = summarize(
             confmat, loaded.class_names, ignored_class(loaded.meta, loaded.dataset_cfg)
@@ -234,12 +241,12 @@ class _Row:
         log.info("%s scores\n%s", self.val_split, format_table(self.metrics, loaded.class_names))
         if test_loader is not None:
             submission = out / "submission"
-            rle_test = submission / f"sem_seg_{self.test_split}.json" if self.server else None
+            rle_test = submission / f"{self.task}_{self.test_split}.json" if self.server else None
             self._run_split(test_loader, self.test_split, out, rle_test)
             if self.server:
                 zip_masks(
                     out / "preds" / self.test_split,
-                    submission / f"sem_seg_{self.test_split}_masks.zip",
+                    submission / f"{self.task}_{self.test_split}_masks.zip",
                 )
         visuals = sorted(sample)[:_VISUALS_IN_CARD]
         write_card(out, self._card(scores, shas, visuals))
@@ -278,7 +285,7 @@ class _Row:
         loaded, dataset = self.loaded, loader.dataset
         image_paths = {name: Path(path) for name, path in zip(dataset.names, dataset.image_paths)}
         metric = SegmentationMetric(loaded.num_classes, int(loaded.meta["ignore_index"]), False)
-        writer = ScalabelWriter(rle_path, loaded.class_names) if rle_path else None
+        writer = ScalabelWriter(rle_path, self.labelled) if rle_path else None
         bar = tqdm(
             total=len(dataset), desc=f"{split} images", unit="img", disable=not self.cfg.progress
         )
@@ -350,7 +357,12 @@ class _Row:
                 for name in names
                 if f"IoU/{name}" in metrics
             ),
-            f"| **mIoU** | **{100 * metrics['mIoU']:.2f}** |",
+            f"| **{metric_name(loaded.config)}** | **{100 * metrics['mIoU']:.2f}** |",
+            *(
+                [f"| mmseg mIoU (all {len(names)} classes) | {100 * metrics['mmseg_mIoU']:.2f} |"]
+                if "mmseg_mIoU" in metrics
+                else []
+            ),
             f"| pixel accuracy | {100 * metrics['pixel_acc']:.2f} |",
             f"| fIoU | {100 * metrics['fIoU']:.2f} |",
         ]
@@ -408,10 +420,10 @@ class _Row:
         if not (server and test_split):
             return "mIoU-test: this dataset has no test server, so there is no submission."
         return (
-            f"mIoU-test: upload `submission/sem_seg_{test_split}_masks.zip` (the {test_split} "
+            f"mIoU-test: upload `submission/{self.task}_{test_split}_masks.zip` (the {test_split} "
             f"masks as PNGs) to {server}, then fill in mIoU-test and Scores-test above (rerun "
             f"with `test_miou=<the server's mIoU as a fraction>` to put it into the card's "
-            f"model-index too). `submission/sem_seg_{test_split}.json` holds the same predictions "
+            f"model-index too). `submission/{self.task}_{test_split}.json` holds the same predictions "
             "as Scalabel RLE."
         )
 

@@ -678,6 +678,11 @@ def _num_classes(converted: Mapping[str, Tensor]) -> int | None:
     return sizes[0] if sizes else None
 
 
+def mmseg_num_classes(state: Mapping[str, Any]) -> int | None:
+    """The class count of an mmseg state dict (or whole checkpoint): its decode classifier's."""
+    return _num_classes(convert_mmseg_state_dict(state))
+
+
 def mmseg_to_checkpoint(
     state_dict: Mapping[str, Any],
     source: str,

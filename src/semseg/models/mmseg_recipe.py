@@ -206,6 +206,26 @@ def recipe_summary(config: Mapping[str, Any], precision: str) -> str:
     return ", ".join([*parts, f"precision {precision}"])
 
 
+# The zoo's two pages and the dataset config of each: sem_seg (19 classes), drivable area (3).
+ZOO_DATASETS = ("bdd100k", "bdd100k_drivable")
+
+
+def zoo_dataset(
+    recipe: MmsegRecipe, num_classes: int | None, class_names: Mapping[str, Sequence[str]]
+) -> tuple[str, str] | None:
+    """The dataset config a zoo file was trained on, and why: the one whose class names are the
+    file's own (its ``meta``), else the one with its class count; ``class_names``: each candidate
+    dataset config's. None when none fits (the caller asks for ``--dataset``)."""
+    if recipe.class_names:
+        for name, names in class_names.items():
+            if list(names) == list(recipe.class_names):
+                return name, "the file's class names"
+    for name, names in class_names.items():
+        if num_classes is not None and len(names) == num_classes:
+            return name, f"the file's {num_classes} classes"
+    return None
+
+
 DEFAULT_HINT = (
     "no config in the file and no zoo row in its name: for a 769x769 row add "
     + " ".join(o for o in ROW_769.overrides() if not o.startswith("inference.precision"))
