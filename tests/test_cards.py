@@ -26,6 +26,7 @@ MODEL_METHODS = [
     ("semantic_fpn", "resnet50c", "Semantic FPN"),
     ("semantic_fpn", "efficientnet_b3", "Semantic FPN"),
     ("semantic_fpn_gn", "resnet50c", "Semantic FPN"),
+    ("semantic_fpn_gn_dcn", "resnet50c", "Semantic FPN"),
     ("fcn", "resnet50c_d8", "FCN"),
     ("fcn_hr", "hrnet_w48", "HRNet"),
     ("pspnet", "resnet101c_d8", "PSPNet"),
