@@ -204,14 +204,16 @@ def _dataset_for(
     given: DictConfig, config: Mapping[str, Any], meta: Mapping[str, Any], source: str
 ) -> DictConfig:
     """The dataset config to predict and score with: ``given`` (``dataset=...``), unless the
-    checkpoint predicts other classes and records the dataset config of its own classes (a
-    converted drivable zoo file, a drivable run, with the default ``dataset=bdd100k``): then
-    that one (its classes, metric and submission format), with ``given``'s root and split."""
+    checkpoint predicts another number of classes, which ``given`` cannot score, and records the
+    dataset config of its own classes (a converted drivable zoo file, a drivable run, with the
+    default ``dataset=bdd100k``): then that one (its classes, metric and submission format), with
+    ``given``'s root and split. As many classes under other names stay a one-line error
+    (:func:`check_classes`): cross-dataset evaluation is the user's explicit choice."""
     resolved = OmegaConf.create(OmegaConf.to_container(given, resolve=True))
     recorded = config.get("dataset") or {}
     names = list(meta.get("class_names") or [])
     if (
-        list(resolved.get("class_names") or []) == names
+        len(resolved.get("class_names") or []) == len(names)
         or list(recorded.get("class_names") or []) != names
     ):
         return resolved
