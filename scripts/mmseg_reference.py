@@ -819,6 +819,20 @@ def project_pipeline_logits(
         return resize_logits(model, predict_logits(model, x, **inference), image.shape[:2])[0]
 
 
+def whole_map_rows(
+    ours: torch.nn.Module,
+    ref_model: torch.nn.Module,
+    images: Mapping[str, np.ndarray],
+    suffix: str = "",
+) -> dict[str, dict[str, float]]:
+    """:func:`differences` of both models' logits on each of ``images``, by size + ``suffix``."""
+    return {
+        f"{size}{suffix}": differences(ours(torch.from_numpy(im).permute(0, 3, 1, 2))[0],
+                                       mmseg_logits(ref_model, im)[0])
+        for size, im in images.items()
+    }  # fmt: skip
+
+
 def compare(out: Path, cases: Sequence[str]) -> None:
     """Whole-map differences of ``cases`` into ``comparison.json`` (other cases' rows kept).
 
@@ -842,17 +856,10 @@ def compare(out: Path, cases: Sequence[str]) -> None:
         case = CASES[name]
         ref_model, weights = mmseg_model(case)
         ours = project_model(name, weights)
-        rows = {
-            size: differences(ours(torch.from_numpy(im).permute(0, 3, 1, 2))[0],
-                              mmseg_logits(ref_model, im)[0])
-            for size, im in images.items()
-        }  # fmt: skip
-        if "convnext" in case:
+        rows = whole_map_rows(ours, ref_model, images)
+        if backbone_family(case) == "convnext":
             eps = project_model(name, weights, "backbone.downsample_norm_eps=1e-6")
-            for size, im in images.items():
-                rows[f"{size}_eps_1e-6"] = differences(
-                    eps(torch.from_numpy(im).permute(0, 3, 1, 2))[0], mmseg_logits(ref_model, im)[0]
-                )
+            rows |= whole_map_rows(eps, ref_model, images, "_eps_1e-6")
         if case.get("slide"):  # the windows of the fixture, and 320x320 ones on 512x1024
             for size, window in (("75x110", SLIDE), ("512x1024", SLIDE_512X1024)):
                 x = torch.from_numpy(images[size]).permute(0, 3, 1, 2)
@@ -1023,8 +1030,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recipe",
         action="store_true",
-        help="only the recipe fixtures (with --compare: every 769x769 row, converted with no "
-        "argument, against mmseg's test pipeline at the real recipe)",
+        help="only the recipe fixtures (with --compare: every file of ZOO_FILES, converted with "
+        "no argument, against mmseg's test pipeline at its recipe)",
     )
     args = parser.parse_args(argv)
     torch.manual_seed(SEED)
