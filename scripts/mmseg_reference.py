@@ -581,7 +581,8 @@ def set_heads(model: Any, case: Mapping[str, Any]) -> None:
         if head.get("norm_cfg") is not None:  # PointRend's point head has none
             head.norm_cfg = BN
         head.align_corners = case.get("align_corners", False)
-    model.decode_head.update(case.get("decode_head", {}))  # the row's own head settings
+    if "decode_head" in case:  # the row's own head settings (PointRend's decode_head is a list)
+        model.decode_head.update(case["decode_head"])
 
 
 def mmseg_config(case: Mapping[str, Any]) -> Any:
