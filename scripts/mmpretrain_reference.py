@@ -65,6 +65,10 @@ OPTIMIZER = {"type": "AdamW", "lr": 1e-4, "betas": (0.9, 0.999), "weight_decay":
 # The zoo's lr_config: poly, power 1, min_lr 0, linear warm-up over 1500 iterations from 1e-6.
 SCHEDULE = {"power": 1.0, "min_lr": 0.0, "warmup_iters": 1500, "warmup_ratio": 1e-6}
 LR_ITERS = (0, 1, 2, 100, 749, 1499, 1500, 1501, 10000, 20000, 39999, 40000, 60000, 79999, 80000)
+# The zoo's mmcls ConvNeXt settings (sem_seg/configs/upernet/upernet_convnext-*_bdd100k.py), the
+# same in the plain backbone and in UPerNet.
+CONVNEXT_SETTINGS = {"out_indices": (0, 1, 2, 3), "drop_path_rate": 0.4,
+                     "layer_scale_init_value": 1.0, "gap_before_final_norm": False}  # fmt: skip
 
 
 # -- shared with the tests ---------------------------------------------------------------------
@@ -143,8 +147,7 @@ def import_mm() -> dict:
 def mm_convnext(arch: str):
     from mmpretrain.models.backbones import ConvNeXt
 
-    return ConvNeXt(arch=arch, out_indices=(0, 1, 2, 3), gap_before_final_norm=False,
-                    drop_path_rate=0.4, layer_scale_init_value=1.0)  # fmt: skip
+    return ConvNeXt(arch=arch, **CONVNEXT_SETTINGS)
 
 
 def features_reference() -> dict[str, Tensor]:
@@ -179,9 +182,7 @@ def mmseg_upernet(arch: str):
     chs = CHANNELS[arch]
     norm = {"type": "BN", "requires_grad": True}
     loss = {"type": "CrossEntropyLoss", "use_sigmoid": False}
-    backbone = {"type": "mmpretrain.ConvNeXt", "arch": arch, "out_indices": [0, 1, 2, 3],
-                "drop_path_rate": 0.4, "layer_scale_init_value": 1.0,
-                "gap_before_final_norm": False}  # fmt: skip
+    backbone = {"type": "mmpretrain.ConvNeXt", "arch": arch, **CONVNEXT_SETTINGS}
     decode = {"type": "UPerHead", "in_channels": list(chs), "in_index": [0, 1, 2, 3],
               "pool_scales": (1, 2, 3, 6), "channels": 512, "dropout_ratio": 0.1,
               "num_classes": 19, "norm_cfg": norm, "align_corners": False,

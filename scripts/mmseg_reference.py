@@ -1,8 +1,8 @@
 """Reference outputs of mmsegmentation's own models, for tests/test_mmseg_exactness.py.
 
-For each case of :data:`CASES` (an mmseg base config ``_base_/models/<name>.py`` with the BDD100K
-zoo's settings; the ConvNeXt cases put the zoo's ``mmcls.ConvNeXt`` backbone into UPerNet as its
-``upernet_convnext`` configs do), this builds mmseg's model, fills it with seeded, variance-preserving random
+For each case of :data:`CASES`, a table with one row per model (an mmseg base config
+``_base_/models/<name>.py``, its backbone and the BDD100K zoo's settings; the ConvNeXt cases put the
+zoo's ``mmcls.ConvNeXt`` backbone into UPerNet as its ``upernet_convnext`` configs do), this builds mmseg's model, fills it with seeded, variance-preserving random
 weights (:func:`seeded_weights`: a function of each tensor's name and shape, so the tests recreate
 them without mmseg), runs it on structured street-like images (:func:`scene`) at a size that
 stride 32 divides and one that it does not, and through mmseg's whole test pipeline (load the PNG,
@@ -43,13 +43,18 @@ whole maps: the fixture sizes, one 512x1024 image, and the full test pipeline at
 ``--no-fixtures`` narrow it down; ``--cases`` also limits which fixtures are rewritten).
 
 ``--recipe`` writes the fixtures of tests/test_recipe.py instead (``recipe.npz``,
-``recipe_769.png``, ``recipe_mmseg1_cfg.txt``): the zoo's 769x769 GCNet row through mmseg's test
-pipeline at its real recipe (1281x721, 769x769 windows at stride 513, align_corners=True), an
-mmseg 1.x ViT without patch bias, and an mmseg 1.x config text; ``--recipe --compare`` converts a
-file laid out and named like each 769x769 row with no argument beyond IN and OUT and compares
-what src/predict.py computes with mmseg's pipeline (``comparison_recipe.json``).
-``--recipe --drivable`` writes ``recipe_drivable.npz``: a 3-class file laid out like the drivable
-zoo's DANet 769x769 row, through the same pipeline and recipe.
+``recipe_769.png``, ``recipe_mmseg1_cfg.txt``), one row of :data:`RECIPE_ROWS` each: the zoo's
+769x769 GCNet row through mmseg's test pipeline at its real recipe (1281x721, 769x769 windows at
+stride 513, align_corners=True), an mmseg 1.x ViT without patch bias; and an mmseg 1.x config
+text. ``--recipe --compare`` converts a file laid out and named like each zoo file of
+:data:`ZOO_FILES` with no argument beyond IN and OUT and compares what src/predict.py computes
+with mmseg's pipeline at the file's recipe (``comparison_recipe.json``). ``--recipe --drivable``
+writes ``recipe_drivable.npz`` only: a 3-class file laid out like the drivable zoo's DANet 769x769
+row, through the same pipeline and recipe.
+
+A new model is a row of :data:`CASES` (and, for a new backbone family, a function in
+:data:`BACKBONE_FAMILIES`); a new recipe fixture a row of :data:`RECIPE_ROWS`; a new zoo file to
+convert a row of :data:`ZOO_FILES`.
 
 The zoo's ConvNeXt rows were trained with mmcls 0.x, whose ConvNeXt differs from mmpretrain 1.2's
 in one number: the LayerNorm before each downsampling conv has eps 1e-5 (mmcls 0.25.0,
@@ -93,184 +98,102 @@ SLIDE = {"crop_size": (48, 64), "stride": (32, 43)}
 SLIDE_512X1024 = {"crop_size": (320, 320), "stride": (213, 213)}  # --compare: 2 x 5 windows
 SEED = 0
 
-# name: (mmseg base config, its settings, this project's config groups, converter overrides)
+# --------------------------------------------------------------------------------------------
+# The table of cases: one row per mmseg model
+
+
+def case(
+    config: str,
+    backbone: Mapping[str, Any],
+    model: str,
+    backbone_group: str,
+    settings: Mapping[str, Any] = {},  # read, never changed
+) -> dict[str, Any]:
+    """A case's entry in ``cases.json`` (and what :func:`mmseg_config` reads): mmseg's base config
+    ``_base_/models/<config>.py``, its backbone's and the case's ``settings``, this project's
+    config groups the converter must recognise, and the converter overrides it needs beyond them."""
+    settings = {**backbone, **settings}
+    overrides = settings.pop("overrides", None)
+    groups = {"model": model, "backbone": backbone_group}
+    return {"config": config, **settings, "groups": groups} | (
+        {"overrides": overrides} if overrides else {}
+    )
+
+
+# mmseg's backbone of a case: ResNetV1c of a depth (the base configs': 50), the zoo's mmcls ConvNeXt
+# (:data:`CONVNEXT`), HRNet of a width, Swin (:data:`SWIN`) or ViT (:data:`VIT`) of a size.
+R50, R101 = {}, {"depth": 101}
+CONVNEXT_T, CONVNEXT_S, CONVNEXT_B = ({"convnext": size} for size in ("tiny", "small", "base"))
+HR18, HR48 = {"hrnet": 18}, {"hrnet": 48}
+SWIN_T, SWIN_S, SWIN_B = ({"swin": size} for size in ("tiny", "small", "base"))
+VIT_B, DEIT_S = {"vit": "base"}, {"vit": "small"}
+# A case's settings. The zoo's 769x769 rows: align_corners=True in every resize (the final one to
+# the image too), which the converter cannot see in the weights; their sliding-window test
+# (:data:`SLIDE`); the parameter groups of the transformer rows (param_groups.json); the key layout
+# and shapes only, no logits (the S and B sizes, R-101 twins of an R-50 case).
+ROW_769 = {"align_corners": True, "overrides": ["model.align_corners=true"]}
+SLIDE_TEST = {"slide": True}
+SWIN_GROUPS, VIT_GROUPS = {"custom_keys": "swin"}, {"custom_keys": "vit"}
+LAYOUT_ONLY = {"logits": False}
+# The zoo's fpn_r50_gn_dconv rows: the FPNHead with GroupNorm(32) and mmcv's DCNv2 convs
+# (decode_head settings of sem_seg/configs/sem_seg/fpn_r50_gn_dconv_512x1024_*_bdd100k.py).
+GN_DCN_HEAD = {
+    "decode_head": {
+        "norm_cfg": {"type": "GN", "num_groups": 32, "requires_grad": True},
+        "conv_cfg": {"type": "DCNv2"},
+    }
+}
+
+# name: case(mmseg base config, mmseg backbone, this project's model and backbone groups, settings)
+# fmt: off
 CASES: dict[str, dict[str, Any]] = {
-    "fcn": {"config": "fcn_r50-d8", "groups": {"model": "fcn", "backbone": "resnet50c_d8"}},
-    "pspnet": {
-        "config": "pspnet_r50-d8",
-        "groups": {"model": "pspnet", "backbone": "resnet50c_d8"},
-    },
-    "deeplabv3": {
-        "config": "deeplabv3_r50-d8",
-        "groups": {"model": "deeplabv3", "backbone": "resnet50c_d8"},
-    },
-    "deeplabv3plus": {
-        "config": "deeplabv3plus_r50-d8",
-        "groups": {"model": "deeplabv3plus", "backbone": "resnet50c_d8"},
-    },
-    "upernet": {
-        "config": "upernet_r50",
-        "groups": {"model": "upernet", "backbone": "resnet50c"},
-    },
-    "semantic_fpn": {
-        "config": "fpn_r50",
-        "groups": {"model": "semantic_fpn", "backbone": "resnet50c"},
-    },
-    # The zoo's fpn_r50_gn_dconv rows: the FPNHead with GroupNorm(32) and mmcv's DCNv2 convs
-    # (decode_head settings of sem_seg/configs/sem_seg/fpn_r50_gn_dconv_512x1024_*_bdd100k.py).
-    "semantic_fpn_gn_dcn": {
-        "config": "fpn_r50",
-        "decode_head": {
-            "norm_cfg": {"type": "GN", "num_groups": 32, "requires_grad": True},
-            "conv_cfg": {"type": "DCNv2"},
-        },
-        "groups": {"model": "semantic_fpn_gn_dcn", "backbone": "resnet50c"},
-    },
-    # The R-101-D8 rows: the same conversion with 23 blocks in stage 3.
-    "deeplabv3plus_r101": {
-        "config": "deeplabv3plus_r50-d8",
-        "depth": 101,
-        "groups": {"model": "deeplabv3plus", "backbone": "resnet101c_d8"},
-    },
-    # The zoo's 769x769 rows: align_corners=True in every resize (the final one to the image too).
-    "upernet_align_corners": {
-        "config": "upernet_r50",
-        "align_corners": True,
-        "groups": {"model": "upernet", "backbone": "resnet50c"},
-        "overrides": ["model.align_corners=true"],
-    },
-    # The zoo's UPerNet + ConvNeXt rows (mmcls 0.x ConvNeXt); S and B: the key layout only.
-    "upernet_convnext": {
-        "config": "upernet_r50",
-        "convnext": "tiny",
-        "groups": {"model": "upernet", "backbone": "convnext_tiny"},
-    },
-    "upernet_convnext_small": {
-        "config": "upernet_r50",
-        "convnext": "small",
-        "logits": False,
-        "groups": {"model": "upernet", "backbone": "convnext_small"},
-    },
-    "upernet_convnext_base": {
-        "config": "upernet_r50",
-        "convnext": "base",
-        "logits": False,
-        "groups": {"model": "upernet", "backbone": "convnext_base"},
-    },
+    "fcn":                    case("fcn_r50-d8",             R50,        "fcn",                 "resnet50c_d8"),
+    "pspnet":                 case("pspnet_r50-d8",          R50,        "pspnet",              "resnet50c_d8"),
+    "deeplabv3":              case("deeplabv3_r50-d8",       R50,        "deeplabv3",           "resnet50c_d8"),
+    "deeplabv3plus":          case("deeplabv3plus_r50-d8",   R50,        "deeplabv3plus",       "resnet50c_d8"),
+    "upernet":                case("upernet_r50",            R50,        "upernet",             "resnet50c"),
+    "semantic_fpn":           case("fpn_r50",                R50,        "semantic_fpn",        "resnet50c"),
+    "semantic_fpn_gn_dcn":    case("fpn_r50",                R50,        "semantic_fpn_gn_dcn", "resnet50c", GN_DCN_HEAD),
+    "deeplabv3plus_r101":     case("deeplabv3plus_r50-d8",   R101,       "deeplabv3plus",       "resnet101c_d8"),
+    "upernet_align_corners":  case("upernet_r50",            R50,        "upernet",             "resnet50c", ROW_769),
+    # The zoo's UPerNet + ConvNeXt rows (mmcls 0.x ConvNeXt).
+    "upernet_convnext":       case("upernet_r50",            CONVNEXT_T, "upernet",             "convnext_tiny"),
+    "upernet_convnext_small": case("upernet_r50",            CONVNEXT_S, "upernet",             "convnext_small", LAYOUT_ONLY),
+    "upernet_convnext_base":  case("upernet_r50",            CONVNEXT_B, "upernet",             "convnext_base", LAYOUT_ONLY),
     # CCNet and PSANet (mmcv's CrissCrossAttention, and PSAMask: see mmcv_ops()).
-    "ccnet": {"config": "ccnet_r50-d8", "groups": {"model": "ccnet", "backbone": "resnet50c_d8"}},
-    "ccnet_r101": {
-        "config": "ccnet_r50-d8",
-        "depth": 101,
-        "logits": False,
-        "groups": {"model": "ccnet", "backbone": "resnet101c_d8"},
-    },
-    "psanet": {
-        "config": "psanet_r50-d8",
-        "groups": {"model": "psanet", "backbone": "resnet50c_d8"},
-    },
+    "ccnet":                  case("ccnet_r50-d8",           R50,        "ccnet",               "resnet50c_d8"),
+    "ccnet_r101":             case("ccnet_r50-d8",           R101,       "ccnet",               "resnet101c_d8", LAYOUT_ONLY),
+    "psanet":                 case("psanet_r50-d8",          R50,        "psanet",              "resnet50c_d8"),
     # HRNet: fcn_hr18 as is, and at the zoo's width 48 (sem_seg/configs/sem_seg/fcn_hr48_*).
-    "fcn_hr18": {
-        "config": "fcn_hr18",
-        "hrnet": 18,
-        "groups": {"model": "fcn_hr", "backbone": "hrnet_w18"},
-    },
-    "fcn_hr48": {
-        "config": "fcn_hr18",
-        "hrnet": 48,
-        "groups": {"model": "fcn_hr", "backbone": "hrnet_w48"},
-    },
+    "fcn_hr18":               case("fcn_hr18",               HR18,       "fcn_hr",              "hrnet_w18"),
+    "fcn_hr48":               case("fcn_hr18",               HR48,       "fcn_hr",              "hrnet_w48"),
     # The context heads (NLNet, GCNet, DNLNet, EMANet, DMNet, APCNet on R-50-D8); the zoo's 769x769
-    # rows (GCNet, EMANet, DMNet) with align_corners=True and their sliding-window test.
-    "nonlocal": {
-        "config": "nonlocal_r50-d8",
-        "groups": {"model": "nonlocal", "backbone": "resnet50c_d8"},
-    },
-    "gcnet": {
-        "config": "gcnet_r50-d8",
-        "align_corners": True,
-        "slide": True,
-        "groups": {"model": "gcnet", "backbone": "resnet50c_d8"},
-        "overrides": ["model.align_corners=true"],
-    },
-    "dnlnet": {
-        "config": "dnl_r50-d8",
-        "groups": {"model": "dnlnet", "backbone": "resnet50c_d8"},
-    },
-    "dnlnet_r101": {
-        "config": "dnl_r50-d8",
-        "depth": 101,
-        "logits": False,
-        "groups": {"model": "dnlnet", "backbone": "resnet101c_d8"},
-    },
-    "emanet": {
-        "config": "emanet_r50-d8",
-        "align_corners": True,
-        "slide": True,
-        "groups": {"model": "emanet", "backbone": "resnet50c_d8"},
-        "overrides": ["model.align_corners=true"],
-    },
-    "dmnet": {
-        "config": "dmnet_r50-d8",
-        "align_corners": True,
-        "slide": True,
-        "groups": {"model": "dmnet", "backbone": "resnet50c_d8"},
-        "overrides": ["model.align_corners=true"],
-    },
-    "apcnet": {
-        "config": "apcnet_r50-d8",
-        "groups": {"model": "apcnet", "backbone": "resnet50c_d8"},
-    },
+    # rows (GCNet, EMANet, DMNet) with their sliding-window test.
+    "nonlocal":               case("nonlocal_r50-d8",        R50,        "nonlocal",            "resnet50c_d8"),
+    "gcnet":                  case("gcnet_r50-d8",           R50,        "gcnet",               "resnet50c_d8", ROW_769 | SLIDE_TEST),
+    "dnlnet":                 case("dnl_r50-d8",             R50,        "dnlnet",              "resnet50c_d8"),
+    "dnlnet_r101":            case("dnl_r50-d8",             R101,       "dnlnet",              "resnet101c_d8", LAYOUT_ONLY),
+    "emanet":                 case("emanet_r50-d8",          R50,        "emanet",              "resnet50c_d8", ROW_769 | SLIDE_TEST),
+    "dmnet":                  case("dmnet_r50-d8",           R50,        "dmnet",               "resnet50c_d8", ROW_769 | SLIDE_TEST),
+    "apcnet":                 case("apcnet_r50-d8",          R50,        "apcnet",              "resnet50c_d8"),
     # CascadeEncoderDecoder: FPNHead, then PointHead (inference: two subdivision steps).
-    "pointrend": {
-        "config": "pointrend_r50",
-        "groups": {"model": "pointrend", "backbone": "resnet50c"},
-    },
-    # The zoo's UPerNet + Swin rows (mmseg's SwinTransformer); S and B: the key layout only.
-    "upernet_swin": {
-        "config": "upernet_swin",
-        "swin": "tiny",
-        "custom_keys": "swin",
-        "groups": {"model": "upernet", "backbone": "swin_tiny"},
-    },
-    "upernet_swin_small": {
-        "config": "upernet_swin",
-        "swin": "small",
-        "logits": False,
-        "groups": {"model": "upernet", "backbone": "swin_small"},
-    },
-    "upernet_swin_base": {
-        "config": "upernet_swin",
-        "swin": "base",
-        "logits": False,
-        "groups": {"model": "upernet", "backbone": "swin_base"},
-    },
+    "pointrend":              case("pointrend_r50",          R50,        "pointrend",           "resnet50c"),
+    # The zoo's UPerNet + Swin rows (mmseg's SwinTransformer).
+    "upernet_swin":           case("upernet_swin",           SWIN_T,     "upernet",             "swin_tiny", SWIN_GROUPS),
+    "upernet_swin_small":     case("upernet_swin",           SWIN_S,     "upernet",             "swin_small", LAYOUT_ONLY),
+    "upernet_swin_base":      case("upernet_swin",           SWIN_B,     "upernet",             "swin_base", LAYOUT_ONLY),
     # The zoo's UPerNet + ViT-B / DeiT-S rows (mmseg's VisionTransformer + MultiLevelNeck); the
-    # zoo's _base_/models/upernet_vit.py is mmseg's upernet_vit-b16_ln_mln; DeiT-S: layout only.
-    "upernet_vit": {
-        "config": "upernet_vit-b16_ln_mln",
-        "vit": "base",
-        "custom_keys": "vit",
-        "groups": {"model": "upernet_vit", "backbone": "vit_base"},
-    },
-    "upernet_deit": {
-        "config": "upernet_vit-b16_ln_mln",
-        "vit": "small",
-        "logits": False,
-        "groups": {"model": "upernet_vit", "backbone": "deit_small"},
-    },
+    # zoo's _base_/models/upernet_vit.py is mmseg's upernet_vit-b16_ln_mln.
+    "upernet_vit":            case("upernet_vit-b16_ln_mln", VIT_B,      "upernet_vit",         "vit_base", VIT_GROUPS),
+    "upernet_deit":           case("upernet_vit-b16_ln_mln", DEIT_S,     "upernet_vit",         "deit_small", LAYOUT_ONLY),
     # The zoo's DPT + ViT-B row: its _base_/models/dpt_vit.py is mmseg's dpt_vit-b16 (ViT at
     # 224x224, LN eps 1e-5, class tokens out; DPTHead, no auxiliary head) with 19 classes, BN.
-    "dpt": {
-        "config": "dpt_vit-b16",
-        "vit": "base",
-        "custom_keys": "vit",
-        "groups": {"model": "dpt", "backbone": "vit_base"},
-    },
+    "dpt":                    case("dpt_vit-b16",            VIT_B,      "dpt",                 "vit_base", VIT_GROUPS),
     # DANet (the zoo's drivable danet_r50-d8 rows; 19 classes here like the other cases): both
     # gammas (mmcv Scale(0)) are seeded at random too, so that the attention blocks count.
-    "danet": {"config": "danet_r50-d8", "groups": {"model": "danet", "backbone": "resnet50c_d8"}},
+    "danet":                  case("danet_r50-d8",           R50,        "danet",               "resnet50c_d8"),
 }
+# fmt: on
 # The cases with logits fixtures (the others record mmseg's key layout and shapes only).
 LOGIT_CASES = [name for name, case in CASES.items() if case.get("logits", True)]
 # The zoo's mmcls.ConvNeXt of each size (sem_seg/configs/upernet/upernet_convnext-*_bdd100k.py):
@@ -307,6 +230,7 @@ VIT_CUSTOM_KEYS = {
 }
 # Buffers of mmseg's state dicts that are not weights (recomputed from the architecture).
 BUFFERS = ("relative_position_index",)
+BN = {"type": "BN", "requires_grad": True}  # for SyncBN: the same in eval
 
 
 # --------------------------------------------------------------------------------------------
@@ -585,13 +509,83 @@ def mmcv_point_sample() -> Any:
     return module.point_sample
 
 
-def convnext_backbone(arch: str) -> dict[str, Any]:
-    """The zoo's ``mmcls.ConvNeXt`` backbone config of ``arch``, as mmpretrain's."""
+def convnext_backbone(model: Any, case: Mapping[str, Any]) -> None:
+    """The zoo's ``mmcls.ConvNeXt`` of the case's size (as mmpretrain's) in UPerNet, as its
+    sem_seg/configs/_base_/models/upernet_convnext.py and rows put it."""
     import mmpretrain.models  # noqa: F401  (registers mmpretrain.ConvNeXt)
 
-    return {"type": "mmpretrain.ConvNeXt", "arch": arch, "out_indices": [0, 1, 2, 3],
-            "drop_path_rate": CONVNEXT[arch][1], "layer_scale_init_value": 1.0,
-            "gap_before_final_norm": False}  # fmt: skip
+    arch = case["convnext"]
+    channels, drop_path = CONVNEXT[arch]
+    model.backbone = {"type": "mmpretrain.ConvNeXt", "arch": arch, "out_indices": [0, 1, 2, 3],
+                      "drop_path_rate": drop_path, "layer_scale_init_value": 1.0,
+                      "gap_before_final_norm": False}  # fmt: skip
+    model.decode_head.in_channels = channels
+    model.auxiliary_head.in_channels = channels[2]
+
+
+def hrnet_backbone(model: Any, case: Mapping[str, Any]) -> None:
+    """fcn_hr18 with every branch scaled to the case's width (the zoo's fcn_hr48)."""
+    widths = [case["hrnet"] * 2**i for i in range(4)]
+    model.backbone.norm_cfg = BN
+    for stage in (2, 3, 4):
+        model.backbone.extra[f"stage{stage}"].num_channels = tuple(widths[:stage])
+    model.decode_head.in_channels = widths
+    model.decode_head.channels = sum(widths)
+
+
+def swin_backbone(model: Any, case: Mapping[str, Any]) -> None:
+    """The zoo's Swin of the case's size (sem_seg/configs/sem_seg/upernet_swin-*_bdd100k.py)."""
+    width, depths, heads = SWIN[case["swin"]]
+    model.backbone.update(embed_dims=width, depths=depths, num_heads=heads, drop_path_rate=0.3,
+                          use_abs_pos_embed=False)  # fmt: skip
+    channels = [width * 2**i for i in range(4)]
+    model.decode_head.in_channels = channels
+    model.auxiliary_head.in_channels = channels[2]
+
+
+def vit_backbone(model: Any, case: Mapping[str, Any]) -> None:
+    """The zoo's ViT of the case's size (sem_seg/configs/sem_seg/upernet_{vit-b,deit-s}_512x1024_80k_*.py,
+    _base_/models/dpt_vit.py); ``patch_bias``: mmseg 0.x's PatchEmbed (the zoo's) has one, mmseg
+    1.x's default none."""
+    width, heads, drop_path = VIT[case["vit"]]
+    model.backbone.update(embed_dims=width, num_heads=heads, drop_path_rate=drop_path,
+                          patch_bias=case.get("patch_bias", True))  # fmt: skip
+    model.decode_head.in_channels = [width] * 4
+    if model.decode_head.type == "DPTHead":  # sem_seg/configs/_base_/models/dpt_vit.py
+        model.decode_head.num_classes = 19
+    else:
+        model.neck.update(in_channels=[width] * 4, out_channels=width)
+        model.auxiliary_head.in_channels = width
+
+
+def resnet_backbone(model: Any, case: Mapping[str, Any]) -> None:
+    """mmseg's ResNetV1c of the case's depth (the base configs': 50)."""
+    model.backbone.norm_cfg = BN
+    model.backbone.depth = case.get("depth", 50)
+
+
+# A case's backbone family (the key of its mmseg backbone's settings, see CASES) -> what it sets
+# in mmseg's model config; a case with none of these keys has a ResNetV1c.
+BACKBONE_FAMILIES = {"convnext": convnext_backbone, "hrnet": hrnet_backbone,
+                     "swin": swin_backbone, "vit": vit_backbone, "resnet": resnet_backbone}  # fmt: skip
+
+
+def backbone_family(case: Mapping[str, Any]) -> str:
+    """The key of :data:`BACKBONE_FAMILIES` that ``case`` names ("resnet" when none)."""
+    return next((family for family in BACKBONE_FAMILIES if family in case), "resnet")
+
+
+def set_heads(model: Any, case: Mapping[str, Any]) -> None:
+    """BN in every head that has a norm, the case's ``align_corners`` (and ``num_classes``,
+    when it has one) in every head, and the case's own decode-head settings."""
+    heads = [model[k] for k in ("decode_head", "auxiliary_head") if model.get(k)]
+    for head in [h for entry in heads for h in (entry if isinstance(entry, list) else [entry])]:
+        if head.get("norm_cfg") is not None:  # PointRend's point head has none
+            head.norm_cfg = BN
+        head.align_corners = case.get("align_corners", False)
+        head.num_classes = case.get("num_classes", head.num_classes)  # drivable: 3
+    if "decode_head" in case:  # the row's own head settings (PointRend's decode_head is a list)
+        model.decode_head.update(case["decode_head"])
 
 
 def mmseg_config(case: Mapping[str, Any]) -> Any:
@@ -601,51 +595,9 @@ def mmseg_config(case: Mapping[str, Any]) -> Any:
     mmseg = import_mmseg()
     base = Path(mmseg.__file__).parent / ".mim" / "configs" / "_base_" / "models"
     cfg = Config.fromfile(str(base / f"{case['config']}.py"))
-    bn = {"type": "BN", "requires_grad": True}
     cfg.model.pretrained = None
-    if "convnext" in case:  # sem_seg/configs/_base_/models/upernet_convnext.py and its rows
-        channels = CONVNEXT[case["convnext"]][0]
-        cfg.model.backbone = convnext_backbone(case["convnext"])
-        cfg.model.decode_head.in_channels = channels
-        cfg.model.auxiliary_head.in_channels = channels[2]
-    elif "hrnet" in case:  # the zoo's fcn_hr48: fcn_hr18 with every branch width scaled
-        widths = [case["hrnet"] * 2**i for i in range(4)]
-        cfg.model.backbone.norm_cfg = bn
-        for stage in (2, 3, 4):
-            cfg.model.backbone.extra[f"stage{stage}"].num_channels = tuple(widths[:stage])
-        cfg.model.decode_head.in_channels = widths
-        cfg.model.decode_head.channels = sum(widths)
-    elif "swin" in case:  # sem_seg/configs/sem_seg/upernet_swin-*_bdd100k.py
-        width, depths, heads = SWIN[case["swin"]]
-        cfg.model.backbone.update(embed_dims=width, depths=depths, num_heads=heads,
-                                  drop_path_rate=0.3, use_abs_pos_embed=False)  # fmt: skip
-        channels = [width * 2**i for i in range(4)]
-        cfg.model.decode_head.in_channels = channels
-        cfg.model.auxiliary_head.in_channels = channels[2]
-    elif "vit" in case:  # sem_seg/configs/sem_seg/upernet_{vit-b,deit-s}_512x1024_80k_*.py
-        width, heads, drop_path = VIT[case["vit"]]
-        cfg.model.backbone.update(
-            embed_dims=width,
-            num_heads=heads,
-            drop_path_rate=drop_path,
-            patch_bias=case.get("patch_bias", True),  # mmseg 0.x's PatchEmbed (the zoo's)
-        )  # mmseg 1.x's default: no bias
-        cfg.model.decode_head.in_channels = [width] * 4
-        if cfg.model.decode_head.type == "DPTHead":  # sem_seg/configs/_base_/models/dpt_vit.py
-            cfg.model.decode_head.num_classes = 19
-        else:
-            cfg.model.neck.update(in_channels=[width] * 4, out_channels=width)
-            cfg.model.auxiliary_head.in_channels = width
-    else:
-        cfg.model.backbone.norm_cfg = bn
-        cfg.model.backbone.depth = case.get("depth", 50)
-    heads = [cfg.model[k] for k in ("decode_head", "auxiliary_head") if cfg.model.get(k)]
-    for head in [h for entry in heads for h in (entry if isinstance(entry, list) else [entry])]:
-        if head.get("norm_cfg") is not None:  # PointRend's point head has none
-            head.norm_cfg = bn
-        head.align_corners = case.get("align_corners", False)
-        head.num_classes = case.get("num_classes", head.num_classes)  # drivable: 3
-    cfg.model.decode_head.update(case.get("decode_head", {}))  # the row's own head settings
+    BACKBONE_FAMILIES[backbone_family(case)](cfg.model, case)
+    set_heads(cfg.model, case)
     cfg.test_pipeline = [
         {"type": "LoadImageFromFile"},
         {"type": "Resize", "scale": PIPELINE_SCALE, "keep_ratio": True},
@@ -667,6 +619,9 @@ def mmseg_model(case: Mapping[str, Any]) -> tuple[torch.nn.Module, dict[str, tor
     weights = seeded_weights(shapes)
     model.load_state_dict(weights, strict=False)  # strict but for the BUFFERS
     assert {k for k in shapes if k not in weights} == {k for k in shapes if k.endswith(BUFFERS)}
+    if backbone_family(case) == "vit":  # mmseg 1.x's ViT: no patch bias (see RECIPE_ROWS)
+        bias = "backbone.patch_embed.projection.bias" in weights
+        assert bias == case.get("patch_bias", True), case
     return model.eval(), weights
 
 
@@ -740,10 +695,9 @@ def param_group_table(model: torch.nn.Module, custom_keys: Mapping[str, Any]) ->
     return dict(sorted(table.items()))
 
 
-def write_fixtures(out: Path, cases: Sequence[str]) -> None:
-    """The fixtures of ``cases`` (the manifest's other entries kept); the input images are
-    written when missing (and must equal what is there otherwise)."""
-    out.mkdir(parents=True, exist_ok=True)
+def write_inputs(out: Path) -> dict[str, np.ndarray]:
+    """The input images: ``inputs.npz`` (written when missing, else checked to be equal) and
+    ``scene.png`` (written when missing)."""
     from PIL import Image
 
     inputs = {f"{h}x{w}": scene(h, w, seed=i)[None] for i, (h, w) in enumerate(SIZES)}
@@ -754,37 +708,63 @@ def write_fixtures(out: Path, cases: Sequence[str]) -> None:
         np.savez_compressed(out / "inputs.npz", **inputs)
     if not (out / "scene.png").is_file():
         Image.fromarray(scene(*PIPELINE_IMAGE, seed=7)).save(out / "scene.png")
+    return inputs
+
+
+def manifest_entry(
+    case: Mapping[str, Any], model: torch.nn.Module, weights: Mapping[str, torch.Tensor]
+) -> dict[str, Any]:
+    """The case's entry in ``cases.json``: its settings, mmseg's state-dict shapes and, for a
+    ResNetV1c, the layer geometry."""
+    entry = {**case, "shapes": {k: list(v.shape) for k, v in weights.items()}}
+    if backbone_family(case) == "resnet":
+        entry["geometry"] = resnet_geometry(model, SIZES[1])
+    return entry
+
+
+def write_param_groups(out: Path, name: str, model: torch.nn.Module, custom_keys: str) -> None:
+    """The optimizer's parameter groups of case ``name`` into ``param_groups.json`` (the other
+    cases' kept)."""
+    path = out / "param_groups.json"
+    tables = json.loads(path.read_text()) if path.is_file() else {}
+    keys = {"swin": SWIN_CUSTOM_KEYS, "vit": VIT_CUSTOM_KEYS}[custom_keys]
+    tables[name] = {"custom_keys": keys, "groups": param_group_table(model, keys)}
+    path.write_text(json.dumps(dict(sorted(tables.items())), indent=0))
+
+
+def case_arrays(
+    case: Mapping[str, Any], model: torch.nn.Module, inputs: Mapping[str, np.ndarray], out: Path
+) -> dict[str, np.ndarray]:
+    """``<case>.npz``: the logits summaries at both SIZES, in the sliding-window test for the
+    ``"slide"`` cases, and through the test pipeline on ``scene.png``."""
+    arrays: dict[str, np.ndarray] = {}
+    for size, images in inputs.items():
+        arrays |= {f"{size}_{k}": v for k, v in summary(mmseg_logits(model, images)[0]).items()}
+    if case.get("slide"):
+        slide = mmseg_slide_logits(model, inputs["{}x{}".format(*SIZES[1])], **SLIDE)
+        arrays |= {f"slide_{k}": v for k, v in summary(slide[0]).items()}
+    logits = mmseg_pipeline_logits(model, out / "scene.png", PIPELINE_SCALE)
+    return arrays | {f"pipeline_{k}": v for k, v in summary(logits).items()}
+
+
+def write_fixtures(out: Path, cases: Sequence[str]) -> None:
+    """The fixtures of ``cases`` (the manifest's other entries kept); the input images are
+    written when missing (and must equal what is there otherwise)."""
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = write_inputs(out)
     path = out / "cases.json"
     manifest = json.loads(path.read_text()) if path.is_file() else {"cases": {}}
     manifest["pipeline_scale"] = list(PIPELINE_SCALE)
     for name in cases:
         case = CASES[name]
         model, weights = mmseg_model(case)
-        manifest["cases"][name] = {
-            **case,
-            "shapes": {k: list(v.shape) for k, v in weights.items()},
-        }
-        if not {"convnext", "hrnet", "swin", "vit"} & set(case):
-            manifest["cases"][name]["geometry"] = resnet_geometry(model, SIZES[1])
-        if "custom_keys" in case:  # the optimizer's parameter groups, into param_groups.json
-            groups_path = out / "param_groups.json"
-            tables = json.loads(groups_path.read_text()) if groups_path.is_file() else {}
-            custom_keys = {"swin": SWIN_CUSTOM_KEYS, "vit": VIT_CUSTOM_KEYS}[case["custom_keys"]]
-            tables[name] = {"custom_keys": custom_keys,
-                            "groups": param_group_table(model, custom_keys)}  # fmt: skip
-            groups_path.write_text(json.dumps(dict(sorted(tables.items())), indent=0))
+        manifest["cases"][name] = manifest_entry(case, model, weights)
+        if "custom_keys" in case:
+            write_param_groups(out, name, model, case["custom_keys"])
         if name not in LOGIT_CASES:
             print(f"{name}: {len(weights)} tensors (layout only)")
             continue
-        arrays: dict[str, np.ndarray] = {}
-        for size, images in inputs.items():
-            for k, v in summary(mmseg_logits(model, images)[0]).items():
-                arrays[f"{size}_{k}"] = v
-        if case.get("slide"):
-            slide = mmseg_slide_logits(model, inputs["{}x{}".format(*SIZES[1])], **SLIDE)
-            arrays |= {f"slide_{k}": v for k, v in summary(slide[0]).items()}
-        logits = mmseg_pipeline_logits(model, out / "scene.png", PIPELINE_SCALE)
-        arrays |= {f"pipeline_{k}": v for k, v in summary(logits).items()}
+        arrays = case_arrays(case, model, inputs, out)
         np.savez_compressed(out / f"{name}.npz", **arrays)
         print(
             f"{name}: {len(weights)} tensors, argmax classes {np.unique(arrays['64x128_argmax'])}"
@@ -827,9 +807,10 @@ def differences(ours: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 def project_pipeline_logits(
-    model: torch.nn.Module, path: Path, scale: Sequence[int]
+    model: torch.nn.Module, path: Path, scale: Sequence[int], **inference: Any
 ) -> torch.Tensor:
-    """What src/predict.py computes for an image file (before its argmax)."""
+    """What src/predict.py computes for an image file (before its argmax), with the
+    ``inference`` settings (mode, windows) of :func:`predict_logits`."""
     from PIL import Image
 
     from semseg.data import build_eval_transform
@@ -839,7 +820,21 @@ def project_pipeline_logits(
     resized = build_eval_transform(scale)(image=image)["image"]
     x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
     with torch.no_grad():
-        return resize_logits(model, predict_logits(model, x), image.shape[:2])[0]
+        return resize_logits(model, predict_logits(model, x, **inference), image.shape[:2])[0]
+
+
+def whole_map_rows(
+    ours: torch.nn.Module,
+    ref_model: torch.nn.Module,
+    images: Mapping[str, np.ndarray],
+    suffix: str = "",
+) -> dict[str, dict[str, float]]:
+    """:func:`differences` of both models' logits on each of ``images``, by size + ``suffix``."""
+    return {
+        f"{size}{suffix}": differences(ours(torch.from_numpy(im).permute(0, 3, 1, 2))[0],
+                                       mmseg_logits(ref_model, im)[0])
+        for size, im in images.items()
+    }  # fmt: skip
 
 
 def compare(out: Path, cases: Sequence[str]) -> None:
@@ -865,17 +860,10 @@ def compare(out: Path, cases: Sequence[str]) -> None:
         case = CASES[name]
         ref_model, weights = mmseg_model(case)
         ours = project_model(name, weights)
-        rows = {
-            size: differences(ours(torch.from_numpy(im).permute(0, 3, 1, 2))[0],
-                              mmseg_logits(ref_model, im)[0])
-            for size, im in images.items()
-        }  # fmt: skip
-        if "convnext" in case:
+        rows = whole_map_rows(ours, ref_model, images)
+        if backbone_family(case) == "convnext":
             eps = project_model(name, weights, "backbone.downsample_norm_eps=1e-6")
-            for size, im in images.items():
-                rows[f"{size}_eps_1e-6"] = differences(
-                    eps(torch.from_numpy(im).permute(0, 3, 1, 2))[0], mmseg_logits(ref_model, im)[0]
-                )
+            rows |= whole_map_rows(eps, ref_model, images, "_eps_1e-6")
         if case.get("slide"):  # the windows of the fixture, and 320x320 ones on 512x1024
             for size, window in (("75x110", SLIDE), ("512x1024", SLIDE_512X1024)):
                 x = torch.from_numpy(images[size]).permute(0, 3, 1, 2)
@@ -899,7 +887,7 @@ def compare(out: Path, cases: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# --recipe: the test recipe travels with the weights (tests/test_mmseg_recipe.py)
+# --recipe: the test recipe travels with the weights (tests/test_recipe.py)
 #
 # The zoo's 769x769 rows through mmseg's own BDD100K test pipeline at their real recipe (resize
 # into 1281x721, 769x769 sliding windows at stride 513, align_corners=True), on an image that
@@ -910,112 +898,86 @@ RECIPE_PNG = "recipe_769.png"
 # (h, w): fitted into (1281, 721) keeping its ratio it becomes 1281x205, which 769x769 windows at
 # stride 513 cover in 2 overlapping rows (the overlap averaged): the slide test at a small cost.
 RECIPE_IMAGE = (100, 16)
-ROW_769_SCALE = (1281, 721)
-ROW_769_TEST_CFG = {"mode": "slide", "crop_size": (769, 769), "stride": (513, 513)}
-# The zoo's 769x769 rows (conf/experiment/*769x769*): file name -> the case of its layout.
-ROWS_769 = {
-    "fcn_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "fcn",
-    "deeplabv3_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "deeplabv3",
-    "deeplabv3plus_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "deeplabv3plus",
-    "upernet_r50_769x769_40k_sem_seg_bdd100k.pth": "upernet_align_corners",
-    "gcnet_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "gcnet",
-    "emanet_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "emanet",
-    "emanet_r50-d8_769x769_80k_sem_seg_bdd100k.pth": "emanet",
-    "dmnet_r50-d8_769x769_40k_sem_seg_bdd100k.pth": "dmnet",
+# A zoo row's test recipe as mmseg runs it: align_corners in every resize, the test pipeline's
+# scale and the test_cfg. The 769x769 rows: resize into 1281x721, 769x769 windows at stride 513.
+ROW_769_RECIPE = {
+    "align_corners": True,
+    "scale": (1281, 721),
+    "test_cfg": {"mode": "slide", "crop_size": (769, 769), "stride": (513, 513)},
 }
+# The zoo's files that --recipe --compare converts (conf/experiment/*769x769*): file name ->
+# (the case of its layout, its test recipe).
+# fmt: off
+ZOO_FILES = {
+    "fcn_r50-d8_769x769_40k_sem_seg_bdd100k.pth":           ("fcn", ROW_769_RECIPE),
+    "deeplabv3_r50-d8_769x769_40k_sem_seg_bdd100k.pth":     ("deeplabv3", ROW_769_RECIPE),
+    "deeplabv3plus_r50-d8_769x769_40k_sem_seg_bdd100k.pth": ("deeplabv3plus", ROW_769_RECIPE),
+    "upernet_r50_769x769_40k_sem_seg_bdd100k.pth":          ("upernet_align_corners", ROW_769_RECIPE),
+    "gcnet_r50-d8_769x769_40k_sem_seg_bdd100k.pth":         ("gcnet", ROW_769_RECIPE),
+    "emanet_r50-d8_769x769_40k_sem_seg_bdd100k.pth":        ("emanet", ROW_769_RECIPE),
+    "emanet_r50-d8_769x769_80k_sem_seg_bdd100k.pth":        ("emanet", ROW_769_RECIPE),
+    "dmnet_r50-d8_769x769_40k_sem_seg_bdd100k.pth":         ("dmnet", ROW_769_RECIPE),
+}
+# fmt: on
 RECIPE_ROW = "gcnet"  # the row whose pipeline argmax the fixture holds
+# The arrays of recipe.npz: key prefix -> (a case, its settings beyond the table's, mmseg's test:
+# a test recipe on RECIPE_PNG, or None for encode_decode on the 64x128 input of inputs.npz; the
+# keys of :func:`summary` kept). mmseg 1.x's ViT has no patch bias: the zoo's UPerNet + DeiT-S so.
+# fmt: off
+RECIPE_ROWS = {
+    "row769":      (RECIPE_ROW,     {},                    ROW_769_RECIPE, ("argmax",)),
+    "vit_no_bias": ("upernet_deit", {"patch_bias": False}, None,           ("argmax", "grid", "mean")),
+}
+# fmt: on
+# --recipe --drivable: a 3-class file laid out and named like the drivable zoo's DANet 769x769
+# row (drivable/configs/drivable/danet_r50-d8_769x769_40k_drivable_bdd100k.py: the sem_seg
+# recipe, num_classes=3 in both heads) through the same test (tests/test_recipe.py).
+DRIVABLE_FIXTURE = "recipe_drivable.npz"  # in --out; its image is RECIPE_PNG
+DRIVABLE_FILE = "danet_r50-d8_769x769_40k_drivable_bdd100k.pth"
+DRIVABLE_ROW = "danet"
+DRIVABLE_CLASSES = 3  # direct, alternative, background
 # An mmseg 1.x config text as mmengine writes it to meta['cfg'] (the 769x769 GCNet config).
 RECIPE_CFG = "configs/gcnet/gcnet_r50-d8_4xb2-40k_cityscapes-769x769.py"
-# mmseg 1.x's VisionTransformer (patch_bias=False) in the zoo's UPerNet + DeiT-S.
-VIT_NO_BIAS = {**CASES["upernet_deit"], "patch_bias": False, "logits": True}
 
 
-def row_769_logits(name: str, image: Path, num_classes: int | None = None) -> torch.Tensor:
-    """mmseg's logits of case ``name`` (seeded weights, align_corners=True; ``num_classes`` in
-    every head when given) through the zoo's 769x769 test: the whole test pipeline at 1281x721
-    with 769x769 windows at stride 513."""
+def recipe_logits(
+    name: str, settings: Mapping[str, Any], recipe: Mapping[str, Any], image: Path
+) -> torch.Tensor:
+    """mmseg's logits of case ``name`` (seeded weights, with ``settings``) through a zoo row's
+    test ``recipe``: the whole test pipeline at its scale with its test_cfg, on ``image``."""
     from mmengine import ConfigDict
 
-    classes = {} if num_classes is None else {"num_classes": num_classes}
-    model, _ = mmseg_model({**CASES[name], "align_corners": True, **classes})
-    model.test_cfg = ConfigDict(ROW_769_TEST_CFG)
-    return mmseg_pipeline_logits(model, image, ROW_769_SCALE)
+    case = {**CASES[name], **settings, "align_corners": recipe["align_corners"]}
+    model, _ = mmseg_model(case)
+    model.test_cfg = ConfigDict(recipe["test_cfg"])
+    return mmseg_pipeline_logits(model, image, recipe["scale"])
+
+
+def recipe_row_arrays(prefix: str, out: Path) -> dict[str, np.ndarray]:
+    """The arrays of row ``prefix`` of :data:`RECIPE_ROWS`."""
+    name, settings, recipe, kept = RECIPE_ROWS[prefix]
+    if recipe is not None:
+        logits = recipe_logits(name, settings, recipe, out / RECIPE_PNG)
+    else:
+        model, _ = mmseg_model({**CASES[name], **settings})
+        with np.load(out / "inputs.npz") as inputs:
+            logits = mmseg_logits(model, inputs["64x128"])[0]
+    return {f"{prefix}_{k}": v for k, v in summary(logits).items() if k in kept}
 
 
 def write_recipe_fixtures(out: Path) -> None:
-    """``recipe.npz``: RECIPE_ROW's 769x769 pipeline argmax on ``recipe_769.png``, the no-bias
-    ViT's logits summary on the 64x128 input; ``recipe_mmseg1_cfg.txt``: an mmseg 1.x config text."""
+    """``recipe.npz``: the arrays of :data:`RECIPE_ROWS` (the test image ``recipe_769.png``);
+    ``recipe_mmseg1_cfg.txt``: an mmseg 1.x config text."""
     from mmengine import Config
     from PIL import Image
 
     mmseg = import_mmseg()
     Image.fromarray(scene(*RECIPE_IMAGE, seed=11)).save(out / RECIPE_PNG)
-    arrays = {
-        "row769_argmax": row_769_logits(RECIPE_ROW, out / RECIPE_PNG).argmax(0).byte().numpy()
-    }
-    model, weights = mmseg_model(VIT_NO_BIAS)
-    assert "backbone.patch_embed.projection.bias" not in weights
-    with np.load(out / "inputs.npz") as inputs:
-        logits = mmseg_logits(model, inputs["64x128"])[0]
-    arrays |= {f"vit_no_bias_{k}": v for k, v in summary(logits).items()}
+    arrays = {k: v for prefix in RECIPE_ROWS for k, v in recipe_row_arrays(prefix, out).items()}
     np.savez_compressed(out / RECIPE_FIXTURE, **arrays)
     text = Config.fromfile(str(Path(mmseg.__file__).parent / ".mim" / RECIPE_CFG)).pretty_text
     (out / "recipe_mmseg1_cfg.txt").write_text(text)
     print(f"recipe: {RECIPE_ROW} 769 argmax classes {np.unique(arrays['row769_argmax'])}")
-
-
-def compare_recipe(out: Path, sizes: Sequence[tuple[int, int]] = (RECIPE_IMAGE,)) -> None:
-    """Every 769x769 row's file (seeded weights, laid out and named as the zoo's), converted
-    with no argument beyond IN and OUT and predicted as src/predict.py predicts, against mmseg's
-    pipeline at the real recipe: argmax agreement into ``comparison_recipe.json``. ``sizes``:
-    the images' (h, w); any landscape image costs two 721x769 windows per model (about four times
-    the fixture image's two 769x205 ones)."""
-    import importlib.util
-    import tempfile
-
-    from PIL import Image
-
-    from semseg.data import build_eval_transform
-    from semseg.evaluation.inference import predict_logits, resize_logits
-    from semseg.models import model_from_checkpoint
-
-    spec_path = REPO / "scripts" / "convert_mmseg_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("convert_mmseg_checkpoint", spec_path)
-    converter = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(converter)
-    torch.set_grad_enabled(False)
-    report: dict[str, Any] = {"torch": torch.__version__, "rows": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        images = []
-        for i, (h, w) in enumerate(sizes):
-            images.append(Path(tmp) / f"scene_{h}x{w}.png")
-            Image.fromarray(scene(h, w, seed=11 + i)).save(images[-1])
-        for filename, name in ROWS_769.items():
-            _, weights = mmseg_model(CASES[name])
-            torch.save({"state_dict": weights}, Path(tmp) / filename)
-            converter.main([str(Path(tmp) / filename), str(Path(tmp) / "converted.pt")])
-            model, _, config = model_from_checkpoint(Path(tmp) / "converted.pt")
-            kwargs = {k: config["inference"][k] for k in ("mode", "crop_size", "stride")}
-            scale = config["dataset"]["test_pipeline"]["scale"]
-            rows = {}
-            for path in images:
-                image = np.array(Image.open(path).convert("RGB"))
-                resized = build_eval_transform(scale)(image=image)["image"]
-                x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)[None]
-                ours = resize_logits(model, predict_logits(model, x, **kwargs), image.shape[:2])[0]
-                rows[path.stem] = differences(ours, row_769_logits(name, path))
-            report["rows"][filename] = rows
-            print(filename, json.dumps(rows))
-    (out / "comparison_recipe.json").write_text(json.dumps(report, indent=1))
-
-
-# --recipe --drivable: a 3-class file laid out and named like the drivable zoo's DANet 769x769
-# row (drivable/configs/drivable/danet_r50-d8_769x769_40k_drivable_bdd100k.py: the sem_seg
-# recipe, num_classes=3 in both heads) through the same test pipeline (tests/test_recipe.py).
-DRIVABLE_FIXTURE = "recipe_drivable.npz"  # in --out; its image is RECIPE_PNG
-DRIVABLE_FILE = "danet_r50-d8_769x769_40k_drivable_bdd100k.pth"
-DRIVABLE_ROW = "danet"
-DRIVABLE_CLASSES = 3  # direct, alternative, background
 
 
 def drivable_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
@@ -1029,10 +991,52 @@ def drivable_shapes(shapes: Mapping[str, Sequence[int]]) -> dict[str, list[int]]
 
 def write_drivable_fixture(out: Path) -> None:
     """``recipe_drivable.npz``: DRIVABLE_ROW's 3-class 769x769 pipeline argmax on RECIPE_PNG."""
-    logits = row_769_logits(DRIVABLE_ROW, out / RECIPE_PNG, DRIVABLE_CLASSES)
+    settings = {"num_classes": DRIVABLE_CLASSES}
+    logits = recipe_logits(DRIVABLE_ROW, settings, ROW_769_RECIPE, out / RECIPE_PNG)
     argmax = logits.argmax(0).byte().numpy()
     np.savez_compressed(out / DRIVABLE_FIXTURE, argmax=argmax)
     print(f"drivable: {DRIVABLE_FILE} argmax classes {np.unique(argmax)}")
+
+
+def compare_recipe(out: Path, sizes: Sequence[tuple[int, int]] = (RECIPE_IMAGE,)) -> None:
+    """Every 769x769 row's file (seeded weights, laid out and named as the zoo's), converted
+    with no argument beyond IN and OUT and predicted as src/predict.py predicts, against mmseg's
+    pipeline at the real recipe: argmax agreement into ``comparison_recipe.json``. ``sizes``:
+    the images' (h, w); any landscape image costs two 721x769 windows per model (about four times
+    the fixture image's two 769x205 ones)."""
+    import importlib.util
+    import tempfile
+
+    from PIL import Image
+
+    from semseg.models import model_from_checkpoint
+
+    spec_path = REPO / "scripts" / "convert_mmseg_checkpoint.py"
+    spec = importlib.util.spec_from_file_location("convert_mmseg_checkpoint", spec_path)
+    converter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(converter)
+    torch.set_grad_enabled(False)
+    report: dict[str, Any] = {"torch": torch.__version__, "rows": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        images = []
+        for i, (h, w) in enumerate(sizes):
+            images.append(Path(tmp) / f"scene_{h}x{w}.png")
+            Image.fromarray(scene(h, w, seed=11 + i)).save(images[-1])
+        for filename, (name, recipe) in ZOO_FILES.items():
+            _, weights = mmseg_model(CASES[name])
+            torch.save({"state_dict": weights}, Path(tmp) / filename)
+            converter.main([str(Path(tmp) / filename), str(Path(tmp) / "converted.pt")])
+            model, _, config = model_from_checkpoint(Path(tmp) / "converted.pt")
+            kwargs = {k: config["inference"][k] for k in ("mode", "crop_size", "stride")}
+            scale = config["dataset"]["test_pipeline"]["scale"]
+            rows = {
+                path.stem: differences(project_pipeline_logits(model, path, scale, **kwargs),
+                                       recipe_logits(name, {}, recipe, path))
+                for path in images
+            }  # fmt: skip
+            report["rows"][filename] = rows
+            print(filename, json.dumps(rows))
+    (out / "comparison_recipe.json").write_text(json.dumps(report, indent=1))
 
 
 @report_user_errors
@@ -1055,8 +1059,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--recipe",
         action="store_true",
-        help="only the recipe fixtures (with --compare: every 769x769 row, converted with no "
-        "argument, against mmseg's test pipeline at the real recipe)",
+        help="only the recipe fixtures (with --compare: every file of ZOO_FILES, converted with "
+        "no argument, against mmseg's test pipeline at its recipe)",
     )
     parser.add_argument(
         "--drivable",
