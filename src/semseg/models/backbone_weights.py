@@ -22,6 +22,7 @@ from pathlib import Path
 
 import huggingface_hub
 import huggingface_hub.constants
+import huggingface_hub.errors
 import safetensors
 import safetensors.torch
 import torch
