@@ -18,7 +18,12 @@ Test modules import them from here (``from helpers import ...``), never each oth
 
 from __future__ import annotations
 
-from .checkpoints import assert_model_zoo_row, assert_onnx_export_matches, tiny_checkpoint
+from .checkpoints import (
+    assert_model_zoo_row,
+    assert_onnx_equals_model,
+    assert_onnx_export_matches,
+    tiny_checkpoint,
+)
 from .configs import (
     CPU_PINNED,
     SMOKE_ITERS,
@@ -74,6 +79,7 @@ __all__ = [
     "ModelRow",
     "OneConvModel",
     "assert_model_zoo_row",
+    "assert_onnx_equals_model",
     "assert_onnx_export_matches",
     "assert_resume_is_exact",
     "benchmark_train_step",

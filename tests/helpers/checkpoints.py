@@ -36,15 +36,21 @@ def tiny_checkpoint(path: Path, num_classes: int | None = None) -> Path:
 def assert_onnx_export_matches(checkpoint: Path, onnx_path: Path) -> None:
     """``scripts/export_onnx.py`` on ``checkpoint`` (traced at 64x96), then onnxruntime's logits
     against the model's at the traced size and at another batch and image size."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
     from semseg.models import model_from_checkpoint
 
     export = load_script("export_onnx").main
     assert export([str(checkpoint), str(onnx_path), "--height", "64", "--width", "96"]) == 0
     model, _, _ = model_from_checkpoint(checkpoint)
+    assert_onnx_equals_model(onnx_path, model)
+
+
+def assert_onnx_equals_model(onnx_path: Path, model) -> None:
+    """onnxruntime's logits of ``onnx_path`` equal ``model``'s (eval mode) at two sizes and
+    batch sizes (the exported model takes any)."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for shape in [(1, 3, 64, 96), (2, 3, 75, 110)]:
         image = torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 255
